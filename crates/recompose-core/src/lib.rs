@@ -1,0 +1,18 @@
+//! recompose-core: model formats (GGUF, safetensors), configs, tokenizers, chat templates and
+//! assets. Everything that touches bytes on disk lives here; nothing here runs a model.
+
+pub mod assets;
+pub mod atomic;
+pub mod chat;
+pub mod config;
+pub mod error;
+pub mod gguf;
+pub mod names;
+pub mod rdata;
+pub mod tokenizer;
+pub mod weights;
+
+pub use config::{Arch, ModelConfig};
+pub use error::{Error, Result};
+pub use tokenizer::Tokenizer;
+pub use weights::ModelFile;
