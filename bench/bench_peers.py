@@ -8,7 +8,8 @@ How to run (from the repository root):
     "$(bench/setup_peers.sh --print-venv)"/bin/python bench/bench_peers.py --json bench-peers.json
 
 Options: --model smollm2-135m (a name under $RECOMPOSE_HOME or a path to a .gguf), --threads 1,2,
---runs 3, --engines llamacpp,hf, --json OUT.
+--runs 3, --engines llamacpp,hf, --json OUT, --wait-idle 120 (seconds to wait before each engine
+for other processes to stop using the CPUs; the reading is recorded as busy_cpus_before).
 
 What it measures, per engine and thread count, each (engine, threads) pair in its own subprocess so
 that peak RSS is that engine's alone:
@@ -33,6 +34,7 @@ import importlib.metadata as md
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -73,6 +75,40 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor()
+
+
+def busy_cpus(interval: float = 1.0) -> float:
+    """How many CPUs were busy (all processes) over `interval` seconds, from /proc/stat."""
+
+    def snap():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        idle = v[3] + v[4]
+        return sum(v), idle
+
+    t1, i1 = snap()
+    time.sleep(interval)
+    t2, i2 = snap()
+    n = os.cpu_count() or 1
+    return n * (1.0 - (i2 - i1) / max(1, t2 - t1))
+
+
+def cpu_busy_seconds() -> float:
+    """Busy CPU-seconds of the whole machine since boot, from /proc/stat."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_idle(max_wait: float) -> float:
+    """Wait (up to max_wait s) until under 0.3 CPUs are busy; returns the last reading."""
+    deadline = time.time() + max_wait
+    b = busy_cpus()
+    while b > 0.3 and time.time() < deadline:
+        print(f"[bench_peers] machine busy ({b:.1f} CPUs in use), waiting", file=sys.stderr, flush=True)
+        time.sleep(4)
+        b = busy_cpus()
+    return b
 
 
 def version(pkg: str):
@@ -200,6 +236,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--engines", default="llamacpp,hf")
     ap.add_argument("--json", type=Path, default=None, help="also write the result here")
+    ap.add_argument("--wait-idle", type=float, default=120.0,
+                    help="before each engine, wait up to this many seconds for other processes to go quiet")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--ids", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -238,17 +276,31 @@ def main() -> None:
                    "--runs", str(args.runs), "--ids", json.dumps(ids)]
             print(f"[bench_peers] {eng} threads={t} ...", file=sys.stderr, flush=True)
             t0 = time.time()
+            busy_before = wait_idle(args.wait_idle)
+            ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            busy0 = cpu_busy_seconds()
             p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            busy1 = cpu_busy_seconds()
+            ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            own = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
             if p.returncode != 0:
                 sys.stderr.write(p.stderr[-4000:])
                 result["results"][eng][str(t)] = {"error": f"worker exited with {p.returncode}"}
                 continue
             res = json.loads(p.stdout.strip().splitlines()[-1])
             res["wall_s"] = time.time() - t0
+            # CPUs busy just before the worker started (other processes) and the 1-minute load
+            # average after it: on a 2-core machine anything well above the engine's own thread
+            # count means another process competed and the numbers are suspect.
+            res["busy_cpus_before"] = busy_before
+            res["loadavg_1m_after"] = os.getloadavg()[0]
+            # CPUs used by other processes while the worker ran (whole-machine busy time minus the
+            # worker's own CPU time, over its wall time).
+            res["other_cpus_during"] = max(0.0, (busy1 - busy0) - own) / max(1e-9, res["wall_s"])
             result["results"][eng][str(t)] = res
             print(f"[bench_peers] {eng} threads={t}: prefill {res['prefill_tok_s']:.1f} tok/s, "
                   f"decode {res['decode_tok_s']:.1f} tok/s, peak RSS {res['peak_rss_mib']:.0f} MiB "
-                  f"({res['wall_s']:.0f}s)", file=sys.stderr, flush=True)
+                  f"({res['wall_s']:.0f}s, other processes: {busy_before:.1f} CPUs before, {res['other_cpus_during']:.2f} during)", file=sys.stderr, flush=True)
     result["total_wall_s"] = time.time() - t_start
     text = json.dumps(result, indent=1)
     print(text)

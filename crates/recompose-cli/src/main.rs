@@ -1,1 +1,67 @@
-fn main(){}
+//! The `recompose` binary: parses flags, sets up logging and threads, dispatches to the
+//! subcommands in `cmd/`. Errors print as one line and exit 1.
+
+mod cmd;
+mod common;
+
+use clap::{Parser, Subcommand};
+
+/// recompose: make pretrained models cheaper, more adaptable and more robust to deploy, then run them.
+#[derive(Parser, Debug)]
+#[command(name = "recompose", version, about, long_about = None)]
+pub struct Cli {
+    /// Worker threads for all compute (default: all cores).
+    #[arg(long, global = true, value_name = "N")]
+    threads: Option<usize>,
+    /// Hide progress bars and informational logs.
+    #[arg(long, short, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Download an asset (model or data set) into $RECOMPOSE_HOME.
+    Fetch(cmd::fetch::Args),
+    /// Show a model file's architecture, hyper-parameters, tokenizer and tensors.
+    Inspect(cmd::inspect::Args),
+    /// Convert between GGUF and HF safetensors, optionally changing the dtype.
+    Convert(cmd::convert::Args),
+    /// Generate text from a prompt, streaming tokens to stdout.
+    Generate(cmd::generate::Args),
+    /// Evaluate a model (perplexity, MMLU).
+    #[command(subcommand)]
+    Eval(cmd::eval::EvalCommand),
+    /// Measure prefill/decode speed, time to first token and memory.
+    Bench(cmd::bench::Args),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let filter = if cli.quiet { "warn" } else { "info" };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("RECOMPOSE_LOG").unwrap_or_else(|_| filter.into()))
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .try_init();
+    if let Err(e) = common::set_threads(cli.threads) {
+        eprintln!("error: {e:#}");
+        std::process::exit(2);
+    }
+    let quiet = cli.quiet;
+    let result = match cli.command {
+        Command::Fetch(a) => cmd::fetch::run(a),
+        Command::Inspect(a) => cmd::inspect::run(a),
+        Command::Convert(a) => cmd::convert::run(a, quiet),
+        Command::Generate(a) => cmd::generate::run(a),
+        Command::Eval(a) => cmd::eval::run(a, quiet),
+        Command::Bench(a) => cmd::bench::run(a, quiet),
+    };
+    if let Err(e) = result {
+        // One line: the chain of causes joined.
+        eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,73 @@
+//! Pieces shared by subcommands: model loading flags, thread setup, progress bars.
+
+use anyhow::{Context, Result};
+use clap::Args;
+use recompose_core::weights::ModelFile;
+use recompose_llm::{Model, WeightMode};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+/// Bounds every pool we use (rayon's global pool and candle's, which reads RAYON_NUM_THREADS).
+pub fn set_threads(n: Option<usize>) -> Result<()> {
+    let n = n.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    if n == 0 {
+        anyhow::bail!("--threads must be at least 1");
+    }
+    // Edition 2021: set_var is safe; we are still single-threaded here.
+    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
+    rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("thread pool")?;
+    Ok(())
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Model: an asset name (smollm2-135m, gemma3-270m), a .gguf file or an HF safetensors folder.
+    #[arg(long, short, default_value = "smollm2-135m")]
+    pub model: String,
+    /// Compute with all weights dequantised to f32 (the exact reference path).
+    #[arg(long)]
+    pub f32: bool,
+}
+
+impl ModelArgs {
+    pub fn path(&self) -> Result<PathBuf> {
+        Ok(recompose_core::assets::resolve_model(&self.model)?)
+    }
+
+    pub fn open(&self) -> Result<ModelFile> {
+        let p = self.path()?;
+        ModelFile::open(&p).with_context(|| format!("opening model {}", p.display()))
+    }
+
+    pub fn load(&self) -> Result<(ModelFile, Model, recompose_core::Tokenizer)> {
+        let file = self.open()?;
+        let tok = file.tokenizer()?;
+        let mode = if self.f32 { WeightMode::F32 } else { WeightMode::Quantized };
+        let model = Model::load(&file, mode)?;
+        Ok((file, model, tok))
+    }
+}
+
+/// A progress bar on a terminal, nothing otherwise (pipes, tests, --quiet).
+pub fn progress(len: u64, msg: &str, quiet: bool) -> indicatif::ProgressBar {
+    if quiet || !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let pb = indicatif::ProgressBar::new(len);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} ({eta})")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    pb.set_message(msg.to_string());
+    pb
+}
+
+/// Peak resident memory of this process, in bytes (Linux; 0 elsewhere).
+pub fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}

@@ -1,0 +1,215 @@
+//! The KV-cache seam. Attention hands a policy the keys and values of each step (per layer, RoPE
+//! applied) and attends over what the policy returns; score-based policies also see the step's
+//! attention probabilities. Policies own their memory and report it. This file holds the trait
+//! and the full (unbounded) cache; bounded policies live in recompose-kv.
+
+use crate::error::{Error, Result};
+use candle_core::{DType, Device, Tensor};
+
+/// One forward step over a batch: each row's new tokens start at `start[b]` (its position) and
+/// `lens[b] <= t` of its `t` columns are real (the rest is right padding).
+#[derive(Debug, Clone)]
+pub struct Step {
+    pub start: Vec<usize>,
+    pub lens: Vec<usize>,
+    pub t: usize,
+}
+
+impl Step {
+    pub fn batch(&self) -> usize {
+        self.lens.len()
+    }
+}
+
+/// What a layer attends over: keys/values `(B, Hkv, L, D)` and an additive mask `(B, 1, T, L)`
+/// (None when every slot is visible to every query).
+pub struct KvView {
+    pub k: Tensor,
+    pub v: Tensor,
+    pub mask: Option<Tensor>,
+}
+
+pub trait KvCache: Send {
+    /// Called once per step before the first layer.
+    fn begin_step(&mut self, step: &Step) -> Result<()>;
+    /// Stores this step's keys/values `(B, Hkv, T, D)` for `layer`; `window` limits how far back
+    /// a query may look (sliding-window layers).
+    fn update(&mut self, layer: usize, k: &Tensor, v: &Tensor, window: Option<usize>) -> Result<KvView>;
+    /// Whether the policy wants `observe` calls (they cost a copy of the probabilities).
+    fn wants_probs(&self) -> bool {
+        false
+    }
+    /// Attention probabilities `(B, Hq, T, L)` of the step for `layer`.
+    fn observe(&mut self, _layer: usize, _probs: &Tensor) -> Result<()> {
+        Ok(())
+    }
+    /// Called once per step after the last layer.
+    fn end_step(&mut self) -> Result<()>;
+    /// Tokens seen so far by batch row `b` (the next token's position).
+    fn seq_len(&self, b: usize) -> usize;
+    fn batch_size(&self) -> usize;
+    /// Bytes of key/value storage held now.
+    fn resident_bytes(&self) -> usize;
+    fn describe(&self) -> String;
+}
+
+/// Large negative used instead of -inf so fully masked (padding) rows stay finite.
+pub const MASKED: f32 = -1e30;
+
+/// The plain cache: every token kept. Storage is preallocated per layer as `(B, Hkv, cap, D)`
+/// and doubles when full; all rows share one slot cursor, padding slots are masked.
+pub struct FullCache {
+    num_layers: usize,
+    batch: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    max_len: usize,
+    cap: usize,
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    /// Position held by each slot of each row (-1: padding).
+    slot_pos: Vec<Vec<i64>>,
+    lens: Vec<usize>,
+    cursor: usize,
+    step: Option<Step>,
+    mask_global: Option<Tensor>,
+    mask_window: Option<(usize, Option<Tensor>)>,
+}
+
+impl FullCache {
+    pub fn new(num_layers: usize, batch: usize, kv_heads: usize, head_dim: usize, max_len: usize) -> Self {
+        Self {
+            num_layers,
+            batch,
+            kv_heads,
+            head_dim,
+            max_len,
+            cap: 0,
+            layers: (0..num_layers).map(|_| None).collect(),
+            slot_pos: vec![vec![]; batch],
+            lens: vec![0; batch],
+            cursor: 0,
+            step: None,
+            mask_global: None,
+            mask_window: None,
+        }
+    }
+
+    fn grow(&mut self, need: usize) -> Result<()> {
+        if need <= self.cap {
+            return Ok(());
+        }
+        let new_cap = need.max(self.cap * 2).max(64).min(self.max_len.max(need));
+        for l in self.layers.iter_mut() {
+            if let Some((k, v)) = l.take() {
+                let grow = |t: &Tensor| -> Result<Tensor> {
+                    let z = Tensor::zeros((self.batch, self.kv_heads, new_cap, self.head_dim), DType::F32, &Device::Cpu)?;
+                    z.slice_set(&t.narrow(2, 0, self.cursor)?.contiguous()?, 2, 0)?;
+                    Ok(z)
+                };
+                *l = Some((grow(&k)?, grow(&v)?));
+            }
+        }
+        self.cap = new_cap;
+        Ok(())
+    }
+
+    /// Builds the additive mask for the current step, or None when nothing needs masking.
+    fn build_mask(&self, step: &Step, window: Option<usize>) -> Result<Option<Tensor>> {
+        let l = self.cursor + step.t;
+        let mut needed = false;
+        let mut m = vec![0f32; step.batch() * step.t * l];
+        for b in 0..step.batch() {
+            for t in 0..step.t {
+                let qpos = (step.start[b] + t) as i64;
+                let row = &mut m[(b * step.t + t) * l..(b * step.t + t + 1) * l];
+                for (s, cell) in row.iter_mut().enumerate() {
+                    let p = self.slot_pos[b][s];
+                    let visible = p >= 0 && p <= qpos && window.is_none_or(|w| qpos - p < w as i64);
+                    if !visible {
+                        *cell = MASKED;
+                        needed = true;
+                    }
+                }
+            }
+        }
+        if !needed {
+            return Ok(None);
+        }
+        Ok(Some(Tensor::from_vec(m, (step.batch(), 1, step.t, l), &Device::Cpu)?))
+    }
+}
+
+impl KvCache for FullCache {
+    fn begin_step(&mut self, step: &Step) -> Result<()> {
+        if step.batch() != self.batch || step.start.len() != self.batch {
+            return Err(Error::InvalidInput(format!("step has {} rows, cache has {}", step.batch(), self.batch)));
+        }
+        if self.cursor + step.t > self.max_len {
+            return Err(Error::ContextOverflow { tokens: self.cursor + step.t, context: self.max_len });
+        }
+        self.grow(self.cursor + step.t)?;
+        for b in 0..self.batch {
+            if step.start[b] != self.lens[b] {
+                return Err(Error::InvalidInput(format!("row {b} starts at {} but has {} tokens cached", step.start[b], self.lens[b])));
+            }
+            for t in 0..step.t {
+                let p = if t < step.lens[b] { (step.start[b] + t) as i64 } else { -1 };
+                self.slot_pos[b].push(p);
+            }
+        }
+        self.mask_global = self.build_mask(step, None)?;
+        self.mask_window = None;
+        self.step = Some(step.clone());
+        Ok(())
+    }
+
+    fn update(&mut self, layer: usize, k: &Tensor, v: &Tensor, window: Option<usize>) -> Result<KvView> {
+        let Some(step) = self.step.clone() else {
+            return Err(Error::InvalidInput("update outside a step".into()));
+        };
+        let cap = self.cap;
+        let entry = self.layers.get_mut(layer).ok_or_else(|| Error::InvalidInput(format!("layer {layer} out of range")))?;
+        if entry.is_none() {
+            let z = || Tensor::zeros((self.batch, self.kv_heads, cap, self.head_dim), DType::F32, &Device::Cpu);
+            *entry = Some((z()?, z()?));
+        }
+        let Some((ck, cv)) = entry.as_ref() else { unreachable!() };
+        ck.slice_set(&k.contiguous()?, 2, self.cursor)?;
+        cv.slice_set(&v.contiguous()?, 2, self.cursor)?;
+        let l = self.cursor + step.t;
+        let (k, v) = (ck.narrow(2, 0, l)?, cv.narrow(2, 0, l)?);
+        let mask = match window {
+            None => self.mask_global.clone(),
+            Some(w) => {
+                if self.mask_window.as_ref().is_none_or(|(ww, _)| *ww != w) {
+                    self.mask_window = Some((w, self.build_mask(&step, Some(w))?));
+                }
+                self.mask_window.as_ref().and_then(|(_, m)| m.clone())
+            }
+        };
+        Ok(KvView { k, v, mask })
+    }
+
+    fn end_step(&mut self) -> Result<()> {
+        let Some(step) = self.step.take() else { return Ok(()) };
+        self.cursor += step.t;
+        for b in 0..self.batch {
+            self.lens[b] += step.lens[b];
+        }
+        Ok(())
+    }
+
+    fn seq_len(&self, b: usize) -> usize {
+        self.lens[b]
+    }
+    fn batch_size(&self) -> usize {
+        self.batch
+    }
+    fn resident_bytes(&self) -> usize {
+        let per_layer = 2 * self.batch * self.kv_heads * self.cap * self.head_dim * 4;
+        per_layer * self.layers.iter().filter(|l| l.is_some()).count()
+    }
+    fn describe(&self) -> String {
+        format!("full ({} layers, {} slots used)", self.num_layers, self.cursor)
+    }
+}
