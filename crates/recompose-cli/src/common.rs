@@ -62,12 +62,3 @@ pub fn progress(len: u64, msg: &str, quiet: bool) -> indicatif::ProgressBar {
     pb.set_message(msg.to_string());
     pb
 }
-
-/// Peak resident memory of this process, in bytes (Linux; 0 elsewhere).
-pub fn peak_rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
-        .map(|kb| kb * 1024)
-        .unwrap_or(0)
-}

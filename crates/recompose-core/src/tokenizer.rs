@@ -167,30 +167,32 @@ impl Tokenizer {
     }
 }
 
-/// Incremental detokenizer: yields the text that a new token completes (multi-byte characters
-/// split across tokens are held back until whole).
+/// Incremental detokenizer: yields the text that a new token completes. Decodes only the
+/// tokens since the last emitted piece (not the whole history), and holds back a split
+/// multi-byte character until it is whole.
 pub struct TextStream<'a> {
     tok: &'a Tokenizer,
     ids: Vec<u32>,
-    emitted: usize,
+    prev: usize,
+    cur: usize,
 }
 
 impl<'a> TextStream<'a> {
     pub fn new(tok: &'a Tokenizer) -> Self {
-        Self { tok, ids: vec![], emitted: 0 }
+        Self { tok, ids: vec![], prev: 0, cur: 0 }
     }
     pub fn push(&mut self, id: u32) -> Result<String> {
+        let before = self.tok.decode(&self.ids[self.prev..self.cur], true)?;
         self.ids.push(id);
-        let text = self.tok.decode(&self.ids, true)?;
-        if text.ends_with('\u{fffd}') || text.len() < self.emitted || !text.is_char_boundary(self.emitted) {
-            return Ok(String::new());
+        let text = self.tok.decode(&self.ids[self.prev..], true)?;
+        if text.len() > before.len() && !text.ends_with('\u{fffd}') && text.is_char_boundary(before.len()) {
+            let out = text[before.len()..].to_string();
+            self.prev = self.cur;
+            self.cur = self.ids.len();
+            Ok(out)
+        } else {
+            Ok(String::new())
         }
-        let out = text[self.emitted..].to_string();
-        self.emitted = text.len();
-        Ok(out)
-    }
-    pub fn text(&self) -> Result<String> {
-        self.tok.decode(&self.ids, true)
     }
 }
 

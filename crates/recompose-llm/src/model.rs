@@ -55,6 +55,8 @@ pub enum Logits {
     Last,
     /// Every column: `(B, T, vocab)`.
     All,
+    /// Columns from this index on: `(B, T - from, vocab)` (perplexity skips the context part).
+    From(usize),
 }
 
 pub struct Model {
@@ -223,6 +225,8 @@ impl Model {
         cache.end_step()?;
         let x = match logits {
             Logits::All => x,
+            Logits::From(c) if c < t => x.narrow(1, c, t - c)?,
+            Logits::From(c) => return Err(Error::InvalidInput(format!("logits from column {c} of a {t}-column step"))),
             Logits::Last => {
                 let idx: Vec<u32> = (0..b).map(|r| (r * t + step.lens[r].max(1) - 1) as u32).collect();
                 let idx = Tensor::from_vec(idx, b, &Device::Cpu)?;

