@@ -68,7 +68,16 @@ fn asset_err(name: &str, what: impl Into<String>) -> Error {
     Error::Asset { name: name.into(), what: what.into() }
 }
 
-/// Downloads and unpacks an asset. Existing cached copies are replaced.
+/// Removes a cached asset (for a forced re-download).
+pub fn remove(asset: &Asset) -> Result<()> {
+    let dest = home().join(asset.name);
+    if dest.exists() {
+        std::fs::remove_dir_all(&dest).map_err(|e| Error::io(&dest, e))?;
+    }
+    Ok(())
+}
+
+/// Downloads and unpacks an asset into `$RECOMPOSE_HOME/NAME`; a copy already there is kept.
 pub fn fetch(asset: &Asset) -> Result<PathBuf> {
     let home = home();
     std::fs::create_dir_all(&home).map_err(|e| Error::io(&home, e))?;
@@ -133,17 +142,21 @@ pub fn fetch(asset: &Asset) -> Result<PathBuf> {
         _ => return Err(asset_err(n, "no recipe")),
     }
     let dest = home.join(asset.name);
-    if dest.exists() {
-        std::fs::remove_dir_all(&dest).map_err(|e| Error::io(&dest, e))?;
+    match std::fs::rename(&out, &dest) {
+        Ok(()) => Ok(dest),
+        // Another process finished the same asset first: theirs is as good as ours.
+        Err(_) if dest.is_dir() => Ok(dest),
+        Err(e) => Err(Error::io(&dest, e)),
     }
-    std::fs::rename(&out, &dest).map_err(|e| Error::io(&dest, e))?;
-    Ok(dest)
 }
 
+/// Removes leftovers of interrupted fetches (older than a day, so running fetches are safe).
 fn clean_stale_temps(home: &Path) {
+    let day = std::time::Duration::from_secs(24 * 3600);
     if let Ok(rd) = std::fs::read_dir(home) {
         for e in rd.flatten() {
-            if e.file_name().to_string_lossy().starts_with(".tmp-") {
+            let old = e.metadata().and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok()).is_some_and(|age| age > day);
+            if old && e.file_name().to_string_lossy().starts_with(".tmp-") {
                 let _ = std::fs::remove_dir_all(e.path());
             }
         }

@@ -5,10 +5,13 @@ pub mod assets;
 pub mod atomic;
 pub mod chat;
 pub mod config;
+pub mod convert;
 pub mod error;
 pub mod gguf;
 pub mod names;
 pub mod rdata;
+pub mod safetensors_out;
+pub mod testing;
 pub mod tokenizer;
 pub mod weights;
 

@@ -5,7 +5,7 @@
 
 use crate::error::{Error, Result};
 use crate::gguf::{GgufFile, Value};
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::path::Path;
 
 /// GGUF token types (llama.cpp's `llama_token_type`).
@@ -148,6 +148,91 @@ impl Tokenizer {
             Inner::Hf(t) => t.id_to_token(id),
             Inner::Spm(s) => s.tokens.get(id as usize).cloned(),
         }
+    }
+
+    /// The tokenizer as HF `tokenizer.json` text.
+    pub fn hf_json(&self) -> Result<String> {
+        match &self.inner {
+            Inner::Hf(t) => t.to_string(true).map_err(tok_err),
+            Inner::Spm(_) => Err(Error::Unsupported(
+                "writing a SentencePiece (GGUF `llama`) vocabulary as tokenizer.json is not supported yet".into(),
+            )),
+        }
+    }
+
+    /// The tokenizer as GGUF `tokenizer.*` metadata.
+    pub fn gguf_metadata(&self) -> Result<Vec<(String, Value)>> {
+        let mut m = vec![];
+        let strs = |v: Vec<String>| Value::Array(v.into_iter().map(Value::String).collect());
+        match &self.inner {
+            Inner::Spm(s) => {
+                m.push(("tokenizer.ggml.model".into(), Value::String("llama".into())));
+                m.push(("tokenizer.ggml.tokens".into(), strs(s.tokens.clone())));
+                m.push(("tokenizer.ggml.scores".into(), Value::Array(s.scores.iter().map(|&x| Value::F32(x)).collect())));
+                m.push(("tokenizer.ggml.token_type".into(), Value::Array(s.types.iter().map(|&x| Value::I32(x as i32)).collect())));
+                m.push(("tokenizer.ggml.add_space_prefix".into(), Value::Bool(s.add_space_prefix)));
+            }
+            Inner::Hf(t) => {
+                let j: serde_json::Value = serde_json::from_str(&t.to_string(false).map_err(tok_err)?).map_err(tok_err)?;
+                let model = &j["model"];
+                if model["type"] != "BPE" {
+                    return Err(Error::Unsupported(format!("tokenizer model {} cannot be written to GGUF", model["type"])));
+                }
+                let vocab = model["vocab"].as_object().ok_or_else(|| Error::Tokenizer("tokenizer.json has no BPE vocab".into()))?;
+                let mut tokens: Vec<(u64, String)> = vocab.iter().filter_map(|(k, v)| Some((v.as_u64()?, k.clone()))).collect();
+                let mut types: BTreeMap<u64, i32> = BTreeMap::new();
+                for a in j["added_tokens"].as_array().into_iter().flatten() {
+                    let (Some(id), Some(c)) = (a["id"].as_u64(), a["content"].as_str()) else { continue };
+                    if !tokens.iter().any(|(i, _)| *i == id) {
+                        tokens.push((id, c.to_string()));
+                    }
+                    types.insert(id, if a["special"].as_bool().unwrap_or(false) { 3 } else { 4 });
+                }
+                tokens.sort();
+                if tokens.iter().enumerate().any(|(i, (id, _))| *id != i as u64) {
+                    return Err(Error::Tokenizer("token ids are not contiguous".into()));
+                }
+                let merges: Vec<String> = model["merges"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|m| match m {
+                        serde_json::Value::String(s) => Some(s.clone()),
+                        serde_json::Value::Array(p) => Some(format!("{} {}", p.first()?.as_str()?, p.get(1)?.as_str()?)),
+                        _ => None,
+                    })
+                    .collect();
+                let pre = j["pre_tokenizer"].to_string();
+                let pre_name = if pre.contains("\\p{N}{1,3}") {
+                    "llama-bpe"
+                } else if pre.contains("\"Digits\"") {
+                    "smollm"
+                } else if pre.contains("ByteLevel") {
+                    "gpt2"
+                } else {
+                    return Err(Error::Unsupported("this tokenizer.json's pre-tokenizer has no GGUF name".into()));
+                };
+                m.push(("tokenizer.ggml.model".into(), Value::String("gpt2".into())));
+                m.push(("tokenizer.ggml.pre".into(), Value::String(pre_name.into())));
+                m.push((
+                    "tokenizer.ggml.token_type".into(),
+                    Value::Array(tokens.iter().map(|(id, _)| Value::I32(*types.get(id).unwrap_or(&1))).collect()),
+                ));
+                m.push(("tokenizer.ggml.tokens".into(), strs(tokens.into_iter().map(|(_, t)| t).collect())));
+                m.push(("tokenizer.ggml.merges".into(), strs(merges)));
+            }
+        }
+        if let Some(b) = self.bos {
+            m.push(("tokenizer.ggml.bos_token_id".into(), Value::U32(b)));
+        }
+        if let Some(&e) = self.eos.first() {
+            m.push(("tokenizer.ggml.eos_token_id".into(), Value::U32(e)));
+        }
+        m.push(("tokenizer.ggml.add_bos_token".into(), Value::Bool(self.add_bos)));
+        if let Some(t) = &self.chat_template {
+            m.push(("tokenizer.chat_template".into(), Value::String(t.clone())));
+        }
+        Ok(m)
     }
 
     /// A short description for `inspect`.

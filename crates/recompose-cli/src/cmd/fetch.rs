@@ -32,6 +32,9 @@ pub fn run(a: Args) -> Result<()> {
             eprintln!("{name}: cached at {}", dir.display());
             continue;
         }
+        if a.force {
+            assets::remove(asset)?;
+        }
         eprintln!("{name}: fetching ...");
         let dir = assets::fetch(asset)?;
         eprintln!("{name}: ready at {}", dir.display());

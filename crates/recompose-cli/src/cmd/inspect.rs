@@ -1,5 +1,66 @@
-//! `recompose inspect`.
+//! `recompose inspect`: architecture, hyper-parameters, tokenizer, metadata and tensors of a model.
+
 use anyhow::Result;
+use recompose_core::weights::{ModelFile, Source};
+
 #[derive(clap::Args, Debug)]
-pub struct Args {}
-pub fn run(_a: Args) -> Result<()> { anyhow::bail!("not yet") }
+pub struct Args {
+    /// A .gguf file, an HF safetensors folder, or an asset name.
+    file: String,
+    /// List every tensor (name, dtype, shape, bytes).
+    #[arg(long)]
+    tensors: bool,
+    /// Print everything as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let path = recompose_core::assets::resolve_model(&a.file)?;
+    let f = ModelFile::open(&path)?;
+    let tok = f.tokenizer()?;
+    let c = &f.config;
+    let entries = f.tensor_entries();
+    let total: usize = entries.iter().map(|e| e.bytes).sum();
+    let params: usize = entries.iter().map(|e| e.shape.iter().product::<usize>()).sum();
+    if a.json {
+        let meta: serde_json::Map<String, serde_json::Value> = match &f.source {
+            Source::Gguf(g) => g.metadata.iter().map(|(k, v)| (k.clone(), v.summary().into())).collect(),
+            Source::Hf(_) => Default::default(),
+        };
+        let v = serde_json::json!({
+            "path": path, "format": match f.source { Source::Gguf(_) => "gguf", Source::Hf(_) => "safetensors" },
+            "config": format!("{c:?}"), "tokenizer": tok.describe(), "parameters": params, "bytes": total,
+            "metadata": meta, "tensors": if a.tensors { serde_json::to_value(&entries)? } else { serde_json::Value::Null },
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("file          {}", path.display());
+    println!("format        {}", match f.source { Source::Gguf(ref g) => format!("GGUF v{}", g.version), Source::Hf(_) => "HF safetensors".into() });
+    println!("architecture  {:?}", c.arch);
+    println!("parameters    {:.1} M in {} tensors, {:.1} MiB", params as f64 / 1e6, entries.len(), total as f64 / 1048576.0);
+    println!("layers        {}  hidden {}  ffn {}  vocab {}", c.num_layers, c.hidden_size, c.intermediate_size, c.vocab_size);
+    println!("attention     {} heads, {} KV heads, head dim {}", c.num_heads, c.num_kv_heads, c.head_dim);
+    println!("rope          theta {}  {:?}  {:?}", c.rope_theta, c.rope_style, c.rope_scaling);
+    println!("context       {}", c.max_position);
+    if let Some(w) = c.sliding_window {
+        println!("sliding       window {w}, every {}th layer global, local rope theta {}", c.sliding_pattern, c.rope_theta_local);
+    }
+    println!("norm eps      {}  activation {:?}  tied embeddings {}", c.rms_eps, c.activation, c.tie_embeddings);
+    println!("tokenizer     {}", tok.describe());
+    if let Source::Gguf(g) = &f.source {
+        let mut by_type = std::collections::BTreeMap::<String, usize>::new();
+        for t in g.tensors() {
+            *by_type.entry(format!("{:?}", t.dtype)).or_default() += 1;
+        }
+        println!("tensor types  {}", by_type.iter().map(|(k, v)| format!("{k}:{v}")).collect::<Vec<_>>().join(" "));
+    }
+    if a.tensors {
+        println!();
+        for e in &entries {
+            println!("{:<48} {:<6} {:<16} {:>12}", e.name, e.dtype, format!("{:?}", e.shape), e.bytes);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,170 @@
+//! Bad input through the real binary: each case must exit non-zero with exactly one line on
+//! stderr starting with "error:", and never panic.
+
+use recompose_core::gguf::{write_gguf, GgufFile, Value};
+use recompose_core::testing::{write_tiny_gguf, TinySpec};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn recompose(home: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_recompose"))
+        .args(args)
+        .env("RECOMPOSE_HOME", home)
+        .env("RAYON_NUM_THREADS", "1")
+        .output()
+        .expect("run recompose");
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn tiny(dir: &Path, spec: TinySpec) -> PathBuf {
+    let p = dir.join("tiny.gguf");
+    write_tiny_gguf(&p, &spec).unwrap();
+    p
+}
+
+/// Asserts a clean failure and returns the error line.
+fn fails(home: &Path, args: &[&str]) -> String {
+    let (code, _out, err) = recompose(home, args);
+    assert_ne!(code, 0, "expected failure for {args:?}");
+    assert!(!err.contains("panicked"), "panic for {args:?}: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected one line for {args:?}, got: {err}");
+    assert!(lines[0].starts_with("error: "), "{err}");
+    lines[0].to_string()
+}
+
+#[test]
+fn tiny_model_generates() {
+    let d = tempfile::tempdir().unwrap();
+    let m = tiny(d.path(), TinySpec::default());
+    let (code, out, err) = recompose(d.path(), &["generate", "-q", "-m", m.to_str().unwrap(), "-p", "hello", "-n", "5", "--ignore-eos"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!out.is_empty());
+}
+
+#[test]
+fn truncated_gguf_is_reported() {
+    let d = tempfile::tempdir().unwrap();
+    let m = tiny(d.path(), TinySpec::default());
+    let bytes = std::fs::read(&m).unwrap();
+    let cut = d.path().join("cut.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let e = fails(d.path(), &["inspect", cut.to_str().unwrap()]);
+    assert!(e.contains("runs past the end of the file"), "{e}");
+    std::fs::write(&cut, &bytes[..100]).unwrap();
+    let e = fails(d.path(), &["inspect", cut.to_str().unwrap()]);
+    assert!(e.contains("truncated or corrupt GGUF header"), "{e}");
+}
+
+#[test]
+fn wrong_magic_is_reported() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("x.gguf");
+    std::fs::write(&p, b"GGML\x03\x00\x00\x00rest of a file that is not gguf").unwrap();
+    let e = fails(d.path(), &["generate", "-m", p.to_str().unwrap(), "-p", "hi"]);
+    assert!(e.contains("not a GGUF file"), "{e}");
+}
+
+#[test]
+fn tensor_running_past_the_end_is_reported() {
+    let d = tempfile::tempdir().unwrap();
+    let m = tiny(d.path(), TinySpec::default());
+    let bytes = std::fs::read(&m).unwrap();
+    let cut = d.path().join("cut.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() - 4]).unwrap();
+    let e = fails(d.path(), &["generate", "-m", cut.to_str().unwrap(), "-p", "hi"]);
+    assert!(e.contains("runs past the end of the file"), "{e}");
+}
+
+/// Rewrites a GGUF with edited metadata and without some tensors.
+fn rewrite(src: &Path, dst: &Path, drop: &str, set: Option<(&str, Value)>) {
+    let g = GgufFile::open(src).unwrap();
+    let mut meta: Vec<(String, Value)> = g.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    if let Some((k, v)) = set {
+        meta.retain(|(kk, _)| kk != k);
+        meta.push((k.to_string(), v));
+    }
+    let tensors: Vec<_> = g.tensors().iter().filter(|t| t.name != drop).map(|t| (t.name.clone(), g.qtensor(&t.name).unwrap())).collect();
+    write_gguf(dst, &meta, &tensors).unwrap();
+}
+
+#[test]
+fn missing_tensor_is_named() {
+    let d = tempfile::tempdir().unwrap();
+    let m = tiny(d.path(), TinySpec::default());
+    let p = d.path().join("missing.gguf");
+    rewrite(&m, &p, "blk.1.attn_q.weight", None);
+    let e = fails(d.path(), &["generate", "-m", p.to_str().unwrap(), "-p", "hi"]);
+    assert!(e.contains("missing tensor 'blk.1.attn_q.weight'"), "{e}");
+}
+
+#[test]
+fn unknown_architecture_is_named() {
+    let d = tempfile::tempdir().unwrap();
+    let m = tiny(d.path(), TinySpec::default());
+    let p = d.path().join("bert.gguf");
+    rewrite(&m, &p, "", Some(("general.architecture", Value::String("bert".into()))));
+    let e = fails(d.path(), &["inspect", p.to_str().unwrap()]);
+    assert!(e.contains("unknown architecture 'bert'"), "{e}");
+}
+
+#[test]
+fn shape_that_contradicts_the_config_is_named() {
+    let d = tempfile::tempdir().unwrap();
+    let m = tiny(d.path(), TinySpec::default());
+    let p = d.path().join("wide.gguf");
+    rewrite(&m, &p, "", Some(("llama.feed_forward_length", Value::U32(96))));
+    let e = fails(d.path(), &["generate", "-m", p.to_str().unwrap(), "-p", "hi"]);
+    assert!(e.contains("blk.0.ffn_gate.weight") && e.contains("does not match"), "{e}");
+}
+
+#[test]
+fn lying_safetensors_header_is_reported() {
+    let d = tempfile::tempdir().unwrap();
+    let hf = d.path().join("hf");
+    std::fs::create_dir(&hf).unwrap();
+    std::fs::write(hf.join("config.json"), r#"{"model_type":"llama","vocab_size":258,"hidden_size":64,"intermediate_size":128,"num_hidden_layers":1,"num_attention_heads":4}"#).unwrap();
+    let header = br#"{"model.embed_tokens.weight":{"dtype":"F32","shape":[258,64],"data_offsets":[0,66048]}}"#;
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header);
+    bytes.extend_from_slice(&[0u8; 100]); // far fewer bytes than the header claims
+    std::fs::write(hf.join("model.safetensors"), bytes).unwrap();
+    let e = fails(d.path(), &["inspect", hf.to_str().unwrap()]);
+    assert!(e.contains("invalid safetensors"), "{e}");
+}
+
+#[test]
+fn prompt_longer_than_context_is_reported() {
+    let d = tempfile::tempdir().unwrap();
+    let m = tiny(d.path(), TinySpec { context: 16, ..Default::default() });
+    let e = fails(d.path(), &["generate", "-m", m.to_str().unwrap(), "-p", "a prompt that is far longer than sixteen tokens"]);
+    assert!(e.contains("does not fit the context of 16"), "{e}");
+}
+
+#[test]
+fn bad_sampling_values_are_rejected() {
+    let d = tempfile::tempdir().unwrap();
+    let m = tiny(d.path(), TinySpec::default());
+    let e = fails(d.path(), &["generate", "-m", m.to_str().unwrap(), "-p", "hi", "--top-p", "0"]);
+    assert!(e.contains("top-p"), "{e}");
+}
+
+#[test]
+fn convert_refuses_existing_output_and_unknown_dtype() {
+    let d = tempfile::tempdir().unwrap();
+    let m = tiny(d.path(), TinySpec::default());
+    let out = d.path().join("exists");
+    std::fs::create_dir(&out).unwrap();
+    let e = fails(d.path(), &["convert", m.to_str().unwrap(), out.to_str().unwrap()]);
+    assert!(e.contains("already exists"), "{e}");
+    let (code, _, err) = recompose(d.path(), &["convert", m.to_str().unwrap(), "x.gguf", "--dtype", "q3_x"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("unknown dtype 'q3_x'"), "{err}");
+}
+
+#[test]
+fn unknown_asset_is_named() {
+    let d = tempfile::tempdir().unwrap();
+    let e = fails(d.path(), &["fetch", "llama-70b"]);
+    assert!(e.contains("unknown asset 'llama-70b'"), "{e}");
+}

@@ -1,0 +1,118 @@
+//! Tiny synthetic models for tests: a Llama-shaped GGUF with seeded random weights and a
+//! byte-level vocabulary, small enough to build in milliseconds. Used by tests across crates
+//! (bad-input handling, cache policies, conversions); never by the product itself.
+
+use crate::error::Result;
+use crate::gguf::{write_gguf, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use std::path::Path;
+
+#[derive(Debug, Clone)]
+pub struct TinySpec {
+    pub arch: &'static str,
+    pub layers: usize,
+    pub hidden: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub ffn: usize,
+    pub context: usize,
+    pub seed: u64,
+    pub dtype: GgmlDType,
+}
+
+impl Default for TinySpec {
+    fn default() -> Self {
+        Self { arch: "llama", layers: 2, hidden: 64, heads: 4, kv_heads: 2, ffn: 128, context: 256, seed: 0, dtype: GgmlDType::F32 }
+    }
+}
+
+/// GPT-2's reversible byte -> printable character map.
+pub fn byte_chars() -> Vec<char> {
+    let printable: Vec<u32> = (b'!' as u32..=b'~' as u32).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
+    let mut map = vec!['\0'; 256];
+    let mut extra = 0;
+    for b in 0..256u32 {
+        if printable.contains(&b) {
+            map[b as usize] = char::from_u32(b).unwrap_or('?');
+        } else {
+            map[b as usize] = char::from_u32(256 + extra).unwrap_or('?');
+            extra += 1;
+        }
+    }
+    map
+}
+
+/// Deterministic pseudo-random values in [-scale, scale).
+fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+        })
+        .collect()
+}
+
+/// Writes a tiny model as GGUF. Vocabulary: 256 byte tokens plus `<s>` (256) and `</s>` (257).
+pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> Result<()> {
+    let vocab: Vec<String> = byte_chars().into_iter().map(String::from).chain(["<s>".to_string(), "</s>".to_string()]).collect();
+    let nv = vocab.len();
+    let hd = spec.hidden / spec.heads;
+    let a = spec.arch;
+    let k = |s: &str| format!("{a}.{s}");
+    let mut meta: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), Value::String(a.into())),
+        (k("context_length"), Value::U32(spec.context as u32)),
+        (k("embedding_length"), Value::U32(spec.hidden as u32)),
+        (k("block_count"), Value::U32(spec.layers as u32)),
+        (k("feed_forward_length"), Value::U32(spec.ffn as u32)),
+        (k("attention.head_count"), Value::U32(spec.heads as u32)),
+        (k("attention.head_count_kv"), Value::U32(spec.kv_heads as u32)),
+        (k("rope.dimension_count"), Value::U32(hd as u32)),
+        (k("rope.freq_base"), Value::F32(10000.0)),
+        (k("attention.layer_norm_rms_epsilon"), Value::F32(1e-5)),
+        ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
+        ("tokenizer.ggml.pre".into(), Value::String("default".into())),
+        ("tokenizer.ggml.tokens".into(), Value::Array(vocab.iter().cloned().map(Value::String).collect())),
+        ("tokenizer.ggml.token_type".into(), Value::Array((0..nv).map(|i| Value::I32(if i >= 256 { 3 } else { 1 })).collect())),
+        ("tokenizer.ggml.merges".into(), Value::Array(vec![])),
+        ("tokenizer.ggml.bos_token_id".into(), Value::U32(256)),
+        ("tokenizer.ggml.eos_token_id".into(), Value::U32(257)),
+        ("tokenizer.ggml.add_bos_token".into(), Value::Bool(true)),
+    ];
+    if a == "gemma3" {
+        meta.push((k("attention.key_length"), Value::U32(hd as u32)));
+        meta.push((k("attention.sliding_window"), Value::U32(8)));
+    }
+    let mut seed = spec.seed;
+    let mut tensor = |name: String, shape: Vec<usize>, scale: f32, offset: f32| -> Result<(String, QTensor)> {
+        seed += 1;
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = values(n, seed, scale).into_iter().map(|x| x + offset).collect();
+        let t = Tensor::from_vec(v, shape.as_slice(), &Device::Cpu)?;
+        let dtype = if shape.len() == 1 { GgmlDType::F32 } else { spec.dtype };
+        Ok((name, QTensor::quantize(&t, dtype)?))
+    };
+    let (h, f) = (spec.hidden, spec.ffn);
+    let mut ts = vec![tensor("token_embd.weight".into(), vec![nv, h], 0.5, 0.0)?, tensor("output_norm.weight".into(), vec![h], 0.1, 1.0)?];
+    for l in 0..spec.layers {
+        let b = |s: &str| format!("blk.{l}.{s}");
+        ts.push(tensor(b("attn_norm.weight"), vec![h], 0.1, 1.0)?);
+        ts.push(tensor(b("attn_q.weight"), vec![spec.heads * hd, h], 0.2, 0.0)?);
+        ts.push(tensor(b("attn_k.weight"), vec![spec.kv_heads * hd, h], 0.2, 0.0)?);
+        ts.push(tensor(b("attn_v.weight"), vec![spec.kv_heads * hd, h], 0.2, 0.0)?);
+        ts.push(tensor(b("attn_output.weight"), vec![h, spec.heads * hd], 0.2, 0.0)?);
+        ts.push(tensor(b("ffn_norm.weight"), vec![h], 0.1, 1.0)?);
+        ts.push(tensor(b("ffn_gate.weight"), vec![f, h], 0.2, 0.0)?);
+        ts.push(tensor(b("ffn_up.weight"), vec![f, h], 0.2, 0.0)?);
+        ts.push(tensor(b("ffn_down.weight"), vec![h, f], 0.2, 0.0)?);
+        if a == "gemma3" {
+            ts.push(tensor(b("attn_q_norm.weight"), vec![hd], 0.1, 1.0)?);
+            ts.push(tensor(b("attn_k_norm.weight"), vec![hd], 0.1, 1.0)?);
+            ts.push(tensor(b("post_attention_norm.weight"), vec![h], 0.1, 1.0)?);
+            ts.push(tensor(b("post_ffw_norm.weight"), vec![h], 0.1, 1.0)?);
+        }
+    }
+    write_gguf(path, &meta, &ts)
+}
