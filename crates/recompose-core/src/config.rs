@@ -243,7 +243,8 @@ impl HfConfig {
             other => return Err(Error::Unsupported(format!("activation '{other}'"))),
         };
         let sliding_pattern = match (&self.layer_types, self.sliding_window_pattern) {
-            (Some(types), _) => types.iter().position(|t| t == "full_attention").map(|i| i + 1).unwrap_or(0),
+            // The first global layer gives the period; no global layer at all: every layer slides.
+            (Some(types), _) => types.iter().position(|t| t == "full_attention").map(|i| i + 1).unwrap_or(types.len() + 1),
             (None, Some(p)) => p,
             (None, None) => if is_gemma { 6 } else { 0 },
         };
@@ -311,6 +312,18 @@ mod tests {
             "num_hidden_layers":1,"num_attention_heads":3,"num_key_value_heads":2}"#;
         let e = ModelConfig::from_hf_json(text).unwrap_err().to_string();
         assert!(e.contains("not a multiple"), "{e}");
+    }
+
+    #[test]
+    fn layer_types_without_a_global_layer_slide_everywhere() {
+        let text = r#"{"model_type":"gemma3_text","vocab_size":10,"hidden_size":8,"intermediate_size":16,
+            "num_hidden_layers":2,"num_attention_heads":2,"num_key_value_heads":1,"head_dim":4,"sliding_window":8,
+            "layer_types":["sliding_attention","sliding_attention"]}"#;
+        let c = ModelConfig::from_hf_json(text).unwrap();
+        assert!(c.is_sliding(0) && c.is_sliding(1));
+        let text = text.replace(r#""sliding_attention"]"#, r#""full_attention"]"#);
+        let c = ModelConfig::from_hf_json(&text).unwrap();
+        assert!(c.is_sliding(0) && !c.is_sliding(1));
     }
 
     #[test]

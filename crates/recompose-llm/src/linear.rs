@@ -71,3 +71,45 @@ impl CustomOp1 for PackedMatmul {
         Ok((CpuStorage::F32(out), Shape::from((n, w.rows()))))
     }
 }
+
+/// Rewrites GGML Q5_0 blocks (f16 d, 32 high bits, 16 bytes of low nibbles; value = (q - 16) d)
+/// as Q8_0 blocks (f16 d, 32 signed bytes) holding the same values exactly, so Q5_0 weights run
+/// on the 8-bit kernels. Returns None when the size is not whole blocks.
+pub fn q5_0_as_q8_0(bytes: &[u8]) -> Option<Vec<u8>> {
+    if bytes.len() % 22 != 0 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(bytes.len() / 22 * 34);
+    for b in bytes.chunks_exact(22) {
+        out.extend_from_slice(&b[0..2]);
+        let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+        let qs = &b[6..22];
+        for j in 0..32 {
+            let nib = if j < 16 { qs[j] & 0x0F } else { qs[j - 16] >> 4 };
+            let hi = ((qh >> j) & 1) as u8;
+            out.push(((nib | (hi << 4)) as i8 - 16) as u8);
+        }
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::{GgmlDType, QStorage, QTensor};
+    use candle_core::Device;
+
+    #[test]
+    fn q5_0_rewrite_is_exact() {
+        let x: Vec<f32> = (0..256).map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0).collect();
+        let t = candle_core::Tensor::from_vec(x, (4, 64), &Device::Cpu).unwrap();
+        let q5 = QTensor::quantize(&t, GgmlDType::Q5_0).unwrap();
+        let bytes = q5.data().unwrap().to_vec();
+        let q8_bytes = q5_0_as_q8_0(&bytes).unwrap();
+        let st = QStorage::from_data(std::borrow::Cow::Owned(q8_bytes), &Device::Cpu, GgmlDType::Q8_0).unwrap();
+        let q8 = QTensor::new(st, (4, 64)).unwrap();
+        let a: Vec<f32> = q5.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let b: Vec<f32> = q8.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(a, b);
+    }
+}

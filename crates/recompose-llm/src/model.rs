@@ -82,7 +82,11 @@ fn load_linear(file: &ModelFile, name: &str, shape: [usize; 2], mode: WeightMode
                 }
                 .into());
             }
-            if let Some(p) = PackedWeight::from_ggml(dtype, m.bytes(), shape[0], shape[1]) {
+            let packed = match dtype {
+                GgmlDType::Q5_0 => crate::linear::q5_0_as_q8_0(m.bytes()).and_then(|b| PackedWeight::from_ggml(GgmlDType::Q8_0, &b, shape[0], shape[1])),
+                _ => PackedWeight::from_ggml(dtype, m.bytes(), shape[0], shape[1]),
+            };
+            if let Some(p) = packed {
                 return Ok(Linear::Packed(Arc::new(p)));
             }
             if !matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {

@@ -38,7 +38,9 @@ fn round_trip(arch: &'static str) {
     let q8 = d.path().join("q8.gguf");
     convert(&hf, &q8, Some(OutDType::Q8_0), &mut |_, _| {}).unwrap();
     let via_q8 = logits(&q8, WeightMode::Quantized);
-    assert!(max_diff(&reference, &via_q8) < 0.1, "{arch}: q8_0 copy differs by {}", max_diff(&reference, &via_q8));
+    let scale = reference.iter().flatten().fold(0f32, |m, v| m.max(v.abs()));
+    let d = max_diff(&reference, &via_q8);
+    assert!(d < 0.02 * scale, "{arch}: q8_0 copy differs by {d} (logits up to {scale})");
 }
 
 #[test]
