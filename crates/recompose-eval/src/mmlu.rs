@@ -154,8 +154,7 @@ fn score_choices(model: &Model, ctx: &[u32], choices: &[Vec<u32>]) -> Result<Vec
     }
     if choices.iter().all(|c| c.len() == 1) {
         let mut cache = model.new_cache(1);
-        let (tokens, step) = step_for(&[ctx.to_vec()], &cache, 0);
-        let logits = model.forward(&tokens, &step, &mut cache, Logits::Last)?;
+        let logits = model.prefill(&[ctx.to_vec()], &mut cache, recompose_llm::generate::PREFILL_CHUNK)?;
         let logp = crate::log_softmax(&logits.to_dtype(DType::F64)?)?.squeeze(0)?.to_vec1::<f64>()?;
         return Ok(choices.iter().map(|c| logp[c[0] as usize]).collect());
     }

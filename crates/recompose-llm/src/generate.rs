@@ -8,6 +8,9 @@ use crate::sample::{Sampler, SamplingParams};
 use recompose_core::tokenizer::{TextStream, Tokenizer};
 use std::time::Instant;
 
+/// Prompt columns per prefill step: keeps attention buffers small on long prompts.
+pub const PREFILL_CHUNK: usize = 512;
+
 #[derive(Debug, Clone)]
 pub struct GenerateOptions {
     pub max_tokens: usize,
@@ -79,8 +82,7 @@ pub fn generate_batch(
     let pad = tok.eos.first().copied().unwrap_or(0);
 
     let t0 = Instant::now();
-    let (tokens, step) = step_for(prompts, cache, pad);
-    let mut logits = model.forward(&tokens, &step, cache, Logits::Last)?;
+    let mut logits = model.prefill(prompts, cache, PREFILL_CHUNK)?;
     timings.prefill_secs = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     for _ in 0..max_new {

@@ -1,24 +1,19 @@
-//! Linear layers over the three weight forms: dense f32 (the exact reference path), our packed
-//! 4/8-bit blocks (the fast path, `kernels::quant`), and any other GGML type through candle's
-//! own quantised matmul. Input `(..., in)`, output `(..., out)`.
+//! Linear layers over two weight forms: dense f32 (the exact reference path, and any GGML type
+//! our kernels do not take) and packed 4/8-bit blocks (the fast path, `kernels::quant`), plus the
+//! lossless rewrites that bring Q5_0 and Q4_K weights onto the packed kernels.
+//! Input `(..., in)`, output `(..., out)`.
 
 use crate::error::Result;
 use crate::kernels::quant::{self, PackedWeight};
-use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{CpuStorage, CustomOp1, Layout, Module, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use std::sync::Arc;
 
 pub enum Linear {
     Dense(Tensor),
     Packed(Arc<PackedWeight>),
-    Candle(QMatMul),
 }
 
 impl Linear {
-    pub fn from_qtensor(q: QTensor) -> Result<Self> {
-        Ok(Linear::Candle(QMatMul::from_qtensor(q)?))
-    }
-
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let (&k, lead) = dims.split_last().ok_or_else(|| candle_core::Error::Msg("linear on a scalar".into()))?;
@@ -27,7 +22,6 @@ impl Linear {
         let y = match self {
             Linear::Dense(w) => x2.matmul(&w.t()?)?,
             Linear::Packed(w) => x2.contiguous()?.apply_op1_no_bwd(&PackedMatmul(w.clone()))?,
-            Linear::Candle(q) => q.forward(&x2)?,
         };
         let out = y.dim(1)?;
         let mut shape = lead.to_vec();
@@ -39,8 +33,6 @@ impl Linear {
         Ok(match self {
             Linear::Dense(w) => w.dim(0)?,
             Linear::Packed(w) => w.rows(),
-            Linear::Candle(QMatMul::QTensor(q)) => q.shape().dims()[0],
-            Linear::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => t.dim(0)?,
         })
     }
 }
@@ -93,6 +85,41 @@ pub fn q5_0_as_q8_0(bytes: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// Rewrites GGML Q4_K super-blocks (256 values: f16 d and dmin, 6-bit scale/min per 32-value
+/// sub-block, nibbles) as Q4_1 blocks (value = q * d + m per 32 values). The quants are kept
+/// exactly; each sub-block's scale `d * sc` and offset `-dmin * m` are rounded to f16 (relative
+/// change <= 2^-11, far below the 4-bit quantisation step).
+pub fn q4_k_as_q4_1(bytes: &[u8]) -> Option<Vec<u8>> {
+    if bytes.len() % 144 != 0 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(bytes.len() / 144 * 8 * 20);
+    for b in bytes.chunks_exact(144) {
+        let f = |o: usize| half::f16::from_bits(u16::from_le_bytes([b[o], b[o + 1]])).to_f32();
+        let (d, dmin) = (f(0), f(2));
+        let sc = &b[4..16];
+        let qs = &b[16..144];
+        let scale_min = |j: usize| -> (u8, u8) {
+            if j < 4 {
+                (sc[j] & 63, sc[j + 4] & 63)
+            } else {
+                ((sc[j + 4] & 0x0F) | ((sc[j - 4] >> 6) << 4), (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4))
+            }
+        };
+        for j in 0..8 {
+            let (s, m) = scale_min(j);
+            let q = &qs[32 * (j / 2)..32 * (j / 2) + 32];
+            let nib = |i: usize| if j % 2 == 0 { q[i] & 0x0F } else { q[i] >> 4 };
+            out.extend_from_slice(&half::f16::from_f32(d * s as f32).to_bits().to_le_bytes());
+            out.extend_from_slice(&half::f16::from_f32(-dmin * m as f32).to_bits().to_le_bytes());
+            for i in 0..16 {
+                out.push(nib(i) | (nib(i + 16) << 4));
+            }
+        }
+    }
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -111,5 +138,19 @@ mod tests {
         let a: Vec<f32> = q5.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
         let b: Vec<f32> = q8.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
         assert_eq!(a, b);
+    }
+
+    #[test]
+    fn q4_k_rewrite_keeps_values() {
+        let x: Vec<f32> = (0..1024).map(|i| ((i * 53 % 97) as f32 - 40.0) / 13.0).collect();
+        let t = candle_core::Tensor::from_vec(x, (4, 256), &Device::Cpu).unwrap();
+        let q4k = QTensor::quantize(&t, GgmlDType::Q4K).unwrap();
+        let q41_bytes = q4_k_as_q4_1(&q4k.data().unwrap()).unwrap();
+        let st = QStorage::from_data(std::borrow::Cow::Owned(q41_bytes), &Device::Cpu, GgmlDType::Q4_1).unwrap();
+        let q41 = QTensor::new(st, (4, 256)).unwrap();
+        let a: Vec<f32> = q4k.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let b: Vec<f32> = q41.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let max = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(max < 5e-3, "max diff {max}");
     }
 }

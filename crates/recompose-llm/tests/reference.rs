@@ -156,3 +156,8 @@ fn check_greedy(asset: &str) {
 fn quantized_greedy_matches_llamacpp_smollm2() {
     check_greedy("smollm2-135m");
 }
+
+#[test]
+fn quantized_greedy_matches_llamacpp_gemma3() {
+    check_greedy("gemma3-270m");
+}
