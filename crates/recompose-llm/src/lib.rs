@@ -2,6 +2,7 @@
 //! seams — `KvCache` (what attention remembers) and `Ffn` (what a block's MLP is) — with a fast
 //! quantised path and an exact f32 path, sampling and batched generation.
 
+pub mod attention;
 pub mod error;
 pub mod ffn;
 pub mod generate;

@@ -15,6 +15,10 @@ use recompose_core::config::{Arch, ModelConfig};
 use recompose_core::weights::ModelFile;
 use std::sync::Arc;
 
+/// Query columns up to which attention runs fused (decode, small chunks); longer prefills use
+/// batched matmuls, which win when there are many queries per key.
+const FUSED_ATTENTION_MAX_T: usize = 16;
+
 /// Which weight form the model computes with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum WeightMode {
@@ -267,16 +271,20 @@ impl Model {
         let l = view.k.dim(2)?;
         // Query heads of a GQA group share their KV head: fold the group into the query axis.
         let q = q.reshape((b, hkv, g * t, d))?;
-        let scores = (q.matmul(&view.k.t()?)? * c.attn_scale)?;
-        let scores = match &view.mask {
-            Some(m) => scores.reshape((b, hkv, g, t, l))?.broadcast_add(&m.unsqueeze(2)?)?.reshape((b, hkv, g * t, l))?,
-            None => scores,
+        let out = if !cache.wants_probs() && t <= FUSED_ATTENTION_MAX_T {
+            crate::attention::fused_attention(&q, &view.k, &view.v, view.mask.as_ref(), c.attn_scale as f32, t)?
+        } else {
+            let scores = (q.matmul(&view.k.t()?)? * c.attn_scale)?;
+            let scores = match &view.mask {
+                Some(m) => scores.reshape((b, hkv, g, t, l))?.broadcast_add(&m.unsqueeze(2)?)?.reshape((b, hkv, g * t, l))?,
+                None => scores,
+            };
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            if cache.wants_probs() {
+                cache.observe(li, &probs.reshape((b, hq, t, l))?)?;
+            }
+            probs.matmul(&view.v.contiguous()?)? // (b, hkv, g*t, d)
         };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        if cache.wants_probs() {
-            cache.observe(li, &probs.reshape((b, hq, t, l))?)?;
-        }
-        let out = probs.matmul(&view.v.contiguous()?)?; // (b, hkv, g*t, d)
         let out = out.reshape((b, hq, t, d))?.transpose(1, 2)?.reshape((b, t, hq * d))?;
         at.o.forward(&out)
     }
