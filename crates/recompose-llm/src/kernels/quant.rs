@@ -335,9 +335,7 @@ pub fn matmul(w: &PackedWeight, x: &Q8Acts, out: &mut [f32], lvl: Level) {
     }
     let threads = rayon::current_num_threads().max(1);
     let macs = x.rows * rows * w.cols();
-    static TMPT: OnceLock<usize> = OnceLock::new();
-    let pmin = *TMPT.get_or_init(|| std::env::var("TMP_PMIN").ok().and_then(|v| v.parse().ok()).unwrap_or(PAR_MIN_MACS));
-    let tasks = if threads == 1 || macs < pmin { 1 } else { (threads * 4).min(w.tiles) };
+    let tasks = if threads == 1 || macs < PAR_MIN_MACS { 1 } else { (threads * 4).min(w.tiles) };
     let chunk = w.tiles.div_ceil(tasks);
     let out_ptr = SendPtr(out.as_mut_ptr());
     let work = |c: usize| {

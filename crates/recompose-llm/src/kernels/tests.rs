@@ -239,29 +239,3 @@ fn simd_quantiser_matches_scalar_bit_for_bit() {
         assert_eq!(bits(&got.s), bits(&reference.s), "{lvl:?}");
     }
 }
-
-
-#[test]
-#[ignore]
-fn tmp_speed() {
-    let mut rng = StdRng::seed_from_u64(9);
-    let threads: usize = std::env::var("T").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-    for (dtype, rows, cols, copies) in [(GgmlDType::Q4_1, 1536, 576, 60), (GgmlDType::Q4_1, 576, 576, 60), (GgmlDType::Q4_1, 192, 576, 60), (GgmlDType::Q8_0, 49152, 576, 1), (GgmlDType::Q4_1, 576, 1536, 60)] {
-        let ws: Vec<PackedWeight> = (0..copies).map(|_| { let b = random_ggml(dtype, rows, cols, &mut rng); PackedWeight::from_ggml(dtype, &b, rows, cols).unwrap() }).collect();
-        for n in [1usize, 8] {
-            let x: Vec<f32> = (0..n * cols).map(|_| rng.random_range(-1.0..1.0)).collect();
-            let acts = quantize_acts(&x, n, cols);
-            let mut out = vec![0f32; n * rows];
-            let reps = if n == 128 { 2 } else { 10 };
-            pool.install(|| {
-                for w in &ws { matmul(w, &acts, &mut out, level()); }
-                let t = std::time::Instant::now();
-                for _ in 0..reps { for w in &ws { matmul(w, &acts, &mut out, level()); } }
-                let dt = t.elapsed().as_secs_f64() / (reps * ws.len()) as f64;
-                let bytes = ws[0].bytes() as f64;
-                eprintln!("{dtype:?} {rows}x{cols} n{n} t{threads}: {:.1} us  {:.1} GB/s  {:.1} GMAC/s", dt * 1e6, bytes / dt / 1e9, (n * rows * cols) as f64 / dt / 1e9);
-            });
-        }
-    }
-}

@@ -32,7 +32,12 @@ impl Acts {
     /// `n < x.rows`.
     unsafe fn at(x: &Q8Acts, n: usize) -> Self {
         let nb = x.blocks;
-        Acts { q: x.qs.as_ptr().add(n * nb * QK), d: x.d.as_ptr().add(n * nb), s: x.s.as_ptr().add(n * nb), isum: x.isum.as_ptr().add(n * nb) }
+        Acts {
+            q: x.qs.as_ptr().add(n * nb * QK),
+            d: x.d.as_ptr().add(n * nb),
+            s: x.s.as_ptr().add(n * nb),
+            isum: x.isum.as_ptr().add(n * nb),
+        }
     }
 }
 
