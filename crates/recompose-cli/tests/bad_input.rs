@@ -13,7 +13,11 @@ fn recompose(home: &Path, args: &[&str]) -> (i32, String, String) {
         .env("RAYON_NUM_THREADS", "1")
         .output()
         .expect("run recompose");
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 fn tiny(dir: &Path, spec: TinySpec) -> PathBuf {
@@ -37,7 +41,8 @@ fn fails(home: &Path, args: &[&str]) -> String {
 fn tiny_model_generates() {
     let d = tempfile::tempdir().unwrap();
     let m = tiny(d.path(), TinySpec::default());
-    let (code, out, err) = recompose(d.path(), &["generate", "-q", "-m", m.to_str().unwrap(), "-p", "hello", "-n", "5", "--ignore-eos"]);
+    let (code, out, err) =
+        recompose(d.path(), &["generate", "-q", "-m", m.to_str().unwrap(), "-p", "hello", "-n", "5", "--ignore-eos"]);
     assert_eq!(code, 0, "{err}");
     assert!(!out.is_empty());
 }
@@ -84,7 +89,8 @@ fn rewrite(src: &Path, dst: &Path, drop: &str, set: Option<(&str, Value)>) {
         meta.retain(|(kk, _)| kk != k);
         meta.push((k.to_string(), v));
     }
-    let tensors: Vec<_> = g.tensors().iter().filter(|t| t.name != drop).map(|t| (t.name.clone(), g.qtensor(&t.name).unwrap())).collect();
+    let tensors: Vec<_> =
+        g.tensors().iter().filter(|t| t.name != drop).map(|t| (t.name.clone(), g.qtensor(&t.name).unwrap())).collect();
     write_gguf(dst, &meta, &tensors).unwrap();
 }
 
@@ -137,7 +143,10 @@ fn lying_safetensors_header_is_reported() {
 fn prompt_longer_than_context_is_reported() {
     let d = tempfile::tempdir().unwrap();
     let m = tiny(d.path(), TinySpec { context: 16, ..Default::default() });
-    let e = fails(d.path(), &["generate", "-m", m.to_str().unwrap(), "-p", "a prompt that is far longer than sixteen tokens"]);
+    let e = fails(
+        d.path(),
+        &["generate", "-m", m.to_str().unwrap(), "-p", "a prompt that is far longer than sixteen tokens"],
+    );
     assert!(e.contains("does not fit the context of 16"), "{e}");
 }
 

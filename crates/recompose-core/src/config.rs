@@ -122,7 +122,11 @@ impl ModelConfig {
         let req = |k: &str| -> Result<u64> {
             let key = format!("{p}.{k}");
             let v = g.get(&key).ok_or_else(|| Error::MissingKey { path: path.into(), key: key.clone() })?;
-            v.as_u64().ok_or_else(|| Error::BadKey { path: path.into(), key, what: "expected an unsigned integer".into() })
+            v.as_u64().ok_or_else(|| Error::BadKey {
+                path: path.into(),
+                key,
+                what: "expected an unsigned integer".into(),
+            })
         };
         let opt_f = |k: &str| g.get(&format!("{p}.{k}")).and_then(Value::as_f64);
         let opt_u = |k: &str| g.get(&format!("{p}.{k}")).and_then(Value::as_u64);
@@ -140,7 +144,9 @@ impl ModelConfig {
         let rope_scaling = match g.get_str(&format!("{p}.rope.scaling.type")) {
             None | Some("none") => RopeScaling::None,
             Some("linear") => RopeScaling::Linear { factor: opt_f("rope.scaling.factor").unwrap_or(1.0) },
-            Some(other) => return Err(Error::Unsupported(format!("{}: rope scaling '{other}' is not supported", path.display()))),
+            Some(other) => {
+                return Err(Error::Unsupported(format!("{}: rope scaling '{other}' is not supported", path.display())))
+            }
         };
         let is_gemma = arch == Arch::Gemma3;
         let cfg = ModelConfig {
@@ -171,9 +177,11 @@ impl ModelConfig {
 
     /// Reads an HF `config.json` text.
     pub fn from_hf_json(text: &str) -> Result<Self> {
-        let mut raw: HfConfig = serde_json::from_str(text).map_err(|e| Error::InvalidConfig(format!("config.json: {e}")))?;
+        let mut raw: HfConfig =
+            serde_json::from_str(text).map_err(|e| Error::InvalidConfig(format!("config.json: {e}")))?;
         if let Some(t) = raw.text_config.take() {
-            let mut inner: HfConfig = serde_json::from_value(t).map_err(|e| Error::InvalidConfig(format!("config.json text_config: {e}")))?;
+            let mut inner: HfConfig =
+                serde_json::from_value(t).map_err(|e| Error::InvalidConfig(format!("config.json text_config: {e}")))?;
             if inner.model_type.is_none() {
                 inner.model_type = Some("gemma3_text".into());
             }
@@ -216,11 +224,8 @@ pub struct HfConfig {
 
 impl HfConfig {
     fn into_config(self) -> Result<ModelConfig> {
-        let arch_name = self
-            .model_type
-            .clone()
-            .or_else(|| self.architectures.first().cloned())
-            .unwrap_or_else(|| "llama".into());
+        let arch_name =
+            self.model_type.clone().or_else(|| self.architectures.first().cloned()).unwrap_or_else(|| "llama".into());
         let arch = Arch::parse(&arch_name)?;
         let is_gemma = arch == Arch::Gemma3;
         let rp = self.rope_parameters.as_ref();
@@ -228,10 +233,8 @@ impl HfConfig {
         let rp_global = rp.and_then(|v| v.get("full_attention")).or(rp);
         let rp_local = rp.and_then(|v| v.get("sliding_attention"));
         let theta_of = |v: Option<&serde_json::Value>| v.and_then(|v| v.get("rope_theta")).and_then(|t| t.as_f64());
-        let rope_theta = self
-            .rope_theta
-            .or_else(|| theta_of(rp_global))
-            .unwrap_or(if is_gemma { 1_000_000.0 } else { 10_000.0 });
+        let rope_theta =
+            self.rope_theta.or_else(|| theta_of(rp_global)).unwrap_or(if is_gemma { 1_000_000.0 } else { 10_000.0 });
         let rope_theta_local = self.rope_local_base_freq.or_else(|| theta_of(rp_local)).unwrap_or(10_000.0);
         let scaling = self.rope_scaling.as_ref().or(rp_global);
         let rope_scaling = parse_hf_rope_scaling(scaling)?;
@@ -244,9 +247,17 @@ impl HfConfig {
         };
         let sliding_pattern = match (&self.layer_types, self.sliding_window_pattern) {
             // The first global layer gives the period; no global layer at all: every layer slides.
-            (Some(types), _) => types.iter().position(|t| t == "full_attention").map(|i| i + 1).unwrap_or(types.len() + 1),
+            (Some(types), _) => {
+                types.iter().position(|t| t == "full_attention").map(|i| i + 1).unwrap_or(types.len() + 1)
+            }
             (None, Some(p)) => p,
-            (None, None) => if is_gemma { 6 } else { 0 },
+            (None, None) => {
+                if is_gemma {
+                    6
+                } else {
+                    0
+                }
+            }
         };
         ModelConfig {
             arch,

@@ -70,8 +70,9 @@ fn hf_names(file: &ModelFile) -> Result<Vec<String>> {
             .tensors()
             .iter()
             .map(|t| {
-                names::gguf_to_hf(file.config.arch, &t.name)
-                    .ok_or_else(|| Error::Unsupported(format!("{}: no HF name for tensor '{}'", g.path().display(), t.name)))
+                names::gguf_to_hf(file.config.arch, &t.name).ok_or_else(|| {
+                    Error::Unsupported(format!("{}: no HF name for tensor '{}'", g.path().display(), t.name))
+                })
             })
             .collect(),
     }
@@ -109,7 +110,12 @@ fn gguf_value(cfg: &ModelConfig, hf: &str, t: Tensor) -> Result<Tensor> {
 
 /// Converts `input` (GGUF file or HF folder) to `output` (`*.gguf`, or a folder for HF).
 /// Refuses an existing output; nothing is left behind on failure.
-pub fn convert(input: &Path, output: &Path, dtype: Option<OutDType>, progress: &mut dyn FnMut(usize, usize)) -> Result<()> {
+pub fn convert(
+    input: &Path,
+    output: &Path,
+    dtype: Option<OutDType>,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<()> {
     if output.exists() {
         return Err(Error::Unsupported(format!("{}: already exists (refusing to overwrite)", output.display())));
     }
@@ -127,7 +133,11 @@ fn to_hf_dir(file: &ModelFile, out: &Path, dtype: OutDType, progress: &mut dyn F
         OutDType::F32 => DType::F32,
         OutDType::F16 => DType::F16,
         OutDType::BF16 => DType::BF16,
-        other => return Err(Error::Unsupported(format!("{other:?} is a GGUF type; safetensors output takes f32, f16 or bf16"))),
+        other => {
+            return Err(Error::Unsupported(format!(
+                "{other:?} is a GGUF type; safetensors output takes f32, f16 or bf16"
+            )))
+        }
     };
     let tok = file.tokenizer()?;
     let tok_json = tok.hf_json()?;
@@ -137,7 +147,10 @@ fn to_hf_dir(file: &ModelFile, out: &Path, dtype: OutDType, progress: &mut dyn F
         .map(|n| {
             let shape = match &file.source {
                 Source::Hf(h) => h.dtype_shape(n).map(|(_, s)| s.to_vec()).unwrap_or_default(),
-                Source::Gguf(g) => g.info(&names::hf_to_gguf(file.config.arch, n).unwrap_or_default()).map(|i| i.shape.clone()).unwrap_or_default(),
+                Source::Gguf(g) => g
+                    .info(&names::hf_to_gguf(file.config.arch, n).unwrap_or_default())
+                    .map(|i| i.shape.clone())
+                    .unwrap_or_default(),
             };
             PlannedTensor { name: n.clone(), dtype: dt, shape }
         })
@@ -145,7 +158,8 @@ fn to_hf_dir(file: &ModelFile, out: &Path, dtype: OutDType, progress: &mut dyn F
     // Build in a temporary folder beside the target; rename when complete.
     let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    let tmp = tempfile::Builder::new().prefix(".recompose-convert-").tempdir_in(parent).map_err(|e| Error::io(parent, e))?;
+    let tmp =
+        tempfile::Builder::new().prefix(".recompose-convert-").tempdir_in(parent).map_err(|e| Error::io(parent, e))?;
     let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
     let total = plan.len();
     safetensors_out::write_sharded(tmp.path(), &plan, 2 << 30, &meta, |i| {
@@ -162,7 +176,10 @@ fn to_hf_dir(file: &ModelFile, out: &Path, dtype: OutDType, progress: &mut dyn F
         "add_bos_token": tok.add_bos,
         "chat_template": tok.chat_template,
     });
-    crate::atomic::write_bytes(&tmp.path().join("tokenizer_config.json"), serde_json::to_string_pretty(&tcfg).unwrap_or_default().as_bytes())?;
+    crate::atomic::write_bytes(
+        &tmp.path().join("tokenizer_config.json"),
+        serde_json::to_string_pretty(&tcfg).unwrap_or_default().as_bytes(),
+    )?;
     let tmp_path = tmp.keep();
     #[cfg(unix)]
     {
@@ -213,8 +230,9 @@ pub fn hf_config_json(c: &ModelConfig, tok: &crate::Tokenizer, dt: DType) -> Str
                 o.insert("sliding_window".into(), c.sliding_window.into());
                 o.insert("sliding_window_pattern".into(), c.sliding_pattern.into());
                 o.insert("rope_local_base_freq".into(), c.rope_theta_local.into());
-                let types: Vec<&str> =
-                    (0..c.num_layers).map(|l| if c.is_sliding(l) { "sliding_attention" } else { "full_attention" }).collect();
+                let types: Vec<&str> = (0..c.num_layers)
+                    .map(|l| if c.is_sliding(l) { "sliding_attention" } else { "full_attention" })
+                    .collect();
                 o.insert("layer_types".into(), serde_json::json!(types));
             }
         }
@@ -255,14 +273,20 @@ fn ggml_type(dtype: OutDType, t: &Tensor) -> GgmlDType {
 fn to_gguf_file(file: &ModelFile, out: &Path, dtype: OutDType, progress: &mut dyn FnMut(usize, usize)) -> Result<()> {
     let cfg = &file.config;
     let metadata = match &file.source {
-        Source::Gguf(g) => g.metadata.iter().filter(|(k, _)| k.as_str() != "general.file_type").map(|(k, v)| (k.clone(), v.clone())).collect(),
+        Source::Gguf(g) => g
+            .metadata
+            .iter()
+            .filter(|(k, _)| k.as_str() != "general.file_type")
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
         Source::Hf(_) => gguf_metadata(cfg, &file.tokenizer()?)?,
     };
     let names = hf_names(file)?;
     let mut tensors = Vec::with_capacity(names.len());
     for (i, n) in names.iter().enumerate() {
         progress(i + 1, names.len());
-        let gname = names::hf_to_gguf(cfg.arch, n).ok_or_else(|| Error::Unsupported(format!("no GGUF name for tensor '{n}'")))?;
+        let gname = names::hf_to_gguf(cfg.arch, n)
+            .ok_or_else(|| Error::Unsupported(format!("no GGUF name for tensor '{n}'")))?;
         let t = gguf_value(cfg, n, hf_value(file, n)?)?;
         let q = QTensor::quantize(&t, ggml_type(dtype, &t))?;
         tensors.push((gname, q));

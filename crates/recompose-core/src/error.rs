@@ -18,11 +18,7 @@ pub enum Error {
     #[error("{path}: truncated or corrupt GGUF header: {what}")]
     CorruptGguf { path: PathBuf, what: String },
     #[error("{path}: tensor '{tensor}': {what}")]
-    BadTensor {
-        path: PathBuf,
-        tensor: String,
-        what: String,
-    },
+    BadTensor { path: PathBuf, tensor: String, what: String },
     #[error("{path}: invalid safetensors: {what}")]
     BadSafetensors { path: PathBuf, what: String },
     #[error("{path}: missing tensor '{tensor}'")]
@@ -30,11 +26,7 @@ pub enum Error {
     #[error("{path}: missing metadata key '{key}'")]
     MissingKey { path: PathBuf, key: String },
     #[error("{path}: metadata key '{key}': {what}")]
-    BadKey {
-        path: PathBuf,
-        key: String,
-        what: String,
-    },
+    BadKey { path: PathBuf, key: String, what: String },
     #[error("unknown architecture '{0}' (supported: llama, gemma3)")]
     UnknownArchitecture(String),
     #[error("invalid model config: {0}")]
@@ -55,9 +47,6 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io {
-            path: path.into(),
-            source,
-        }
+        Error::Io { path: path.into(), source }
     }
 }

@@ -71,7 +71,9 @@ impl Value {
     /// A short human rendering for `inspect` (arrays are summarised).
     pub fn summary(&self) -> String {
         match self {
-            Value::String(s) if s.len() > 80 => format!("{:?}… ({} chars)", &s[..s.floor_char_boundary_compat(60)], s.len()),
+            Value::String(s) if s.len() > 80 => {
+                format!("{:?}… ({} chars)", &s[..s.floor_char_boundary_compat(60)], s.len())
+            }
             Value::String(s) => format!("{s:?}"),
             Value::Array(a) => format!("[{} values]", a.len()),
             Value::Bool(b) => b.to_string(),
@@ -192,10 +194,8 @@ impl<'a> Cursor<'a> {
     fn string(&mut self, what: &str) -> Result<String> {
         let n = self.len(what, 1)?;
         let b = self.take(n, what)?;
-        String::from_utf8(b.to_vec()).map_err(|_| Error::CorruptGguf {
-            path: self.path.to_path_buf(),
-            what: format!("{what} is not UTF-8"),
-        })
+        String::from_utf8(b.to_vec())
+            .map_err(|_| Error::CorruptGguf { path: self.path.to_path_buf(), what: format!("{what} is not UTF-8") })
     }
     fn value(&mut self, ty: u32, key: &str, depth: usize) -> Result<Value> {
         Ok(match ty {
@@ -276,12 +276,10 @@ impl GgufFile {
             raw.push((name, ne, ty, offset));
         }
         let alignment = match metadata.get("general.alignment") {
-            Some(v) => v.as_u64().filter(|a| *a > 0 && a.is_power_of_two()).ok_or_else(|| {
-                Error::BadKey {
-                    path: path.into(),
-                    key: "general.alignment".into(),
-                    what: "must be a power of two".into(),
-                }
+            Some(v) => v.as_u64().filter(|a| *a > 0 && a.is_power_of_two()).ok_or_else(|| Error::BadKey {
+                path: path.into(),
+                key: "general.alignment".into(),
+                what: "must be a power of two".into(),
             })? as usize,
             None => 32,
         };
@@ -290,13 +288,12 @@ impl GgufFile {
         let mut tensors = Vec::with_capacity(raw.len());
         let mut index = BTreeMap::new();
         for (name, ne, ty, offset) in raw {
-            let dtype = ggml_dtype_from_id(ty)
-                .ok_or_else(|| bad_tensor(path, &name, format!("unknown GGML type id {ty}")))?;
+            let dtype =
+                ggml_dtype_from_id(ty).ok_or_else(|| bad_tensor(path, &name, format!("unknown GGML type id {ty}")))?;
             let mut elems: u64 = 1;
             for &d in &ne {
-                elems = elems
-                    .checked_mul(d)
-                    .ok_or_else(|| bad_tensor(path, &name, "element count overflows".into()))?;
+                elems =
+                    elems.checked_mul(d).ok_or_else(|| bad_tensor(path, &name, "element count overflows".into()))?;
             }
             let bs = dtype.block_size() as u64;
             if ne[0] % bs != 0 {
@@ -352,8 +349,7 @@ impl GgufFile {
     }
 
     fn require(&self, name: &str) -> Result<&TensorInfo> {
-        self.info(name)
-            .ok_or_else(|| Error::MissingTensor { path: self.path.clone(), tensor: name.into() })
+        self.info(name).ok_or_else(|| Error::MissingTensor { path: self.path.clone(), tensor: name.into() })
     }
 
     /// The raw bytes of a tensor, straight from the map (no copy).

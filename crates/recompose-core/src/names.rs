@@ -16,12 +16,27 @@ fn layer_table(arch: Arch) -> &'static [(&'static str, &'static str)] {
         ("self_attn.q_norm.weight", "attn_q_norm.weight"),
     ];
     const LLAMA: [(&str, &str); 10] = [
-        COMMON[0], COMMON[1], COMMON[2], COMMON[3], COMMON[4], COMMON[5], COMMON[6], COMMON[7],
+        COMMON[0],
+        COMMON[1],
+        COMMON[2],
+        COMMON[3],
+        COMMON[4],
+        COMMON[5],
+        COMMON[6],
+        COMMON[7],
         ("post_attention_layernorm.weight", "ffn_norm.weight"),
         ("self_attn.k_norm.weight", "attn_k_norm.weight"),
     ];
     const GEMMA3: [(&str, &str); 13] = [
-        COMMON[0], COMMON[1], COMMON[2], COMMON[3], COMMON[4], COMMON[5], COMMON[6], COMMON[7], COMMON[8],
+        COMMON[0],
+        COMMON[1],
+        COMMON[2],
+        COMMON[3],
+        COMMON[4],
+        COMMON[5],
+        COMMON[6],
+        COMMON[7],
+        COMMON[8],
         ("self_attn.k_norm.weight", "attn_k_norm.weight"),
         ("post_attention_layernorm.weight", "post_attention_norm.weight"),
         ("pre_feedforward_layernorm.weight", "ffn_norm.weight"),
@@ -80,8 +95,14 @@ mod tests {
                 assert_eq!(gguf_to_hf(arch, &g).unwrap(), hf);
             }
         }
-        assert_eq!(hf_to_gguf(Arch::Llama, "model.layers.3.post_attention_layernorm.weight").unwrap(), "blk.3.ffn_norm.weight");
-        assert_eq!(hf_to_gguf(Arch::Gemma3, "model.layers.3.pre_feedforward_layernorm.weight").unwrap(), "blk.3.ffn_norm.weight");
+        assert_eq!(
+            hf_to_gguf(Arch::Llama, "model.layers.3.post_attention_layernorm.weight").unwrap(),
+            "blk.3.ffn_norm.weight"
+        );
+        assert_eq!(
+            hf_to_gguf(Arch::Gemma3, "model.layers.3.pre_feedforward_layernorm.weight").unwrap(),
+            "blk.3.ffn_norm.weight"
+        );
         assert_eq!(hf_to_gguf(Arch::Llama, "model.layers.x.mlp.up_proj.weight"), None);
     }
 }

@@ -39,10 +39,7 @@ pub fn read_rdb(rdb: &Path) -> std::result::Result<Vec<(String, Vec<String>)>, S
     let rdx = rdb.with_extension("rdx");
     let index = read_index(&rdx).map_err(|e| format!("{}: {e}", rdx.display()))?;
     let mut file = File::open(rdb).map_err(|e| format!("{}: cannot open: {e}", rdb.display()))?;
-    let file_len = file
-        .metadata()
-        .map_err(|e| format!("{}: cannot stat: {e}", rdb.display()))?
-        .len();
+    let file_len = file.metadata().map_err(|e| format!("{}: cannot stat: {e}", rdb.display()))?.len();
     let mut out = Vec::new();
     for (name, offset, len) in index.vars {
         let end = offset.checked_add(len);
@@ -52,8 +49,7 @@ pub fn read_rdb(rdb: &Path) -> std::result::Result<Vec<(String, Vec<String>)>, S
                 rdb.display()
             ));
         }
-        let n = usize::try_from(len)
-            .map_err(|_| format!("{}: object `{name}` too large", rdb.display()))?;
+        let n = usize::try_from(len).map_err(|_| format!("{}: object `{name}` too large", rdb.display()))?;
         let mut raw = vec![0u8; n];
         file.seek(SeekFrom::Start(offset))
             .and_then(|_| file.read_exact(&mut raw))
@@ -79,14 +75,10 @@ struct Index {
 
 fn read_index(rdx: &Path) -> Result<Index, String> {
     let mut raw = Vec::new();
-    File::open(rdx)
-        .and_then(|mut f| f.read_to_end(&mut raw))
-        .map_err(|e| format!("cannot read index: {e}"))?;
+    File::open(rdx).and_then(|mut f| f.read_to_end(&mut raw)).map_err(|e| format!("cannot read index: {e}"))?;
     let bytes = if raw.starts_with(&[0x1f, 0x8b]) {
         let mut v = Vec::new();
-        MultiGzDecoder::new(&raw[..])
-            .read_to_end(&mut v)
-            .map_err(|e| format!("bad gzip stream: {e}"))?;
+        MultiGzDecoder::new(&raw[..]).read_to_end(&mut v).map_err(|e| format!("bad gzip stream: {e}"))?;
         v
     } else if raw.starts_with(b"X\n") {
         raw
@@ -100,12 +92,7 @@ fn read_index(rdx: &Path) -> Result<Index, String> {
         return Err("index is not a list".into());
     };
     let names = names_of(&attrs).ok_or("index list has no names")?;
-    let field = |want: &str| {
-        names
-            .iter()
-            .position(|n| n.as_deref() == Some(want))
-            .and_then(|i| items.get(i))
-    };
+    let field = |want: &str| names.iter().position(|n| n.as_deref() == Some(want)).and_then(|i| items.get(i));
     let compressed = match field("compressed") {
         Some(RObj::Int(v, _)) | Some(RObj::Lgl(v, _)) => match v.first() {
             Some(&x) if x != NA_INTEGER => i64::from(x),
@@ -129,26 +116,17 @@ fn read_index(rdx: &Path) -> Result<Index, String> {
     for (name, v) in vnames.iter().zip(vars) {
         let name = name.clone().unwrap_or_default();
         let pair: Option<(f64, f64)> = match v {
-            RObj::Int(x, _) if x.len() == 2 && !x.contains(&NA_INTEGER) => {
-                Some((f64::from(x[0]), f64::from(x[1])))
-            }
+            RObj::Int(x, _) if x.len() == 2 && !x.contains(&NA_INTEGER) => Some((f64::from(x[0]), f64::from(x[1]))),
             RObj::Real(x, _) if x.len() == 2 => Some((x[0], x[1])),
             _ => None,
         };
         let ok = |x: f64| (0.0..=9.0e15).contains(&x) && x.fract() == 0.0;
         match pair {
             Some((o, l)) if ok(o) && ok(l) => out.push((name, o as u64, l as u64)),
-            _ => {
-                return Err(format!(
-                    "index entry `{name}` is not a valid (offset, length) pair"
-                ))
-            }
+            _ => return Err(format!("index entry `{name}` is not a valid (offset, length) pair")),
         }
     }
-    Ok(Index {
-        vars: out,
-        compressed,
-    })
+    Ok(Index { vars: out, compressed })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -166,15 +144,9 @@ fn zlib_framed(raw: &[u8]) -> Result<Vec<u8>, String> {
 
 fn inflate(z: &[u8], n: u32) -> Result<Vec<u8>, String> {
     let mut out = Vec::with_capacity((n as usize).min(z.len().saturating_mul(64)));
-    ZlibDecoder::new(z)
-        .take(u64::from(n) + 1)
-        .read_to_end(&mut out)
-        .map_err(|e| format!("bad zlib stream: {e}"))?;
+    ZlibDecoder::new(z).take(u64::from(n) + 1).read_to_end(&mut out).map_err(|e| format!("bad zlib stream: {e}"))?;
     if out.len() != n as usize {
-        return Err(format!(
-            "zlib stream gave {} bytes, header says {n}",
-            out.len()
-        ));
+        return Err(format!("zlib stream gave {} bytes, header says {n}", out.len()));
     }
     Ok(out)
 }
@@ -189,10 +161,7 @@ fn decompress_object(raw: &[u8], compressed: i64) -> Result<Vec<u8>, String> {
             match raw[4] {
                 b'0' => {
                     if body.len() != n as usize {
-                        return Err(format!(
-                            "stored object has {} bytes, header says {n}",
-                            body.len()
-                        ));
+                        return Err(format!("stored object has {} bytes, header says {n}", body.len()));
                     }
                     Ok(body.to_vec())
                 }
@@ -308,19 +277,11 @@ fn unserialize(bytes: &[u8]) -> Result<RObj, String> {
     match bytes.get(..2) {
         Some(b"X\n") => {}
         Some(b"A\n") | Some(b"B\n") => {
-            return Err(
-                "ascii/native-binary R serialization, only XDR (\"X\\n\") is supported".into(),
-            )
+            return Err("ascii/native-binary R serialization, only XDR (\"X\\n\") is supported".into())
         }
         _ => return Err("not an R XDR serialization (no \"X\\n\" header)".into()),
     }
-    let mut r = Reader {
-        buf: bytes,
-        pos: 2,
-        refs: Vec::new(),
-        depth: 0,
-        native: Native::Utf8,
-    };
+    let mut r = Reader { buf: bytes, pos: 2, refs: Vec::new(), depth: 0, native: Native::Utf8 };
     let version = r.int()?;
     let _writer = r.int()?;
     let _min_reader = r.int()?;
@@ -329,8 +290,7 @@ fn unserialize(bytes: &[u8]) -> Result<RObj, String> {
         3 => {
             let n = r.len_int()?;
             let enc = String::from_utf8_lossy(r.bytes(n)?).to_ascii_lowercase();
-            r.native = if enc.contains("8859-1") || enc.contains("8859_1") || enc.contains("latin1")
-            {
+            r.native = if enc.contains("8859-1") || enc.contains("8859_1") || enc.contains("latin1") {
                 Native::Latin1
             } else if enc.contains("1252") {
                 Native::Cp1252
@@ -342,27 +302,16 @@ fn unserialize(bytes: &[u8]) -> Result<RObj, String> {
     }
     let obj = r.item()?;
     if r.pos != r.buf.len() {
-        return Err(format!(
-            "{} trailing bytes after the object",
-            r.buf.len() - r.pos
-        ));
+        return Err(format!("{} trailing bytes after the object", r.buf.len() - r.pos));
     }
     Ok(obj)
 }
 
 impl<'a> Reader<'a> {
     fn bytes(&mut self, n: usize) -> Result<&'a [u8], String> {
-        let end = self
-            .pos
-            .checked_add(n)
-            .filter(|&e| e <= self.buf.len())
-            .ok_or_else(|| {
-                format!(
-                    "truncated: need {n} bytes at offset {}, have {}",
-                    self.pos,
-                    self.buf.len() - self.pos
-                )
-            })?;
+        let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len()).ok_or_else(|| {
+            format!("truncated: need {n} bytes at offset {}, have {}", self.pos, self.buf.len() - self.pos)
+        })?;
         let s = &self.buf[self.pos..end];
         self.pos = end;
         Ok(s)
@@ -392,7 +341,9 @@ impl<'a> Reader<'a> {
         };
         let left = (self.buf.len() - self.pos) as u64;
         if n.saturating_mul(min_elt as u64) > left {
-            return Err(format!("truncated: vector of length {n} at offset {at} needs more than the {left} bytes left"));
+            return Err(format!(
+                "truncated: vector of length {n} at offset {at} needs more than the {left} bytes left"
+            ));
         }
         Ok(n as usize)
     }
@@ -405,10 +356,7 @@ impl<'a> Reader<'a> {
     fn item_with(&mut self, flags: u32) -> Result<RObj, String> {
         self.depth += 1;
         if self.depth > MAX_DEPTH {
-            return Err(format!(
-                "objects nested deeper than {MAX_DEPTH} at offset {}",
-                self.pos
-            ));
+            return Err(format!("objects nested deeper than {MAX_DEPTH} at offset {}", self.pos));
         }
         let r = self.item_inner(flags);
         self.depth -= 1;
@@ -451,8 +399,9 @@ impl<'a> Reader<'a> {
         let has_attr = flags & (1 << 9) != 0;
         match ty {
             NILVALUE_SXP => return Ok(RObj::Nil),
-            EMPTYENV_SXP | BASEENV_SXP | GLOBALENV_SXP | UNBOUNDVALUE_SXP | MISSINGARG_SXP
-            | BASENAMESPACE_SXP => return Ok(RObj::Other),
+            EMPTYENV_SXP | BASEENV_SXP | GLOBALENV_SXP | UNBOUNDVALUE_SXP | MISSINGARG_SXP | BASENAMESPACE_SXP => {
+                return Ok(RObj::Other)
+            }
             REFSXP => {
                 let mut i = (flags >> 8) as usize;
                 if i == 0 {
@@ -462,9 +411,7 @@ impl<'a> Reader<'a> {
                     .checked_sub(1)
                     .and_then(|i| self.refs.get(i))
                     .cloned()
-                    .ok_or_else(|| {
-                        format!("reference {i} out of range ({} known)", self.refs.len())
-                    });
+                    .ok_or_else(|| format!("reference {i} out of range ({} known)", self.refs.len()));
             }
             PERSISTSXP | PACKAGESXP | NAMESPACESXP => {
                 self.string_vec()?;
@@ -527,16 +474,9 @@ impl<'a> Reader<'a> {
             LGLSXP | INTSXP => {
                 let n = self.vec_len(4)?;
                 let b = self.bytes(n * 4)?;
-                let v = b
-                    .chunks_exact(4)
-                    .map(|c| i32::from_be_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect();
+                let v = b.chunks_exact(4).map(|c| i32::from_be_bytes([c[0], c[1], c[2], c[3]])).collect();
                 let a = self.attrs(has_attr)?;
-                return Ok(if ty == LGLSXP {
-                    RObj::Lgl(v, a)
-                } else {
-                    RObj::Int(v, a)
-                });
+                return Ok(if ty == LGLSXP { RObj::Lgl(v, a) } else { RObj::Int(v, a) });
             }
             REALSXP => {
                 let n = self.vec_len(8)?;
@@ -575,11 +515,7 @@ impl<'a> Reader<'a> {
                     v.push(self.item()?);
                 }
                 let a = self.attrs(has_attr)?;
-                return Ok(if ty == VECSXP {
-                    RObj::List(v, a)
-                } else {
-                    RObj::Other
-                });
+                return Ok(if ty == VECSXP { RObj::List(v, a) } else { RObj::Other });
             }
             BCODESXP => {
                 let _reps = self.len_int()?;
@@ -620,11 +556,7 @@ impl<'a> Reader<'a> {
                 break;
             }
         }
-        Ok(if is_list {
-            RObj::Pairlist(items, attrs.unwrap_or_default())
-        } else {
-            RObj::Other
-        })
+        Ok(if is_list { RObj::Pairlist(items, attrs.unwrap_or_default()) } else { RObj::Other })
     }
 
     /// ALTREP: class info pairlist, state, attributes. Wrappers and compact sequences are
@@ -657,9 +589,7 @@ impl<'a> Reader<'a> {
                 _ => RObj::Other,
             },
             "compact_intseq" => match state {
-                RObj::Real(v, _)
-                    if v.len() == 3 && v[0] >= 0.0 && v[0] <= (self.buf.len() as f64) * 64.0 =>
-                {
+                RObj::Real(v, _) if v.len() == 3 && v[0] >= 0.0 && v[0] <= (self.buf.len() as f64) * 64.0 => {
                     let (n, n1, inc) = (v[0] as i64, v[1] as i64, v[2] as i64);
                     let seq = (0..n).map(|i| (n1 + i * inc) as i32).collect();
                     RObj::Int(seq, attrs)
@@ -667,9 +597,7 @@ impl<'a> Reader<'a> {
                 _ => RObj::Other,
             },
             "compact_realseq" => match state {
-                RObj::Real(v, _)
-                    if v.len() == 3 && v[0] >= 0.0 && v[0] <= (self.buf.len() as f64) * 64.0 =>
-                {
+                RObj::Real(v, _) if v.len() == 3 && v[0] >= 0.0 && v[0] <= (self.buf.len() as f64) * 64.0 => {
                     let (n, n1, inc) = (v[0] as i64, v[1], v[2]);
                     RObj::Real((0..n).map(|i| n1 + i as f64 * inc).collect(), attrs)
                 }
@@ -691,9 +619,7 @@ impl<'a> Reader<'a> {
             let ty = self.int()? as u32;
             match ty {
                 BCODESXP => self.bc1()?,
-                LANGSXP | LISTSXP | BCREPDEF | BCREPREF | ATTRLANGSXP | ATTRLISTSXP => {
-                    self.bc_lang(ty)?
-                }
+                LANGSXP | LISTSXP | BCREPDEF | BCREPREF | ATTRLANGSXP | ATTRLISTSXP => self.bc_lang(ty)?,
                 _ => {
                     self.item()?;
                 }
@@ -745,11 +671,7 @@ impl<'a> Reader<'a> {
         }
         // BYTES or native encoding
         if levels & BYTES_MASK == 0 && self.native != Native::Utf8 {
-            return if self.native == Native::Latin1 {
-                latin1(b)
-            } else {
-                cp1252(b)
-            };
+            return if self.native == Native::Latin1 { latin1(b) } else { cp1252(b) };
         }
         match std::str::from_utf8(b) {
             Ok(s) => s.to_owned(),
@@ -760,19 +682,10 @@ impl<'a> Reader<'a> {
 
 fn cp1252(b: &[u8]) -> String {
     const HI: [char; 32] = [
-        '€', '\u{81}', '‚', 'ƒ', '„', '…', '†', '‡', 'ˆ', '‰', 'Š', '‹', 'Œ', '\u{8d}', 'Ž',
-        '\u{8f}', '\u{90}', '‘', '’', '“', '”', '•', '–', '—', '˜', '™', 'š', '›', 'œ', '\u{9d}',
-        'ž', 'Ÿ',
+        '€', '\u{81}', '‚', 'ƒ', '„', '…', '†', '‡', 'ˆ', '‰', 'Š', '‹', 'Œ', '\u{8d}', 'Ž', '\u{8f}', '\u{90}', '‘',
+        '’', '“', '”', '•', '–', '—', '˜', '™', 'š', '›', 'œ', '\u{9d}', 'ž', 'Ÿ',
     ];
-    b.iter()
-        .map(|&c| {
-            if (0x80..0xa0).contains(&c) {
-                HI[usize::from(c - 0x80)]
-            } else {
-                char::from(c)
-            }
-        })
-        .collect()
+    b.iter().map(|&c| if (0x80..0xa0).contains(&c) { HI[usize::from(c - 0x80)] } else { char::from(c) }).collect()
 }
 
 #[cfg(test)]
@@ -800,13 +713,11 @@ mod tests {
             self
         }
         fn flags(&mut self, ty: u32, levels: u32, attr: bool, tag: bool) -> &mut W {
-            let f =
-                ty | (levels << 12) | if attr { 1 << 9 } else { 0 } | if tag { 1 << 10 } else { 0 };
+            let f = ty | (levels << 12) | if attr { 1 << 9 } else { 0 } | if tag { 1 << 10 } else { 0 };
             self.int(f as i32)
         }
         fn chars(&mut self, s: &[u8], levels: u32) -> &mut W {
-            self.flags(CHARSXP, levels, false, false)
-                .int(s.len() as i32);
+            self.flags(CHARSXP, levels, false, false).int(s.len() as i32);
             self.0.extend_from_slice(s);
             self
         }
@@ -825,9 +736,7 @@ mod tests {
         }
         /// `attributes = list(names = c(...))` pairlist, first use of the `names` symbol.
         fn names_attr(&mut self, names: &[&str]) -> &mut W {
-            self.flags(LISTSXP, 0, false, true)
-                .flags(SYMSXP, 0, false, false)
-                .chars(b"names", 64);
+            self.flags(LISTSXP, 0, false, true).flags(SYMSXP, 0, false, false).chars(b"names", 64);
             self.strs(names).nil()
         }
     }
@@ -861,15 +770,11 @@ mod tests {
         w.names_attr(&names);
         // references: empty named list (names symbol now a reference: index 1)
         w.flags(VECSXP, 0, true, false).int(0);
-        w.flags(LISTSXP, 0, false, true)
-            .int(((1 << 8) | REFSXP) as i32)
-            .strs(&[])
-            .nil();
+        w.flags(LISTSXP, 0, false, true).int(((1 << 8) | REFSXP) as i32).strs(&[]).nil();
         // compressed = TRUE
         w.flags(LGLSXP, 0, false, false).int(1).int(1);
         // top-level names, via the ref again
-        w.flags(LISTSXP, 0, false, true)
-            .int(((1 << 8) | REFSXP) as i32);
+        w.flags(LISTSXP, 0, false, true).int(((1 << 8) | REFSXP) as i32);
         w.strs(&["variables", "references", "compressed"]).nil();
         let mut gz = GzEncoder::new(Vec::new(), Compression::default());
         gz.write_all(&w.0).unwrap();
@@ -883,25 +788,10 @@ mod tests {
     fn parses_strsxp_with_encodings_and_na() {
         let mut w = W::header(3);
         w.flags(STRSXP, 0, false, false).int(5);
-        w.chars(b"EMMA", 64)
-            .chars(b"", 64)
-            .chars("caf\u{e9}".as_bytes(), 8)
-            .chars(b"na\xefve", 4)
-            .na_string();
+        w.chars(b"EMMA", 64).chars(b"", 64).chars("caf\u{e9}".as_bytes(), 8).chars(b"na\xefve", 4).na_string();
         let o = unserialize(&w.0).unwrap();
-        let RObj::Str(v, _) = o else {
-            panic!("not a STRSXP: {o:?}")
-        };
-        assert_eq!(
-            v,
-            vec![
-                Some("EMMA".into()),
-                Some("".into()),
-                Some("café".into()),
-                Some("naïve".into()),
-                None
-            ]
-        );
+        let RObj::Str(v, _) = o else { panic!("not a STRSXP: {o:?}") };
+        assert_eq!(v, vec![Some("EMMA".into()), Some("".into()), Some("café".into()), Some("naïve".into()), None]);
         // version 2 (no native encoding) parses the same way
         let mut w = W::header(2);
         w.strs(&["a", "b"]);
@@ -914,43 +804,18 @@ mod tests {
         let mut book = W::header(3);
         book.strs(&["PRIDE AND PREJUDICE", "", "By Jane Austen"]);
         let mut nums = W::header(3);
-        nums.flags(REALSXP, 0, false, false)
-            .int(1)
-            .0
-            .extend_from_slice(&1.5f64.to_be_bytes());
+        nums.flags(REALSXP, 0, false, false).int(1).0.extend_from_slice(&1.5f64.to_be_bytes());
         // a data frame-like list with attributes
         let mut df = W::header(3);
-        df.flags(VECSXP, 0, true, false)
-            .int(1)
-            .strs(&["x"])
-            .names_attr(&["text"]);
+        df.flags(VECSXP, 0, true, false).int(1).strs(&["x"]).names_attr(&["text"]);
         let mut named = W::header(3);
-        named
-            .flags(STRSXP, 0, true, false)
-            .int(1)
-            .chars(b"v", 64)
-            .names_attr(&["k"]);
-        let p = write_db(
-            dir.path(),
-            &[
-                ("book", book.0),
-                ("nums", nums.0),
-                ("df", df.0),
-                ("named", named.0),
-            ],
-        );
+        named.flags(STRSXP, 0, true, false).int(1).chars(b"v", 64).names_attr(&["k"]);
+        let p = write_db(dir.path(), &[("book", book.0), ("nums", nums.0), ("df", df.0), ("named", named.0)]);
         let got = read_rdb(&p).unwrap();
         assert_eq!(
             got,
             vec![
-                (
-                    "book".to_string(),
-                    vec![
-                        "PRIDE AND PREJUDICE".to_string(),
-                        "".into(),
-                        "By Jane Austen".into()
-                    ]
-                ),
+                ("book".to_string(), vec!["PRIDE AND PREJUDICE".to_string(), "".into(), "By Jane Austen".into()]),
                 ("named".to_string(), vec!["v".to_string()]),
             ]
         );
@@ -968,20 +833,14 @@ mod tests {
         // truncated / corrupted compressed frames
         let f = framed(&full);
         for cut in 0..f.len() {
-            assert!(
-                decompress_object(&f[..cut], 1).is_err(),
-                "frame cut at {cut} decompressed"
-            );
+            assert!(decompress_object(&f[..cut], 1).is_err(), "frame cut at {cut} decompressed");
         }
         // huge claimed lengths do not allocate or panic
         let mut w = W::header(3);
         w.flags(STRSXP, 0, false, false).int(i32::MAX);
         assert!(unserialize(&w.0).is_err());
         let mut w = W::header(3);
-        w.flags(STRSXP, 0, false, false)
-            .int(-1)
-            .int(0x7fff_ffff)
-            .int(-1);
+        w.flags(STRSXP, 0, false, false).int(-1).int(0x7fff_ffff).int(-1);
         assert!(unserialize(&w.0).is_err());
         // bad reference, deep nesting
         let mut w = W::header(3);

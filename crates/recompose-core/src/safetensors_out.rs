@@ -58,13 +58,22 @@ pub fn write_sharded(
     }
     let n = shards.len();
     let names: Vec<String> = (0..n)
-        .map(|i| if n == 1 { "model.safetensors".to_string() } else { format!("model-{:05}-of-{:05}.safetensors", i + 1, n) })
+        .map(|i| {
+            if n == 1 {
+                "model.safetensors".to_string()
+            } else {
+                format!("model-{:05}-of-{:05}.safetensors", i + 1, n)
+            }
+        })
         .collect();
     let mut weight_map = BTreeMap::new();
     let mut written = vec![];
     for (si, members) in shards.iter().enumerate() {
         let mut header = serde_json::Map::new();
-        header.insert("__metadata__".into(), serde_json::to_value(metadata).map_err(|e| Error::Unsupported(e.to_string()))?);
+        header.insert(
+            "__metadata__".into(),
+            serde_json::to_value(metadata).map_err(|e| Error::Unsupported(e.to_string()))?,
+        );
         let mut off = 0;
         for &i in members {
             let t = &plan[i];

@@ -23,7 +23,17 @@ pub struct TinySpec {
 
 impl Default for TinySpec {
     fn default() -> Self {
-        Self { arch: "llama", layers: 2, hidden: 64, heads: 4, kv_heads: 2, ffn: 128, context: 256, seed: 0, dtype: GgmlDType::F32 }
+        Self {
+            arch: "llama",
+            layers: 2,
+            hidden: 64,
+            heads: 4,
+            kv_heads: 2,
+            ffn: 128,
+            context: 256,
+            seed: 0,
+            dtype: GgmlDType::F32,
+        }
     }
 }
 
@@ -56,7 +66,8 @@ fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
 
 /// Writes a tiny model as GGUF. Vocabulary: 256 byte tokens plus `<s>` (256) and `</s>` (257).
 pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> Result<()> {
-    let vocab: Vec<String> = byte_chars().into_iter().map(String::from).chain(["<s>".to_string(), "</s>".to_string()]).collect();
+    let vocab: Vec<String> =
+        byte_chars().into_iter().map(String::from).chain(["<s>".to_string(), "</s>".to_string()]).collect();
     let nv = vocab.len();
     let hd = spec.hidden / spec.heads;
     let a = spec.arch;
@@ -75,7 +86,10 @@ pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> Result<()> {
         ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
         ("tokenizer.ggml.pre".into(), Value::String("default".into())),
         ("tokenizer.ggml.tokens".into(), Value::Array(vocab.iter().cloned().map(Value::String).collect())),
-        ("tokenizer.ggml.token_type".into(), Value::Array((0..nv).map(|i| Value::I32(if i >= 256 { 3 } else { 1 })).collect())),
+        (
+            "tokenizer.ggml.token_type".into(),
+            Value::Array((0..nv).map(|i| Value::I32(if i >= 256 { 3 } else { 1 })).collect()),
+        ),
         ("tokenizer.ggml.merges".into(), Value::Array(vec![])),
         ("tokenizer.ggml.bos_token_id".into(), Value::U32(256)),
         ("tokenizer.ggml.eos_token_id".into(), Value::U32(257)),
@@ -95,7 +109,10 @@ pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> Result<()> {
         Ok((name, QTensor::quantize(&t, dtype)?))
     };
     let (h, f) = (spec.hidden, spec.ffn);
-    let mut ts = vec![tensor("token_embd.weight".into(), vec![nv, h], 0.5, 0.0)?, tensor("output_norm.weight".into(), vec![h], 0.1, 1.0)?];
+    let mut ts = vec![
+        tensor("token_embd.weight".into(), vec![nv, h], 0.5, 0.0)?,
+        tensor("output_norm.weight".into(), vec![h], 0.1, 1.0)?,
+    ];
     for l in 0..spec.layers {
         let b = |s: &str| format!("blk.{l}.{s}");
         ts.push(tensor(b("attn_norm.weight"), vec![h], 0.1, 1.0)?);

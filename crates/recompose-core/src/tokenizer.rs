@@ -35,10 +35,9 @@ impl Tokenizer {
     /// Builds the tokenizer a GGUF file describes.
     pub fn from_gguf(g: &GgufFile) -> Result<Self> {
         let path = g.path();
-        let model = g.get_str("tokenizer.ggml.model").ok_or_else(|| Error::MissingKey {
-            path: path.into(),
-            key: "tokenizer.ggml.model".into(),
-        })?;
+        let model = g
+            .get_str("tokenizer.ggml.model")
+            .ok_or_else(|| Error::MissingKey { path: path.into(), key: "tokenizer.ggml.model".into() })?;
         let tokens = string_array(g, "tokenizer.ggml.tokens")?;
         let types: Vec<u64> = match g.get("tokenizer.ggml.token_type").and_then(Value::as_array) {
             Some(a) => a.iter().map(|v| v.as_u64().unwrap_or(1)).collect(),
@@ -63,7 +62,9 @@ impl Tokenizer {
                     g.get("tokenizer.ggml.add_space_prefix").and_then(Value::as_bool).unwrap_or(true);
                 Inner::Spm(Spm::new(tokens, scores, types, add_space_prefix)?)
             }
-            other => return Err(Error::Tokenizer(format!("unsupported tokenizer model '{other}' in {}", path.display()))),
+            other => {
+                return Err(Error::Tokenizer(format!("unsupported tokenizer model '{other}' in {}", path.display())))
+            }
         };
         let mut eos: Vec<u32> = eos_id.into_iter().collect();
         // Chat models end turns with their own token; stop there too.
@@ -168,18 +169,31 @@ impl Tokenizer {
             Inner::Spm(s) => {
                 m.push(("tokenizer.ggml.model".into(), Value::String("llama".into())));
                 m.push(("tokenizer.ggml.tokens".into(), strs(s.tokens.clone())));
-                m.push(("tokenizer.ggml.scores".into(), Value::Array(s.scores.iter().map(|&x| Value::F32(x)).collect())));
-                m.push(("tokenizer.ggml.token_type".into(), Value::Array(s.types.iter().map(|&x| Value::I32(x as i32)).collect())));
+                m.push((
+                    "tokenizer.ggml.scores".into(),
+                    Value::Array(s.scores.iter().map(|&x| Value::F32(x)).collect()),
+                ));
+                m.push((
+                    "tokenizer.ggml.token_type".into(),
+                    Value::Array(s.types.iter().map(|&x| Value::I32(x as i32)).collect()),
+                ));
                 m.push(("tokenizer.ggml.add_space_prefix".into(), Value::Bool(s.add_space_prefix)));
             }
             Inner::Hf(t) => {
-                let j: serde_json::Value = serde_json::from_str(&t.to_string(false).map_err(tok_err)?).map_err(tok_err)?;
+                let j: serde_json::Value =
+                    serde_json::from_str(&t.to_string(false).map_err(tok_err)?).map_err(tok_err)?;
                 let model = &j["model"];
                 if model["type"] != "BPE" {
-                    return Err(Error::Unsupported(format!("tokenizer model {} cannot be written to GGUF", model["type"])));
+                    return Err(Error::Unsupported(format!(
+                        "tokenizer model {} cannot be written to GGUF",
+                        model["type"]
+                    )));
                 }
-                let vocab = model["vocab"].as_object().ok_or_else(|| Error::Tokenizer("tokenizer.json has no BPE vocab".into()))?;
-                let mut tokens: Vec<(u64, String)> = vocab.iter().filter_map(|(k, v)| Some((v.as_u64()?, k.clone()))).collect();
+                let vocab = model["vocab"]
+                    .as_object()
+                    .ok_or_else(|| Error::Tokenizer("tokenizer.json has no BPE vocab".into()))?;
+                let mut tokens: Vec<(u64, String)> =
+                    vocab.iter().filter_map(|(k, v)| Some((v.as_u64()?, k.clone()))).collect();
                 let mut types: BTreeMap<u64, i32> = BTreeMap::new();
                 for a in j["added_tokens"].as_array().into_iter().flatten() {
                     let (Some(id), Some(c)) = (a["id"].as_u64(), a["content"].as_str()) else { continue };
@@ -198,7 +212,9 @@ impl Tokenizer {
                     .flatten()
                     .filter_map(|m| match m {
                         serde_json::Value::String(s) => Some(s.clone()),
-                        serde_json::Value::Array(p) => Some(format!("{} {}", p.first()?.as_str()?, p.get(1)?.as_str()?)),
+                        serde_json::Value::Array(p) => {
+                            Some(format!("{} {}", p.first()?.as_str()?, p.get(1)?.as_str()?))
+                        }
                         _ => None,
                     })
                     .collect();
@@ -330,16 +346,22 @@ fn byte_level_bpe(tokens: &[String], types: &[u64], merges: &[String], pre: &str
     // The regexes are the ones these model families ship in their tokenizer.json.
     let pre_tok: P = match pre {
         "default" | "gpt2" | "gpt-2" | "olmo" | "jais" | "poro-chat" => P::ByteLevel(ByteLevel::new(false, true, true)),
-        "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b" => P::Sequence(Sequence::new(vec![
-            P::Digits(Digits::new(true)),
-            P::ByteLevel(ByteLevel::new(false, true, true)),
-        ])),
+        "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b" => {
+            P::Sequence(Sequence::new(vec![
+                P::Digits(Digits::new(true)),
+                P::ByteLevel(ByteLevel::new(false, true, true)),
+            ]))
+        }
         "llama-bpe" | "llama3" | "dbrx" | "smaug-bpe" => P::Sequence(Sequence::new(vec![
-            split(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")?,
+            split(
+                r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+            )?,
             P::ByteLevel(ByteLevel::new(false, true, false)),
         ])),
         "qwen2" | "deepseek-r1-qwen" => P::Sequence(Sequence::new(vec![
-            split(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")?,
+            split(
+                r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+            )?,
             P::ByteLevel(ByteLevel::new(false, true, false)),
         ])),
         other => return Err(Error::Tokenizer(format!("unsupported pre-tokenizer '{other}' (tokenizer.ggml.pre)"))),
@@ -532,10 +554,11 @@ mod tests {
     use super::*;
 
     fn toy() -> Spm {
-        let tokens: Vec<String> = ["<unk>", "<s>", "a", "b", "c", "ab", "bc", "abc", "\u{2581}", "\u{2581}a", "<0x21>", "<x>"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let tokens: Vec<String> =
+            ["<unk>", "<s>", "a", "b", "c", "ab", "bc", "abc", "\u{2581}", "\u{2581}a", "<0x21>", "<x>"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
         let scores = vec![0., 0., -1., -1., -1., -3., -2., -1.5, -1., -0.5, 0., 0.];
         let mut types = vec![1u64; tokens.len()];
         types[1] = TOKEN_CONTROL;

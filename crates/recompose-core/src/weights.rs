@@ -31,10 +31,10 @@ impl HfDir {
             let text = std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
             let v: serde_json::Value = serde_json::from_str(&text)
                 .map_err(|e| Error::BadSafetensors { path: index_path.clone(), what: e.to_string() })?;
-            let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| Error::BadSafetensors {
-                path: index_path.clone(),
-                what: "no weight_map".into(),
-            })?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| Error::BadSafetensors { path: index_path.clone(), what: "no weight_map".into() })?;
             let mut files: Vec<String> = map.values().filter_map(|f| f.as_str().map(str::to_owned)).collect();
             files.sort();
             files.dedup();
@@ -72,16 +72,20 @@ impl HfDir {
 
     /// A tensor in its stored dtype.
     pub fn load(&self, name: &str) -> Result<Tensor> {
-        let (si, dtype, shape, (a, b)) = self
-            .index
-            .get(name)
-            .ok_or_else(|| Error::MissingTensor { path: self.dir.clone(), tensor: name.into() })?;
+        let (si, dtype, shape, (a, b)) =
+            self.index.get(name).ok_or_else(|| Error::MissingTensor { path: self.dir.clone(), tensor: name.into() })?;
         let (path, map, base) = &self.shards[*si];
-        let dtype = DType::try_from(*dtype)
-            .map_err(|e| Error::BadTensor { path: path.clone(), tensor: name.into(), what: e.to_string() })?;
+        let dtype = DType::try_from(*dtype).map_err(|e| Error::BadTensor {
+            path: path.clone(),
+            tensor: name.into(),
+            what: e.to_string(),
+        })?;
         let data = &map[base + a..base + b];
-        Tensor::from_raw_buffer(data, dtype, shape, &Device::Cpu)
-            .map_err(|e| Error::BadTensor { path: path.clone(), tensor: name.into(), what: e.to_string() })
+        Tensor::from_raw_buffer(data, dtype, shape, &Device::Cpu).map_err(|e| Error::BadTensor {
+            path: path.clone(),
+            tensor: name.into(),
+            what: e.to_string(),
+        })
     }
 }
 
@@ -118,7 +122,10 @@ impl ModelFile {
             return Self::open_hf(dir);
         }
         if !path.exists() {
-            return Err(Error::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory")));
+            return Err(Error::io(
+                path,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
+            ));
         }
         let g = GgufFile::open(path)?;
         let config = ModelConfig::from_gguf(&g)?;
@@ -187,12 +194,22 @@ impl ModelFile {
             Source::Gguf(g) => g
                 .tensors()
                 .iter()
-                .map(|t| TensorEntry { name: t.name.clone(), dtype: format!("{:?}", t.dtype), shape: t.shape.clone(), bytes: t.size })
+                .map(|t| TensorEntry {
+                    name: t.name.clone(),
+                    dtype: format!("{:?}", t.dtype),
+                    shape: t.shape.clone(),
+                    bytes: t.size,
+                })
                 .collect(),
             Source::Hf(h) => h
                 .index
                 .iter()
-                .map(|(n, (_, d, s, (a, b)))| TensorEntry { name: n.clone(), dtype: format!("{d:?}"), shape: s.clone(), bytes: b - a })
+                .map(|(n, (_, d, s, (a, b)))| TensorEntry {
+                    name: n.clone(),
+                    dtype: format!("{d:?}"),
+                    shape: s.clone(),
+                    bytes: b - a,
+                })
                 .collect(),
         }
     }
@@ -202,10 +219,8 @@ impl ModelFile {
 /// open with the tensor named, not deep inside a forward pass.
 fn check_gguf_shapes(g: &GgufFile, c: &ModelConfig) -> Result<()> {
     let (h, i, q, kv) = (c.hidden_size, c.intermediate_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
-    let mut expect: Vec<(String, Vec<usize>)> = vec![
-        ("token_embd.weight".into(), vec![c.vocab_size, h]),
-        ("output_norm.weight".into(), vec![h]),
-    ];
+    let mut expect: Vec<(String, Vec<usize>)> =
+        vec![("token_embd.weight".into(), vec![c.vocab_size, h]), ("output_norm.weight".into(), vec![h])];
     for l in 0..c.num_layers {
         let b = |s: &str| format!("blk.{l}.{s}");
         expect.extend([

@@ -75,10 +75,18 @@ pub fn run(model: &Model, source: &[u32], o: &BenchOptions) -> Result<BenchResul
         return Err(Error::Invalid("batch, runs and prompt tokens must be >= 1, generated tokens >= 2".into()));
     }
     if source.len() < o.prompt_tokens {
-        return Err(Error::Invalid(format!("the source text has {} tokens, fewer than the {} asked", source.len(), o.prompt_tokens)));
+        return Err(Error::Invalid(format!(
+            "the source text has {} tokens, fewer than the {} asked",
+            source.len(),
+            o.prompt_tokens
+        )));
     }
     if o.prompt_tokens + o.gen_tokens > model.config.max_position {
-        return Err(recompose_llm::Error::ContextOverflow { tokens: o.prompt_tokens + o.gen_tokens, context: model.config.max_position }.into());
+        return Err(recompose_llm::Error::ContextOverflow {
+            tokens: o.prompt_tokens + o.gen_tokens,
+            context: model.config.max_position,
+        }
+        .into());
     }
     // Warm-up: pages the weights in and fills allocator pools.
     one_run(model, source, &BenchOptions { gen_tokens: 4.min(o.gen_tokens), runs: 1, ..o.clone() })?;
@@ -106,7 +114,9 @@ fn rayon_threads() -> usize {
 pub fn peak_rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
         .map(|kb| kb * 1024)
         .unwrap_or(0)
 }

@@ -49,12 +49,14 @@ struct Question {
 }
 
 fn load(path: &Path) -> Result<Vec<Question>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::Data { path: path.display().to_string(), what: e.to_string() })?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::Data { path: path.display().to_string(), what: e.to_string() })?;
     let rows = csv::parse(&text).map_err(|what| Error::Data { path: path.display().to_string(), what })?;
     rows.into_iter()
         .enumerate()
         .map(|(i, r)| {
-            let bad = |what: String| Error::Data { path: path.display().to_string(), what: format!("row {}: {what}", i + 1) };
+            let bad =
+                |what: String| Error::Data { path: path.display().to_string(), what: format!("row {}: {what}", i + 1) };
             if r.len() != 6 {
                 return Err(bad(format!("{} fields, expected 6", r.len())));
             }
@@ -65,7 +67,11 @@ fn load(path: &Path) -> Result<Vec<Question>> {
                 "D" => 3,
                 other => return Err(bad(format!("answer '{other}' is not A-D"))),
             };
-            Ok(Question { text: r[0].clone(), choices: [r[1].clone(), r[2].clone(), r[3].clone(), r[4].clone()], answer })
+            Ok(Question {
+                text: r[0].clone(),
+                choices: [r[1].clone(), r[2].clone(), r[3].clone(), r[4].clone()],
+                answer,
+            })
         })
         .collect()
 }
@@ -89,12 +95,18 @@ pub fn subjects(dir: &Path, split: &str) -> Result<Vec<String>> {
     let d = dir.join(split);
     let rd = std::fs::read_dir(&d).map_err(|e| Error::Data { path: d.display().to_string(), what: e.to_string() })?;
     let suffix = format!("_{split}.csv");
-    let mut v: Vec<String> = rd.flatten().filter_map(|e| e.file_name().to_str()?.strip_suffix(&suffix).map(str::to_owned)).collect();
+    let mut v: Vec<String> =
+        rd.flatten().filter_map(|e| e.file_name().to_str()?.strip_suffix(&suffix).map(str::to_owned)).collect();
     v.sort();
     Ok(v)
 }
 
-pub fn evaluate(model: &Model, tok: &Tokenizer, o: &MmluOptions, mut progress: impl FnMut(usize, usize)) -> Result<MmluReport> {
+pub fn evaluate(
+    model: &Model,
+    tok: &Tokenizer,
+    o: &MmluOptions,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<MmluReport> {
     if o.split != "val" && o.split != "test" {
         return Err(Error::Invalid(format!("split must be val or test, got '{}'", o.split)));
     }
@@ -109,7 +121,8 @@ pub fn evaluate(model: &Model, tok: &Tokenizer, o: &MmluOptions, mut progress: i
         }
         o.subjects.clone()
     };
-    let choice_ids: Vec<Vec<u32>> = LETTERS.iter().map(|l| tok.encode(&format!(" {l}"), false)).collect::<std::result::Result<_, _>>()?;
+    let choice_ids: Vec<Vec<u32>> =
+        LETTERS.iter().map(|l| tok.encode(&format!(" {l}"), false)).collect::<std::result::Result<_, _>>()?;
     let mut work = vec![];
     for s in &chosen {
         let dev = load(&o.dir.join("dev").join(format!("{s}_dev.csv")))?;
@@ -117,7 +130,8 @@ pub fn evaluate(model: &Model, tok: &Tokenizer, o: &MmluOptions, mut progress: i
         if let Some(l) = o.limit {
             qs.truncate(l);
         }
-        let mut header = format!("The following are multiple choice questions (with answers) about {}.\n\n", s.replace('_', " "));
+        let mut header =
+            format!("The following are multiple choice questions (with answers) about {}.\n\n", s.replace('_', " "));
         for q in dev.iter().take(o.shots) {
             header.push_str(&format_question(q, true));
         }
@@ -150,7 +164,9 @@ pub fn evaluate(model: &Model, tok: &Tokenizer, o: &MmluOptions, mut progress: i
 /// single token; otherwise one batched forward over ctx + continuation rows.
 fn score_choices(model: &Model, ctx: &[u32], choices: &[Vec<u32>]) -> Result<Vec<f64>> {
     if ctx.len() + choices.iter().map(Vec::len).max().unwrap_or(0) > model.config.max_position {
-        return Err(recompose_llm::Error::ContextOverflow { tokens: ctx.len(), context: model.config.max_position }.into());
+        return Err(
+            recompose_llm::Error::ContextOverflow { tokens: ctx.len(), context: model.config.max_position }.into()
+        );
     }
     if choices.iter().all(|c| c.len() == 1) {
         let mut cache = model.new_cache(1);

@@ -28,7 +28,13 @@ pub struct PplReport {
 /// Scores `ids`: for each window [begin, end) the tokens from max(prev_end, begin + 1) to end - 1
 /// are predicted from everything before them in the window. `on_window(done, total)` reports
 /// progress.
-pub fn perplexity(model: &Model, ids: &[u32], ctx: usize, stride: usize, mut on_window: impl FnMut(usize, usize)) -> Result<PplReport> {
+pub fn perplexity(
+    model: &Model,
+    ids: &[u32],
+    ctx: usize,
+    stride: usize,
+    mut on_window: impl FnMut(usize, usize),
+) -> Result<PplReport> {
     if ctx < 2 || stride == 0 || stride > ctx {
         return Err(Error::Invalid(format!("need ctx >= 2 and 0 < stride <= ctx (got ctx {ctx}, stride {stride})")));
     }

@@ -41,7 +41,9 @@ impl CustomOp3 for FusedAttention {
         if (kb, kh, kd) != (b, h, d) || vl.shape().dims() != kl.shape().dims() {
             candle_core::bail!("fused attention: shapes {:?} {:?} {:?}", ql.shape(), kl.shape(), vl.shape());
         }
-        let Some((qo, _)) = ql.contiguous_offsets() else { candle_core::bail!("fused attention: q must be contiguous") };
+        let Some((qo, _)) = ql.contiguous_offsets() else {
+            candle_core::bail!("fused attention: q must be contiguous")
+        };
         if kl.stride()[3] != 1 || vl.stride()[3] != 1 {
             candle_core::bail!("fused attention: k and v need a unit last stride");
         }
@@ -105,7 +107,14 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// Runs the fused kernel: `q (B, Hkv, G*T, D)`, `k/v (B, Hkv, L, D)`, mask `(B, 1, T, L)`.
-pub fn fused_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f32, t: usize) -> candle_core::Result<Tensor> {
+pub fn fused_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f32,
+    t: usize,
+) -> candle_core::Result<Tensor> {
     let mask = match mask {
         Some(m) => Some(m.flatten_all()?.to_vec1::<f32>()?),
         None => None,
@@ -124,7 +133,13 @@ mod tests {
         let l = k.dim(2).unwrap();
         let s = (q.matmul(&k.t().unwrap().contiguous().unwrap()).unwrap() * scale).unwrap();
         let s = match mask {
-            Some(m) => s.reshape((b, h, gt / t, t, l)).unwrap().broadcast_add(&m.unsqueeze(2).unwrap()).unwrap().reshape((b, h, gt, l)).unwrap(),
+            Some(m) => s
+                .reshape((b, h, gt / t, t, l))
+                .unwrap()
+                .broadcast_add(&m.unsqueeze(2).unwrap())
+                .unwrap()
+                .reshape((b, h, gt, l))
+                .unwrap(),
             None => s,
         };
         let p = candle_nn::ops::softmax(&s, D::Minus1).unwrap();

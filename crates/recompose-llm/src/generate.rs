@@ -71,8 +71,11 @@ pub fn generate_batch(
         }
     }
     let max_new = opts.max_tokens.min(ctx - prompts.iter().map(Vec::len).max().unwrap_or(0));
-    let mut samplers: Vec<Sampler> =
-        (0..n).map(|i| Sampler::new(SamplingParams { seed: opts.sampling.seed.wrapping_add(i as u64), ..opts.sampling.clone() })).collect();
+    let mut samplers: Vec<Sampler> = (0..n)
+        .map(|i| {
+            Sampler::new(SamplingParams { seed: opts.sampling.seed.wrapping_add(i as u64), ..opts.sampling.clone() })
+        })
+        .collect();
     let mut streams: Vec<TextStream> = (0..n).map(|_| TextStream::new(tok)).collect();
     let mut history: Vec<Vec<u32>> = prompts.to_vec();
     let mut out: Vec<Vec<u32>> = vec![vec![]; n];

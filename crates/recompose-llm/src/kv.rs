@@ -102,7 +102,8 @@ impl FullCache {
         for l in self.layers.iter_mut() {
             if let Some((k, v)) = l.take() {
                 let grow = |t: &Tensor| -> Result<Tensor> {
-                    let z = Tensor::zeros((self.batch, self.kv_heads, new_cap, self.head_dim), DType::F32, &Device::Cpu)?;
+                    let z =
+                        Tensor::zeros((self.batch, self.kv_heads, new_cap, self.head_dim), DType::F32, &Device::Cpu)?;
                     z.slice_set(&t.narrow(2, 0, self.cursor)?.contiguous()?, 2, 0)?;
                     Ok(z)
                 };
@@ -150,7 +151,10 @@ impl KvCache for FullCache {
         self.grow(self.cursor + step.t)?;
         for b in 0..self.batch {
             if step.start[b] != self.lens[b] {
-                return Err(Error::InvalidInput(format!("row {b} starts at {} but has {} tokens cached", step.start[b], self.lens[b])));
+                return Err(Error::InvalidInput(format!(
+                    "row {b} starts at {} but has {} tokens cached",
+                    step.start[b], self.lens[b]
+                )));
             }
             for t in 0..step.t {
                 let p = if t < step.lens[b] { (step.start[b] + t) as i64 } else { -1 };
@@ -168,7 +172,8 @@ impl KvCache for FullCache {
             return Err(Error::InvalidInput("update outside a step".into()));
         };
         let cap = self.cap;
-        let entry = self.layers.get_mut(layer).ok_or_else(|| Error::InvalidInput(format!("layer {layer} out of range")))?;
+        let entry =
+            self.layers.get_mut(layer).ok_or_else(|| Error::InvalidInput(format!("layer {layer} out of range")))?;
         if entry.is_none() {
             let z = || Tensor::zeros((self.batch, self.kv_heads, cap, self.head_dim), DType::F32, &Device::Cpu);
             *entry = Some((z()?, z()?));

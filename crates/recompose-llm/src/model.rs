@@ -87,8 +87,10 @@ fn load_linear(file: &ModelFile, name: &str, shape: [usize; 2], mode: WeightMode
                 .into());
             }
             let packed = match dtype {
-                GgmlDType::Q5_0 => crate::linear::q5_0_as_q8_0(m.bytes()).and_then(|b| PackedWeight::from_ggml(GgmlDType::Q8_0, &b, shape[0], shape[1])),
-                GgmlDType::Q4K => crate::linear::q4_k_as_q4_1(m.bytes()).and_then(|b| PackedWeight::from_ggml(GgmlDType::Q4_1, &b, shape[0], shape[1])),
+                GgmlDType::Q5_0 => crate::linear::q5_0_as_q8_0(m.bytes())
+                    .and_then(|b| PackedWeight::from_ggml(GgmlDType::Q8_0, &b, shape[0], shape[1])),
+                GgmlDType::Q4K => crate::linear::q4_k_as_q4_1(m.bytes())
+                    .and_then(|b| PackedWeight::from_ggml(GgmlDType::Q4_1, &b, shape[0], shape[1])),
                 _ => PackedWeight::from_ggml(dtype, m.bytes(), shape[0], shape[1]),
             };
             if let Some(p) = packed {
@@ -108,7 +110,9 @@ impl Model {
         let (qd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
         let emb_name = "model.embed_tokens.weight";
         let packed_embed = match (mode, file.quantized(emb_name)?) {
-            (WeightMode::Quantized, Some(m)) => PackedWeight::from_ggml(m.info.dtype, m.bytes(), c.vocab_size, h).map(Arc::new),
+            (WeightMode::Quantized, Some(m)) => {
+                PackedWeight::from_ggml(m.info.dtype, m.bytes(), c.vocab_size, h).map(Arc::new)
+            }
             _ => None,
         };
         let (embed, tied_head) = match packed_embed {
@@ -148,7 +152,11 @@ impl Model {
                 activation: c.activation,
             };
             let (ffn_norm_name, post_attn, post_ffn) = if gemma {
-                ("pre_feedforward_layernorm.weight", Some(norm("post_attention_layernorm.weight", h)?), Some(norm("post_feedforward_layernorm.weight", h)?))
+                (
+                    "pre_feedforward_layernorm.weight",
+                    Some(norm("post_attention_layernorm.weight", h)?),
+                    Some(norm("post_feedforward_layernorm.weight", h)?),
+                )
             } else {
                 ("post_attention_layernorm.weight", None, None)
             };
@@ -163,7 +171,8 @@ impl Model {
         }
         let norm = file.f32("model.norm.weight", &[h])?;
         let rope_global = Rope::new(c.head_dim, c.rope_theta, &c.rope_scaling, c.rope_style);
-        let rope_local = Rope::new(c.head_dim, c.rope_theta_local, &recompose_core::config::RopeScaling::None, c.rope_style);
+        let rope_local =
+            Rope::new(c.head_dim, c.rope_theta_local, &recompose_core::config::RopeScaling::None, c.rope_style);
         Ok(Self { config: c, embed, layers, norm, lm_head, rope_global, rope_local, mode })
     }
 
@@ -276,7 +285,9 @@ impl Model {
         } else {
             let scores = (q.matmul(&view.k.t()?)? * c.attn_scale)?;
             let scores = match &view.mask {
-                Some(m) => scores.reshape((b, hkv, g, t, l))?.broadcast_add(&m.unsqueeze(2)?)?.reshape((b, hkv, g * t, l))?,
+                Some(m) => {
+                    scores.reshape((b, hkv, g, t, l))?.broadcast_add(&m.unsqueeze(2)?)?.reshape((b, hkv, g * t, l))?
+                }
                 None => scores,
             };
             let probs = candle_nn::ops::softmax_last_dim(&scores)?;
@@ -298,7 +309,11 @@ pub fn step_for(rows: &[Vec<u32>], cache: &dyn KvCache, pad: u32) -> (Vec<u32>, 
         tokens.extend_from_slice(r);
         tokens.extend(std::iter::repeat_n(pad, t - r.len()));
     }
-    let step = Step { start: (0..rows.len()).map(|b| cache.seq_len(b)).collect(), lens: rows.iter().map(Vec::len).collect(), t };
+    let step = Step {
+        start: (0..rows.len()).map(|b| cache.seq_len(b)).collect(),
+        lens: rows.iter().map(Vec::len).collect(),
+        t,
+    };
     (tokens, step)
 }
 
@@ -314,7 +329,8 @@ impl Model {
         let mut last: Vec<Option<Tensor>> = vec![None; rows.len()];
         let mut start = 0;
         while start < longest {
-            let pieces: Vec<Vec<u32>> = rows.iter().map(|r| r[start.min(r.len())..(start + chunk).min(r.len())].to_vec()).collect();
+            let pieces: Vec<Vec<u32>> =
+                rows.iter().map(|r| r[start.min(r.len())..(start + chunk).min(r.len())].to_vec()).collect();
             let (tokens, step) = step_for(&pieces, cache, 0);
             let logits = self.forward(&tokens, &step, cache, Logits::Last)?;
             for (b, p) in pieces.iter().enumerate() {
@@ -324,7 +340,10 @@ impl Model {
             }
             start += chunk;
         }
-        let rows: Vec<Tensor> = last.into_iter().map(|t| t.ok_or_else(|| Error::InvalidInput("empty row".into()))).collect::<Result<_>>()?;
+        let rows: Vec<Tensor> = last
+            .into_iter()
+            .map(|t| t.ok_or_else(|| Error::InvalidInput("empty row".into())))
+            .collect::<Result<_>>()?;
         Ok(Tensor::stack(&rows, 0)?)
     }
 }

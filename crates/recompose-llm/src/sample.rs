@@ -75,7 +75,8 @@ impl Sampler {
         if self.p.temperature == 0.0 {
             return argmax(logits);
         }
-        let mut cand: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l / self.p.temperature)).collect();
+        let mut cand: Vec<(u32, f32)> =
+            logits.iter().enumerate().map(|(i, &l)| (i as u32, l / self.p.temperature)).collect();
         cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
         if self.p.top_k > 0 && self.p.top_k < cand.len() {
             cand.truncate(self.p.top_k);

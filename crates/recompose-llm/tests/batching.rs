@@ -10,7 +10,11 @@ use recompose_llm::{Logits, Model, WeightMode};
 fn load(arch: &'static str, mode: WeightMode) -> (tempfile::TempDir, Model) {
     let d = tempfile::tempdir().unwrap();
     let p = d.path().join("tiny.gguf");
-    let dtype = if mode == WeightMode::Quantized { candle_core::quantized::GgmlDType::Q8_0 } else { candle_core::quantized::GgmlDType::F32 };
+    let dtype = if mode == WeightMode::Quantized {
+        candle_core::quantized::GgmlDType::Q8_0
+    } else {
+        candle_core::quantized::GgmlDType::F32
+    };
     write_tiny_gguf(&p, &TinySpec { arch, dtype, ..Default::default() }).unwrap();
     let m = Model::load(&ModelFile::open(&p).unwrap(), mode).unwrap();
     (d, m)
@@ -43,7 +47,8 @@ fn check(arch: &'static str, mode: WeightMode) {
     let batched = run(&model, &rows, 6);
     for (b, row) in rows.iter().enumerate() {
         let alone = run(&model, std::slice::from_ref(row), 6);
-        let d = batched[b].iter().flatten().zip(alone[0].iter().flatten()).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        let d =
+            batched[b].iter().flatten().zip(alone[0].iter().flatten()).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
         assert!(d < 1e-4, "{arch} {mode:?}: row {b} differs by {d} when batched");
     }
 }

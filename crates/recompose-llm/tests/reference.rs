@@ -122,7 +122,12 @@ fn check_greedy(asset: &str) {
             .iter()
             .zip(&rows)
             .map(|(s, row)| {
-                s["top"].as_array().unwrap().iter().map(|p| (row[p[0].as_u64().unwrap() as usize] - p[1].as_f64().unwrap() as f32).abs()).fold(0f32, f32::max)
+                s["top"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|p| (row[p[0].as_u64().unwrap() as usize] - p[1].as_f64().unwrap() as f32).abs())
+                    .fold(0f32, f32::max)
             })
             .collect();
         let max_diff = diffs.iter().copied().fold(0f32, f32::max);
@@ -139,14 +144,22 @@ fn check_greedy(asset: &str) {
             case["text"],
             match split {
                 None => "greedy continuation identical".to_string(),
-                Some(i) => format!("splits at step {i}: llama.cpp top-2 gap {:.4}, our diff there {:.4}", steps[i]["gap"].as_f64().unwrap(), diffs[i]),
+                Some(i) => format!(
+                    "splits at step {i}: llama.cpp top-2 gap {:.4}, our diff there {:.4}",
+                    steps[i]["gap"].as_f64().unwrap(),
+                    diffs[i]
+                ),
             }
         );
         match split {
             None => assert_eq!(got.len(), want.len()),
             Some(i) => {
                 let gap = steps[i]["gap"].as_f64().unwrap() as f32;
-                assert!(gap <= 2.0 * diffs[i], "{asset}: split at step {i}: gap {gap} is not explained by a logit difference of {}", diffs[i]);
+                assert!(
+                    gap <= 2.0 * diffs[i],
+                    "{asset}: split at step {i}: gap {gap} is not explained by a logit difference of {}",
+                    diffs[i]
+                );
             }
         }
     }

@@ -111,7 +111,13 @@ pub fn run(cmd: EvalCommand, quiet: bool) -> Result<()> {
         }
         EvalCommand::Mmlu(a) => {
             let (_f, model, tok) = a.model.load()?;
-            let o = mmlu::MmluOptions { dir: assets::ensure("mmlu")?, split: a.split, subjects: a.subjects, limit: a.limit, shots: a.shots };
+            let o = mmlu::MmluOptions {
+                dir: assets::ensure("mmlu")?,
+                split: a.split,
+                subjects: a.subjects,
+                limit: a.limit,
+                shots: a.shots,
+            };
             let pb = progress(0, "mmlu", quiet);
             let r = mmlu::evaluate(&model, &tok, &o, |d, t| {
                 pb.set_length(t as u64);

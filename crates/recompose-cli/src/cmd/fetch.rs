@@ -25,7 +25,10 @@ pub fn run(a: Args) -> Result<()> {
     }
     for name in &a.names {
         let asset = assets::find(name).ok_or_else(|| {
-            anyhow::anyhow!("unknown asset '{name}' (known: {})", assets::ASSETS.iter().map(|a| a.name).collect::<Vec<_>>().join(", "))
+            anyhow::anyhow!(
+                "unknown asset '{name}' (known: {})",
+                assets::ASSETS.iter().map(|a| a.name).collect::<Vec<_>>().join(", ")
+            )
         })?;
         let dir = assets::home().join(asset.name);
         if dir.is_dir() && !a.force {

@@ -37,15 +37,32 @@ pub fn run(a: Args) -> Result<()> {
         return Ok(());
     }
     println!("file          {}", path.display());
-    println!("format        {}", match f.source { Source::Gguf(ref g) => format!("GGUF v{}", g.version), Source::Hf(_) => "HF safetensors".into() });
+    println!(
+        "format        {}",
+        match f.source {
+            Source::Gguf(ref g) => format!("GGUF v{}", g.version),
+            Source::Hf(_) => "HF safetensors".into(),
+        }
+    );
     println!("architecture  {:?}", c.arch);
-    println!("parameters    {:.1} M in {} tensors, {:.1} MiB", params as f64 / 1e6, entries.len(), total as f64 / 1048576.0);
-    println!("layers        {}  hidden {}  ffn {}  vocab {}", c.num_layers, c.hidden_size, c.intermediate_size, c.vocab_size);
+    println!(
+        "parameters    {:.1} M in {} tensors, {:.1} MiB",
+        params as f64 / 1e6,
+        entries.len(),
+        total as f64 / 1048576.0
+    );
+    println!(
+        "layers        {}  hidden {}  ffn {}  vocab {}",
+        c.num_layers, c.hidden_size, c.intermediate_size, c.vocab_size
+    );
     println!("attention     {} heads, {} KV heads, head dim {}", c.num_heads, c.num_kv_heads, c.head_dim);
     println!("rope          theta {}  {:?}  {:?}", c.rope_theta, c.rope_style, c.rope_scaling);
     println!("context       {}", c.max_position);
     if let Some(w) = c.sliding_window {
-        println!("sliding       window {w}, every {}th layer global, local rope theta {}", c.sliding_pattern, c.rope_theta_local);
+        println!(
+            "sliding       window {w}, every {}th layer global, local rope theta {}",
+            c.sliding_pattern, c.rope_theta_local
+        );
     }
     println!("norm eps      {}  activation {:?}  tied embeddings {}", c.rms_eps, c.activation, c.tie_embeddings);
     println!("tokenizer     {}", tok.describe());

@@ -185,8 +185,10 @@ impl PackedWeight {
     }
 
     /// One block of one row in the oracle's terms: integer quants `q` (unsigned nibbles for Q4,
-    /// signed bytes for Q8) with `value = q * d + m`.
+    /// signed bytes for Q8) with `value = q * d + m`. Rows past `rows()` within the last tile
+    /// are zero.
     pub fn block(&self, r: usize, b: usize) -> ([i32; QK], f32, f32) {
+        assert!(r < self.tiles * TR && b < self.blocks, "block index"); // ok: internal invariant
         let tb = (r / TR) * self.blocks + b;
         let rr = r % TR;
         let (q, s) = (self.qs_bytes(), self.sc_bytes());
@@ -243,6 +245,7 @@ pub fn quantize_acts(x: &[f32], rows: usize, cols: usize) -> Q8Acts {
 /// [`quantize_acts`] at a given level; every level gives bit-identical results.
 pub fn quantize_acts_with(x: &[f32], rows: usize, cols: usize, lvl: Level) -> Q8Acts {
     assert!(cols.is_multiple_of(QK) && x.len() >= rows * cols, "activation shape"); // ok: internal invariant
+    let lvl = lvl.min(supported());
     let blocks = cols / QK;
     let n = rows * blocks;
     let mut a = Q8Acts { rows, blocks, d: vec![0.0; n], s: vec![0.0; n], isum: vec![0; n], qs: vec![0; n * QK] };
@@ -279,7 +282,8 @@ pub fn quantize_block(x: &[f32], q: &mut [i8]) -> (f32, i32) {
     (d, sum)
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Kernel levels, ordered: a CPU that runs one runs every lower one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Level {
     Scalar,
     Avx2,
@@ -296,6 +300,13 @@ pub fn level() -> Level {
     })
 }
 
+/// The best level the CPU itself supports, whatever `RECOMPOSE_KERNEL` says. Requests above it
+/// are lowered to it, so no level passed in can reach an unsupported instruction.
+fn supported() -> Level {
+    static L: OnceLock<Level> = OnceLock::new();
+    *L.get_or_init(|| detect(None))
+}
+
 fn detect(forced: Option<&str>) -> Level {
     #[cfg(target_arch = "x86_64")]
     {
@@ -303,7 +314,8 @@ fn detect(forced: Option<&str>) -> Level {
             && is_x86_feature_detected!("avx512vnni")
             && is_x86_feature_detected!("avx512vl")
             && is_x86_feature_detected!("avx512bw");
-        let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c");
+        let avx2 =
+            is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c");
         match forced {
             Some("scalar") => Level::Scalar,
             Some("avx2") if avx2 => Level::Avx2,

@@ -212,7 +212,8 @@ fn q4_0_repacks_as_offset_q4() {
 #[test]
 fn simd_quantiser_matches_scalar_bit_for_bit() {
     let mut rng = StdRng::seed_from_u64(3);
-    let specials = [0.0, -0.0, f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 1e-40, -1e-40, f32::MAX, 0.5, -0.5, 2.5, 127.0];
+    let specials =
+        [0.0, -0.0, f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 1e-40, -1e-40, f32::MAX, 0.5, -0.5, 2.5, 127.0];
     let mut x: Vec<f32> = vec![];
     for b in 0..64 {
         for j in 0..QK {

@@ -125,7 +125,11 @@ unsafe fn vnni_tile<const NR: usize, const K: u8>(args: TileArgs<__mmask16>) {
         }
         let sp = ws.add(b * sb);
         let d = _mm512_cvtph_ps(_mm256_loadu_si256(sp as *const __m256i));
-        let m = if K == K41 { _mm512_cvtph_ps(_mm256_loadu_si256(sp.add(32) as *const __m256i)) } else { _mm512_setzero_ps() };
+        let m = if K == K41 {
+            _mm512_cvtph_ps(_mm256_loadu_si256(sp.add(32) as *const __m256i))
+        } else {
+            _mm512_setzero_ps()
+        };
         for (i, f) in f.iter_mut().enumerate() {
             let ai = i * nb + b;
             let aq = a.q.add(ai * QK) as *const i32;
@@ -233,7 +237,8 @@ unsafe fn avx2_half<const NR: usize, const K: u8>(args: TileArgs<usize>) {
         }
         let sp = ws.add(b * sb);
         let d = _mm256_cvtph_ps(_mm_loadu_si128(sp as *const __m128i));
-        let m = if K == K41 { _mm256_cvtph_ps(_mm_loadu_si128(sp.add(32) as *const __m128i)) } else { _mm256_setzero_ps() };
+        let m =
+            if K == K41 { _mm256_cvtph_ps(_mm_loadu_si128(sp.add(32) as *const __m128i)) } else { _mm256_setzero_ps() };
         for (i, (f, acc)) in f.iter_mut().zip(acc).enumerate() {
             let ai = i * nb + b;
             let mut s32 = if K == K80 { acc } else { _mm256_madd_epi16(acc, ones) };
