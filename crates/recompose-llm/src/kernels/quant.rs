@@ -335,13 +335,16 @@ fn detect(forced: Option<&str>) -> Level {
 const PAR_MIN_MACS: usize = 1 << 19;
 
 /// `out[n, r] = sum_k x[n, k] * w[r, k]` for all activation rows n and weight rows r.
-/// `out` is `x.rows x w.rows()`, row-major.
+/// `out` is `x.rows x w.rows()`, row-major; `x` as made by [`quantize_acts`] (quants in
+/// -127..=127, which the AVX2 sign trick relies on). Parallel over tiles on the current rayon
+/// pool once the product is big enough to pay for waking it.
 pub fn matmul(w: &PackedWeight, x: &Q8Acts, out: &mut [f32], lvl: Level) {
     let rows = w.rows();
     assert_eq!(out.len(), x.rows * rows, "output buffer size"); // ok: internal invariant
     assert_eq!(x.blocks * QK, w.cols(), "activation width"); // ok: internal invariant
     assert!(x.qs.len() == x.rows * w.cols() && x.d.len() == x.rows * x.blocks, "activation buffers"); // ok: internal invariant
     assert!(x.s.len() == x.d.len() && x.isum.len() == x.d.len(), "activation buffers"); // ok: internal invariant
+    let lvl = lvl.min(supported());
     if x.rows == 0 {
         return;
     }
