@@ -56,44 +56,100 @@ impl CustomOp3 for FusedAttention {
         let (ks_, vs_) = (kl.stride(), vl.stride());
         let (ko, vo) = (kl.start_offset(), vl.start_offset());
         let mut out = vec![0f32; b * h * gt * d];
+        let job = Job {
+            q,
+            k,
+            v,
+            ks: ks_,
+            vs: vs_,
+            ko,
+            vo,
+            h,
+            gt,
+            d,
+            l,
+            t: self.t,
+            scale: self.scale,
+            mask: self.mask.as_deref(),
+        };
+        let simd = crate::kernels::quant::level() != crate::kernels::quant::Level::Scalar;
         out.par_chunks_mut(gt * d).enumerate().for_each(|(bh, o)| {
-            let (bi, hi) = (bh / h, bh % h);
-            let kbase = ko + bi * ks_[0] + hi * ks_[1];
-            let vbase = vo + bi * vs_[0] + hi * vs_[1];
-            let mut scores = vec![0f32; l];
-            for r in 0..gt {
-                let qr = &q[(bh * gt + r) * d..(bh * gt + r + 1) * d];
-                let t = r % self.t;
-                let mrow = self.mask.as_ref().map(|m| &m[(bi * self.t + t) * l..(bi * self.t + t + 1) * l]);
-                let mut max = f32::NEG_INFINITY;
-                for (j, s) in scores.iter_mut().enumerate() {
-                    let kr = &k[kbase + j * ks_[2]..kbase + j * ks_[2] + d];
-                    *s = dot(qr, kr) * self.scale + mrow.map_or(0.0, |m| m[j]);
-                    max = max.max(*s);
-                }
-                let mut sum = 0f32;
-                for s in scores.iter_mut() {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                }
-                let inv = 1.0 / sum;
-                let orow = &mut o[r * d..(r + 1) * d];
-                for (j, s) in scores.iter().enumerate() {
-                    let p = s * inv;
-                    let vr = &v[vbase + j * vs_[2]..vbase + j * vs_[2] + d];
-                    for (oo, vv) in orow.iter_mut().zip(vr) {
-                        *oo += p * vv;
-                    }
-                }
+            #[cfg(target_arch = "x86_64")]
+            if simd {
+                // SAFETY: `level()` found AVX2 and FMA on this CPU.
+                unsafe { attend_avx2(&job, bh, o) };
+                return;
             }
+            let _ = simd;
+            attend(&job, bh, o);
         });
         Ok((CpuStorage::F32(out), Shape::from((b, h, gt, d))))
     }
 }
 
+/// Everything one (row, KV head) needs, shared by all tasks.
+struct Job<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    ks: &'a [usize],
+    vs: &'a [usize],
+    ko: usize,
+    vo: usize,
+    h: usize,
+    gt: usize,
+    d: usize,
+    l: usize,
+    t: usize,
+    scale: f32,
+    mask: Option<&'a [f32]>,
+}
+
+/// The same loop compiled with AVX2/FMA enabled (the baseline build is SSE2 only).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_avx2(j: &Job, bh: usize, o: &mut [f32]) {
+    attend(j, bh, o)
+}
+
+/// Attention of the `G*T` query rows of one (batch row, KV head) into `o`.
+#[inline(always)]
+fn attend(j: &Job, bh: usize, o: &mut [f32]) {
+    let (bi, hi) = (bh / j.h, bh % j.h);
+    let (d, l, t_) = (j.d, j.l, j.t);
+    let kbase = j.ko + bi * j.ks[0] + hi * j.ks[1];
+    let vbase = j.vo + bi * j.vs[0] + hi * j.vs[1];
+    let mut scores = vec![0f32; l];
+    for r in 0..j.gt {
+        let qr = &j.q[(bh * j.gt + r) * d..(bh * j.gt + r + 1) * d];
+        let t = r % t_;
+        let mrow = j.mask.map(|m| &m[(bi * t_ + t) * l..(bi * t_ + t + 1) * l]);
+        let mut max = f32::NEG_INFINITY;
+        for (x, s) in scores.iter_mut().enumerate() {
+            let kr = &j.k[kbase + x * j.ks[2]..kbase + x * j.ks[2] + d];
+            *s = dot(qr, kr) * j.scale + mrow.map_or(0.0, |m| m[x]);
+            max = max.max(*s);
+        }
+        let mut sum = 0f32;
+        for s in scores.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        let inv = 1.0 / sum;
+        let orow = &mut o[r * d..(r + 1) * d];
+        for (x, s) in scores.iter().enumerate() {
+            let p = s * inv;
+            let vr = &j.v[vbase + x * j.vs[2]..vbase + x * j.vs[2] + d];
+            for (oo, vv) in orow.iter_mut().zip(vr) {
+                *oo += p * vv;
+            }
+        }
+    }
+}
+
 /// Dot product with 8 independent partial sums, so the compiler keeps SIMD lanes busy instead of
 /// one serial chain of dependent adds.
-#[inline]
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
