@@ -28,13 +28,6 @@ impl Linear {
         shape.push(out);
         Ok(y.reshape(shape)?)
     }
-
-    pub fn out_features(&self) -> Result<usize> {
-        Ok(match self {
-            Linear::Dense(w) => w.dim(0)?,
-            Linear::Packed(w) => w.rows(),
-        })
-    }
 }
 
 /// `x (n, k) -> x W^T (n, rows)` through the packed kernels.
