@@ -1,10 +1,28 @@
 //! The KV-cache seam. Attention hands a policy the keys and values of each step (per layer, RoPE
-//! applied) and attends over what the policy returns; score-based policies also see the step's
-//! attention probabilities. Policies own their memory and report it. This file holds the trait
-//! and the full (unbounded) cache; bounded policies live in recompose-kv.
+//! applied) and attends over what the policy returns; score-based policies also see how much
+//! attention each slot received. Policies own their memory and report it. This file holds the
+//! trait, the model facts a policy is built from, and the full (unbounded) cache; bounded
+//! policies live in recompose-kv.
 
 use crate::error::{Error, Result};
+use crate::rope::Rope;
 use candle_core::{DType, Device, Tensor};
+use std::sync::Arc;
+
+/// What a cache policy needs to know about the model it serves.
+#[derive(Clone)]
+pub struct CacheLayout {
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// Longest sequence the model accepts.
+    pub max_len: usize,
+    /// Per layer: the sliding-window length, if the layer has one.
+    pub windows: Vec<Option<usize>>,
+    /// Per layer: the rotary embedding its keys were rotated with (for re-positioning keys).
+    pub ropes: Vec<Arc<Rope>>,
+}
 
 /// One forward step over a batch: each row's new tokens start at `start[b]` (its position) and
 /// `lens[b] <= t` of its `t` columns are real (the rest is right padding).
@@ -22,7 +40,8 @@ impl Step {
 }
 
 /// What a layer attends over: keys/values `(B, Hkv, L, D)` and an additive mask `(B, 1, T, L)`
-/// (None when every slot is visible to every query).
+/// shared by the KV heads or `(B, Hkv, T, L)` per head (None when every slot is visible to every
+/// query).
 pub struct KvView {
     pub k: Tensor,
     pub v: Tensor,
@@ -35,12 +54,21 @@ pub trait KvCache: Send {
     /// Stores this step's keys/values `(B, Hkv, T, D)` for `layer`; `window` limits how far back
     /// a query may look (sliding-window layers).
     fn update(&mut self, layer: usize, k: &Tensor, v: &Tensor, window: Option<usize>) -> Result<KvView>;
-    /// Whether the policy wants `observe` calls (they cost a copy of the probabilities).
+    /// Whether the policy wants `observe` calls.
     fn wants_probs(&self) -> bool {
         false
     }
-    /// Attention probabilities `(B, Hq, T, L)` of the step for `layer`.
-    fn observe(&mut self, _layer: usize, _probs: &Tensor) -> Result<()> {
+    /// The attention mass `(B, Hq, L)` each slot of `layer`'s last view received: softmax
+    /// probabilities summed over the step's real query columns (padding columns excluded).
+    fn observe(&mut self, _layer: usize, _mass: &Tensor) -> Result<()> {
+        Ok(())
+    }
+    /// Longest step the policy wants while a prompt is prefilled (None: the caller's choice).
+    fn prefill_chunk(&self) -> Option<usize> {
+        None
+    }
+    /// The whole prompt is in; a policy that defers eviction during prefill cuts now.
+    fn end_prefill(&mut self) -> Result<()> {
         Ok(())
     }
     /// Called once per step after the last layer.

@@ -6,7 +6,7 @@
 use crate::error::{Error, Result};
 use crate::ffn::{DenseFfn, Ffn};
 use crate::kernels::quant::PackedWeight;
-use crate::kv::{FullCache, KvCache, Step};
+use crate::kv::{CacheLayout, FullCache, KvCache, Step};
 use crate::linear::Linear;
 use crate::rope::Rope;
 use candle_core::quantized::GgmlDType;
@@ -69,8 +69,8 @@ pub struct Model {
     pub layers: Vec<Block>,
     norm: Tensor,
     lm_head: Linear,
-    rope_global: Rope,
-    rope_local: Rope,
+    rope_global: Arc<Rope>,
+    rope_local: Arc<Rope>,
     pub mode: WeightMode,
 }
 
@@ -170,9 +170,13 @@ impl Model {
             });
         }
         let norm = file.f32("model.norm.weight", &[h])?;
-        let rope_global = Rope::new(c.head_dim, c.rope_theta, &c.rope_scaling, c.rope_style);
-        let rope_local =
-            Rope::new(c.head_dim, c.rope_theta_local, &recompose_core::config::RopeScaling::None, c.rope_style);
+        let rope_global = Arc::new(Rope::new(c.head_dim, c.rope_theta, &c.rope_scaling, c.rope_style));
+        let rope_local = Arc::new(Rope::new(
+            c.head_dim,
+            c.rope_theta_local,
+            &recompose_core::config::RopeScaling::None,
+            c.rope_style,
+        ));
         Ok(Self { config: c, embed, layers, norm, lm_head, rope_global, rope_local, mode })
     }
 
@@ -180,6 +184,22 @@ impl Model {
     pub fn new_cache(&self, batch: usize) -> FullCache {
         let c = &self.config;
         FullCache::new(c.num_layers, batch, c.num_kv_heads, c.head_dim, c.max_position)
+    }
+
+    /// The facts a cache policy is built from.
+    pub fn cache_layout(&self) -> CacheLayout {
+        let c = &self.config;
+        CacheLayout {
+            num_layers: c.num_layers,
+            num_heads: c.num_heads,
+            kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+            max_len: c.max_position,
+            windows: (0..c.num_layers).map(|l| if c.is_sliding(l) { c.sliding_window } else { None }).collect(),
+            ropes: (0..c.num_layers)
+                .map(|l| if c.is_sliding(l) { self.rope_local.clone() } else { self.rope_global.clone() })
+                .collect(),
+        }
     }
 
     fn embed(&self, tokens: &[u32]) -> Result<Tensor> {
@@ -280,8 +300,22 @@ impl Model {
         let l = view.k.dim(2)?;
         // Query heads of a GQA group share their KV head: fold the group into the query axis.
         let q = q.reshape((b, hkv, g * t, d))?;
-        let out = if !cache.wants_probs() && t <= FUSED_ATTENTION_MAX_T {
-            crate::attention::fused_attention(&q, &view.k, &view.v, view.mask.as_ref(), c.attn_scale as f32, t)?
+        let wants_mass = cache.wants_probs();
+        let out = if t <= FUSED_ATTENTION_MAX_T {
+            let lens = wants_mass.then_some(step.lens.as_slice());
+            let (out, mass) = crate::attention::fused_attention(
+                &q,
+                &view.k,
+                &view.v,
+                view.mask.as_ref(),
+                c.attn_scale as f32,
+                t,
+                lens,
+            )?;
+            if let Some(m) = mass {
+                cache.observe(li, &m)?;
+            }
+            out
         } else {
             let scores = (q.matmul(&view.k.t()?)? * c.attn_scale)?;
             let scores = match &view.mask {
@@ -291,8 +325,12 @@ impl Model {
                 None => scores,
             };
             let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-            if cache.wants_probs() {
-                cache.observe(li, &probs.reshape((b, hq, t, l))?)?;
+            if wants_mass {
+                // Sum over each row's real query columns only.
+                let valid: Vec<f32> = (0..b * t).map(|i| if i % t < step.lens[i / t] { 1.0 } else { 0.0 }).collect();
+                let valid = Tensor::from_vec(valid, (b, 1, t, 1), &Device::Cpu)?;
+                let mass = probs.reshape((b, hq, t, l))?.broadcast_mul(&valid)?.sum(2)?;
+                cache.observe(li, &mass)?;
             }
             probs.matmul(&view.v.contiguous()?)? // (b, hkv, g*t, d)
         };
@@ -319,9 +357,10 @@ pub fn step_for(rows: &[Vec<u32>], cache: &dyn KvCache, pad: u32) -> (Vec<u32>, 
 
 impl Model {
     /// Prefills rows of different lengths in chunks of `chunk` columns (bounded attention
-    /// buffers for long prompts) and returns each row's last-token logits `(B, vocab)`.
+    /// buffers for long prompts; the cache policy may ask for shorter ones) and returns each
+    /// row's last-token logits `(B, vocab)`. Tells the cache when the prompt is in.
     pub fn prefill(&self, rows: &[Vec<u32>], cache: &mut dyn KvCache, chunk: usize) -> Result<Tensor> {
-        let chunk = chunk.max(1);
+        let chunk = cache.prefill_chunk().map_or(chunk, |c| c.min(chunk)).max(1);
         let longest = rows.iter().map(Vec::len).max().unwrap_or(0);
         if longest == 0 {
             return Err(Error::InvalidInput("nothing to prefill".into()));
@@ -340,6 +379,7 @@ impl Model {
             }
             start += chunk;
         }
+        cache.end_prefill()?;
         let rows: Vec<Tensor> = last
             .into_iter()
             .map(|t| t.ok_or_else(|| Error::InvalidInput("empty row".into())))

@@ -68,16 +68,26 @@ impl Rope {
     /// Rotates `x: (B, H, T, D)`; row b's column t sits at position `start[b] + t`.
     pub fn apply(&self, x: &Tensor, start: &[usize]) -> Result<Tensor> {
         let (b, _h, t, _d) = x.dims4()?;
+        let positions: Vec<usize> = start.iter().take(b).flat_map(|&s| s..s + t).collect();
+        self.apply_at(x, &positions)
+    }
+
+    /// Rotates `x: (B, H, T, D)` with row b's column t at `positions[b * T + t]`. Rotations
+    /// compose, so rotating an already rotated key by `n` moves it `n` positions later.
+    pub fn apply_at(&self, x: &Tensor, positions: &[usize]) -> Result<Tensor> {
+        let (b, _h, t, _d) = x.dims4()?;
+        if positions.len() != b * t {
+            return Err(crate::Error::InvalidInput(format!("{} positions for {b} x {t} columns", positions.len())));
+        }
         let half = self.inv_freq.len();
-        let max = start.iter().map(|s| s + t).max().unwrap_or(t);
-        self.ensure(max);
+        self.ensure(positions.iter().max().map_or(1, |m| m + 1));
         let (cos, sin) = {
             let tab = self.table.read().map_err(|_| candle_core::Error::Msg("rope table poisoned".into()))?;
             let mut c = Vec::with_capacity(b * t * half);
             let mut s = Vec::with_capacity(b * t * half);
-            for &st in start.iter().take(b) {
-                c.extend_from_slice(&tab.1[st * half..(st + t) * half]);
-                s.extend_from_slice(&tab.2[st * half..(st + t) * half]);
+            for &p in positions {
+                c.extend_from_slice(&tab.1[p * half..(p + 1) * half]);
+                s.extend_from_slice(&tab.2[p * half..(p + 1) * half]);
             }
             (Tensor::from_vec(c, (b, t, half), &Device::Cpu)?, Tensor::from_vec(s, (b, t, half), &Device::Cpu)?)
         };
