@@ -25,6 +25,16 @@ pub fn set_threads(n: Option<usize>) -> Result<()> {
     Ok(())
 }
 
+/// Parses `--kv SPEC` (the grammar is in recompose-kv's `spec` module and docs/KV.md).
+pub fn parse_kv(s: &str) -> std::result::Result<recompose_kv::KvSpec, String> {
+    s.parse::<recompose_kv::KvSpec>().map_err(|e| e.why)
+}
+
+/// The `--kv` help shared by every command that takes it.
+pub const KV_HELP: &str = "KV-cache policy: full | window:N[,sinks=S][,pos=cache|original] | \
+    h2o:N[,recent=R][,agg=mean|sum|max] (N a slot count, or a fraction of the prompt like h2o:0.2); \
+    add ,prefill=C to evict during prefill too, in steps of C tokens (docs/KV.md)";
+
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
     /// Model: an asset name (smollm2-135m, gemma3-270m), a .gguf file or an HF safetensors folder.

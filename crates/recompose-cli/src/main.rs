@@ -38,7 +38,16 @@ enum Command {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => {
+            // One line, like every other error (clap adds a usage hint below it).
+            let msg = e.to_string();
+            eprintln!("{}", msg.lines().next().unwrap_or("error: bad arguments"));
+            std::process::exit(2);
+        }
+    };
     let filter = if cli.quiet { "warn" } else { "info" };
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("RECOMPOSE_LOG").unwrap_or_else(|_| filter.into()))

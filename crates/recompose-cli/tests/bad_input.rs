@@ -177,3 +177,44 @@ fn unknown_asset_is_named() {
     let e = fails(d.path(), &["fetch", "llama-70b"]);
     assert!(e.contains("unknown asset 'llama-70b'"), "{e}");
 }
+
+#[test]
+fn bounded_kv_policies_generate_and_stream() {
+    let d = tempfile::tempdir().unwrap();
+    let m = tiny(d.path(), TinySpec::default());
+    let m = m.to_str().unwrap();
+    for kv in ["window:8,sinks=2", "window:0.5,pos=original", "h2o:8", "h2o:0.2,agg=max,prefill=4"] {
+        let (code, out, err) = recompose(
+            d.path(),
+            &["generate", "-q", "-m", m, "-p", "hello there, friend", "-n", "12", "--ignore-eos", "--kv", kv],
+        );
+        assert_eq!(code, 0, "{kv}: {err}");
+        assert!(!out.is_empty(), "{kv}");
+        assert!(err.contains("KV cache"), "{kv}: {err}");
+    }
+    let text = d.path().join("text.txt");
+    std::fs::write(&text, "All the world's a stage. ".repeat(8)).unwrap();
+    let (code, out, err) =
+        recompose(d.path(), &["eval", "ppl", "-q", "-m", m, "--data", text.to_str().unwrap(), "--kv", "h2o:16"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("perplexity") && out.contains("streamed 1 at a time"), "{out}");
+}
+
+#[test]
+fn invalid_kv_specs_are_rejected() {
+    let d = tempfile::tempdir().unwrap();
+    let m = tiny(d.path(), TinySpec::default());
+    for (kv, why) in [
+        ("h2o:0", "at least 1"),
+        ("lru:64", "unknown policy `lru`"),
+        ("h2o:64,recent=100", "recent 100 is larger than the total 64"),
+        ("window:4,sinks=4", "no room"),
+    ] {
+        for cmd in [&["generate", "-p", "hi"][..], &["eval", "ppl"], &["eval", "mmlu"], &["bench"]] {
+            let mut args = cmd.to_vec();
+            args.extend(["-m", m.to_str().unwrap(), "--kv", kv]);
+            let e = fails(d.path(), &args);
+            assert!(e.contains(why), "{cmd:?} {kv}: {e}");
+        }
+    }
+}

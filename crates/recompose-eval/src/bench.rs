@@ -2,9 +2,10 @@
 //! tokens/s at a batch size, peak RSS and KV bytes. Warm-up first, then the median of runs.
 
 use crate::error::{Error, Result};
+use recompose_kv::KvSpec;
 use recompose_llm::model::step_for;
 use recompose_llm::sample::argmax;
-use recompose_llm::{KvCache, Logits, Model};
+use recompose_llm::{Logits, Model};
 use serde::Serialize;
 use std::time::Instant;
 
@@ -14,10 +15,12 @@ pub struct BenchOptions {
     pub gen_tokens: usize,
     pub batch: usize,
     pub runs: usize,
+    pub kv: KvSpec,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchResult {
+    pub kv: String,
     pub threads: usize,
     pub batch: usize,
     pub prompt_tokens: usize,
@@ -47,17 +50,17 @@ fn one_run(model: &Model, source: &[u32], o: &BenchOptions) -> Result<Run> {
             source[off..off + o.prompt_tokens].to_vec()
         })
         .collect();
-    let mut cache = model.new_cache(o.batch);
+    let mut cache = o.kv.build(&model.cache_layout(), &vec![o.prompt_tokens; o.batch]);
+    let cache = cache.as_mut();
     let t0 = Instant::now();
-    let (tokens, step) = step_for(&rows, &cache, 0);
-    let logits = model.forward(&tokens, &step, &mut cache, Logits::Last)?;
+    let logits = model.prefill(&rows, cache, recompose_llm::generate::PREFILL_CHUNK)?;
     let prefill_s = t0.elapsed().as_secs_f64();
     let mut next: Vec<Vec<u32>> = logits.to_vec2::<f32>()?.iter().map(|l| vec![argmax(l)]).collect();
     let ttft_s = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     for _ in 1..o.gen_tokens {
-        let (tokens, step) = step_for(&next, &cache, 0);
-        let logits = model.forward(&tokens, &step, &mut cache, Logits::Last)?;
+        let (tokens, step) = step_for(&next, cache, 0);
+        let logits = model.forward(&tokens, &step, cache, Logits::Last)?;
         next = logits.to_vec2::<f32>()?.iter().map(|l| vec![argmax(l)]).collect();
     }
     let decode_s = t1.elapsed().as_secs_f64();
@@ -93,6 +96,7 @@ pub fn run(model: &Model, source: &[u32], o: &BenchOptions) -> Result<BenchResul
     let runs: Vec<Run> = (0..o.runs).map(|_| one_run(model, source, o)).collect::<Result<_>>()?;
     let steps = (o.gen_tokens - 1) * o.batch;
     Ok(BenchResult {
+        kv: o.kv.to_string(),
         threads: rayon_threads(),
         batch: o.batch,
         prompt_tokens: o.prompt_tokens,

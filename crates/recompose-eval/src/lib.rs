@@ -5,6 +5,7 @@ pub mod bench;
 pub mod csv;
 pub mod error;
 pub mod mmlu;
+pub mod passkey;
 pub mod ppl;
 
 pub use error::{Error, Result};

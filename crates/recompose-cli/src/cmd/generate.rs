@@ -25,6 +25,9 @@ pub struct Args {
     pub system: Option<String>,
     #[command(flatten)]
     pub gen: GenArgs,
+    /// KV-cache policy (full, window:N, h2o:N or h2o:FRACTION; see --help).
+    #[arg(long, value_parser = crate::common::parse_kv, default_value = "full", long_help = crate::common::KV_HELP)]
+    pub kv: recompose_kv::KvSpec,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -99,9 +102,9 @@ pub fn run(a: Args) -> Result<()> {
     };
     // A chat template writes BOS itself when the model wants one.
     let ids = tok.encode(&text, !a.chat)?;
-    let mut cache = model.new_cache(1);
+    let mut cache = a.kv.build(&model.cache_layout(), &[ids.len()]);
     let stdout = std::io::stdout();
-    let (gens, t) = generate_batch(&model, &tok, &[ids], &opts, &mut cache, |_, piece| {
+    let (gens, t) = generate_batch(&model, &tok, &[ids], &opts, cache.as_mut(), |_, piece| {
         let mut out = stdout.lock();
         let _ = out.write_all(piece.as_bytes());
         let _ = out.flush();
@@ -110,12 +113,14 @@ pub fn run(a: Args) -> Result<()> {
     let g = &gens[0];
     let decode_steps = t.decode_tokens.saturating_sub(1).max(1);
     eprintln!(
-        "prompt {} tokens, {:.1} tok/s prefill; generated {} tokens, {:.1} tok/s decode ({:?})",
+        "prompt {} tokens, {:.1} tok/s prefill; generated {} tokens, {:.1} tok/s decode ({:?}); KV cache {}: {:.2} MiB",
         g.prompt_tokens,
         g.prompt_tokens as f64 / t.prefill_secs.max(1e-9),
         t.decode_tokens,
         decode_steps as f64 / t.decode_secs.max(1e-9),
-        g.finish
+        g.finish,
+        a.kv,
+        cache.resident_bytes() as f64 / 1048576.0
     );
     Ok(())
 }
