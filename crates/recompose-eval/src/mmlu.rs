@@ -44,6 +44,9 @@ pub struct MmluReport {
     pub accuracy: f64,
     /// Half-width of the 95% normal-approximation interval of `accuracy`.
     pub ci95: f64,
+    /// The chosen answer (0..4 for A..D) of every question, in order: lets two runs be compared
+    /// question by question (a paired comparison separates far more than two accuracies do).
+    pub picks: Vec<u8>,
 }
 
 struct Question {
@@ -144,6 +147,7 @@ pub fn evaluate(
     let total_q: usize = work.iter().map(|w| w.2.len()).sum();
     let mut done = 0;
     let mut results = vec![];
+    let mut picks = vec![];
     for (subject, header, qs) in work {
         let mut correct = 0;
         for q in &qs {
@@ -151,6 +155,7 @@ pub fn evaluate(
             let scores = score_choices(model, &ctx, &choice_ids, &o.kv)?;
             let pred = (0..4).max_by(|&a, &b| scores[a].total_cmp(&scores[b])).unwrap_or(0);
             correct += usize::from(pred == q.answer);
+            picks.push(pred as u8);
             done += 1;
             progress(done, total_q);
         }
@@ -161,7 +166,7 @@ pub fn evaluate(
     let total: usize = results.iter().map(|r| r.total).sum();
     let acc = correct as f64 / total.max(1) as f64;
     let ci95 = 1.96 * (acc * (1.0 - acc) / total.max(1) as f64).sqrt();
-    Ok(MmluReport { split: o.split.clone(), shots: o.shots, subjects: results, correct, total, accuracy: acc, ci95 })
+    Ok(MmluReport { split: o.split.clone(), shots: o.shots, subjects: results, correct, total, accuracy: acc, ci95, picks })
 }
 
 /// Log-likelihood of each continuation after `ctx`. One forward when every continuation is a

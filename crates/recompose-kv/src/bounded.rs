@@ -146,6 +146,20 @@ impl BoundedCache {
     /// The additive mask `(B, heads, T, fill + T)` for the current step, or None.
     fn mask(&self, pos: &[i64], step: &Step, window: Option<usize>, heads: usize) -> Result<Option<Tensor>> {
         let (t, l, cap) = (step.t, self.fill + step.t, self.cap);
+        // Decode with every slot filled and nothing out of a window needs no mask: check first.
+        let visible = |p: i64, q: i64| p >= 0 && p <= q && window.is_none_or(|w| q - p < w as i64);
+        let all_visible = (0..self.batch).all(|b| {
+            (0..heads).all(|h| {
+                let slots = &pos[(b * self.layout.kv_heads + h) * cap..][..l];
+                (0..t).all(|q| {
+                    let qpos = (step.start[b] + q) as i64;
+                    slots.iter().all(|&p| visible(p, qpos))
+                })
+            })
+        });
+        if all_visible {
+            return Ok(None);
+        }
         let mut needed = false;
         let mut m = vec![0f32; self.batch * heads * t * l];
         for b in 0..self.batch {
@@ -192,12 +206,17 @@ impl BoundedCache {
                                 let stale = |s: usize| window.is_some_and(|w| n - pos[s] >= w as i64);
                                 let mut c: Vec<usize> =
                                     (0..fill).filter(|&s| pos[s] >= 0 && pos[s] < recent_from).collect();
-                                c.sort_by(|&a, &b| {
-                                    stale(b)
-                                        .cmp(&stale(a))
-                                        .then(score[a].total_cmp(&score[b]))
-                                        .then(pos[a].cmp(&pos[b]))
-                                });
+                                // Only the k worst are needed: a selection, not a sort (k is 1 in
+                                // decode). Positions are unique, so the order is total.
+                                let k = used - budget.keep;
+                                if k < c.len() {
+                                    c.select_nth_unstable_by(k, |&a, &b| {
+                                        stale(b)
+                                            .cmp(&stale(a))
+                                            .then(score[a].total_cmp(&score[b]))
+                                            .then(pos[a].cmp(&pos[b]))
+                                    });
+                                }
                                 c
                             }
                         };

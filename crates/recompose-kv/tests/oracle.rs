@@ -1,6 +1,7 @@
-//! Bounded policies against the mask oracle: the same logits (max |diff| 1e-4) on MHA
-//! (smollm2-135m), GQA (gemma3-270m with 1 KV head; a tiny model with 4 query / 2 KV heads and
-//! one with a sliding window), at batch 1 and batch 4 with mixed lengths, in both prefill modes.
+//! Bounded policies against the mask oracle: the same logits (max |diff| 1e-4) on smollm2-135m
+//! (9 query heads on 3 KV heads), gemma3-270m (4 on 1, sliding layers), tiny random models with
+//! MHA (4 on 4), GQA (4 on 2) and a sliding window, at batch 1 and batch 4 with mixed lengths,
+//! in both prefill modes.
 
 use recompose_core::testing::{write_tiny_gguf, TinySpec};
 use recompose_core::weights::ModelFile;
@@ -10,10 +11,10 @@ use recompose_llm::kv::KvCache;
 use recompose_llm::model::step_for;
 use recompose_llm::{Logits, Model, WeightMode};
 
-fn tiny(arch: &'static str) -> (tempfile::TempDir, Model) {
+fn tiny(arch: &'static str, kv_heads: usize) -> (tempfile::TempDir, Model) {
     let d = tempfile::tempdir().unwrap();
     let p = d.path().join("tiny.gguf");
-    write_tiny_gguf(&p, &TinySpec { arch, seed: 7, ..Default::default() }).unwrap();
+    write_tiny_gguf(&p, &TinySpec { arch, seed: 7, kv_heads, ..Default::default() }).unwrap();
     let m = Model::load(&ModelFile::open(&p).unwrap(), WeightMode::F32).unwrap();
     (d, m)
 }
@@ -88,14 +89,20 @@ const SPECS: &[&str] = &[
 ];
 
 #[test]
+fn tiny_mha_llama_matches_oracle_batch_1_and_4() {
+    let (_d, m) = tiny("llama", 4);
+    check(&m, SPECS, &[vec![30], vec![30, 9, 21, 2]], 20);
+}
+
+#[test]
 fn tiny_gqa_llama_matches_oracle_batch_1_and_4() {
-    let (_d, m) = tiny("llama");
+    let (_d, m) = tiny("llama", 2);
     check(&m, SPECS, &[vec![30], vec![30, 9, 21, 2]], 20);
 }
 
 #[test]
 fn tiny_gemma3_with_sliding_window_matches_oracle() {
-    let (_d, m) = tiny("gemma3");
+    let (_d, m) = tiny("gemma3", 2);
     // Budgets below the tiny model's window of 8, so eviction matters on its sliding layers.
     let specs =
         ["window:6,sinks=2", "window:6,sinks=2,pos=original", "h2o:6", "h2o:heavy=3,recent=2,agg=max,prefill=3"];

@@ -327,9 +327,14 @@ impl Model {
             let probs = candle_nn::ops::softmax_last_dim(&scores)?;
             if wants_mass {
                 // Sum over each row's real query columns only.
-                let valid: Vec<f32> = (0..b * t).map(|i| if i % t < step.lens[i / t] { 1.0 } else { 0.0 }).collect();
-                let valid = Tensor::from_vec(valid, (b, 1, t, 1), &Device::Cpu)?;
-                let mass = probs.reshape((b, hq, t, l))?.broadcast_mul(&valid)?.sum(2)?;
+                let probs = probs.reshape((b, hq, t, l))?;
+                let mass = if step.lens.iter().all(|&n| n == t) {
+                    probs.sum(2)?
+                } else {
+                    let valid: Vec<f32> =
+                        (0..b * t).map(|i| if i % t < step.lens[i / t] { 1.0 } else { 0.0 }).collect();
+                    probs.broadcast_mul(&Tensor::from_vec(valid, (b, 1, t, 1), &Device::Cpu)?)?.sum(2)?
+                };
                 cache.observe(li, &mass)?;
             }
             probs.matmul(&view.v.contiguous()?)? // (b, hkv, g*t, d)
