@@ -8,10 +8,10 @@ model=${1:-smollm2-135m}
 bin=${RECOMPOSE_BIN:-target/release/recompose}
 out=bench/results/kv/passkey
 mkdir -p "$out"
-for spec in full "window:256,sinks=4" "h2o:256" "window:0.2,sinks=4" "h2o:0.2" "h2o:256,prefill=256"; do
+for spec in full "window:256,sinks=4" "h2o:256" "h2o:0.2" "h2o:256,prefill=256"; do
   file="$out/${model}_${spec//[:,=]/_}.json"
   if [[ -s "$file" ]]; then echo "skip $spec"; continue; fi
   echo "== $model $spec"
-  "$bin" -q eval passkey -m "$model" --lengths 1024,2048,4096,8184 --depths 0.1,0.3,0.5,0.7,0.9 --trials 1 \
+  "$bin" -q ${THREADS:+--threads $THREADS} eval passkey -m "$model" --lengths 1024,2048,4096,8184 --depths 0.1,0.3,0.5,0.7,0.9 --trials 1 \
     --seed 1234 --kv "$spec" --json "$file" | tail -1
 done

@@ -21,5 +21,5 @@ for spec in "${specs[@]}"; do
   file="$out/${model}_${spec//[:,=]/_}.json"
   if [[ -s "$file" ]]; then echo "skip $spec (have $file)"; continue; fi
   echo "== $model $spec"
-  "$bin" -q eval ppl -m "$model" --data "$text" --tokens "$tokens" --chunk "$chunk" --stream --kv "$spec" --json "$file"
+  "$bin" -q ${THREADS:+--threads $THREADS} eval ppl -m "$model" --data "$text" --tokens "$tokens" --chunk "$chunk" --stream --kv "$spec" --json "$file"
 done

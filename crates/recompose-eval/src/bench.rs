@@ -91,8 +91,11 @@ pub fn run(model: &Model, source: &[u32], o: &BenchOptions) -> Result<BenchResul
         }
         .into());
     }
-    // Warm-up: pages the weights in and fills allocator pools.
-    one_run(model, source, &BenchOptions { gen_tokens: 4.min(o.gen_tokens), runs: 1, ..o.clone() })?;
+    // Warm-up: pages the weights in and fills allocator pools (a short prompt: long ones would
+    // only repeat the prefill).
+    let warm =
+        BenchOptions { gen_tokens: 4.min(o.gen_tokens), runs: 1, prompt_tokens: o.prompt_tokens.min(128), ..o.clone() };
+    one_run(model, source, &warm)?;
     let runs: Vec<Run> = (0..o.runs).map(|_| one_run(model, source, o)).collect::<Result<_>>()?;
     let steps = (o.gen_tokens - 1) * o.batch;
     Ok(BenchResult {

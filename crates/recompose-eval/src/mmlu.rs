@@ -166,7 +166,16 @@ pub fn evaluate(
     let total: usize = results.iter().map(|r| r.total).sum();
     let acc = correct as f64 / total.max(1) as f64;
     let ci95 = 1.96 * (acc * (1.0 - acc) / total.max(1) as f64).sqrt();
-    Ok(MmluReport { split: o.split.clone(), shots: o.shots, subjects: results, correct, total, accuracy: acc, ci95, picks })
+    Ok(MmluReport {
+        split: o.split.clone(),
+        shots: o.shots,
+        subjects: results,
+        correct,
+        total,
+        accuracy: acc,
+        ci95,
+        picks,
+    })
 }
 
 /// Log-likelihood of each continuation after `ctx`. One forward when every continuation is a
