@@ -4,7 +4,7 @@
 # JSON per run under bench/results/kv/ppl/; bench/plot_kv.py draws the figure and the table.
 #
 #   bench/kv_quality.sh smollm2-135m 8192        # model, tokens [, chunk]
-#   bench/kv_quality.sh gemma3-270m 16384 16
+#   BUDGETS="64 256 0.2" bench/kv_quality.sh gemma3-270m 16384 16
 set -euo pipefail
 model=${1:-smollm2-135m}
 tokens=${2:-8192}
@@ -14,7 +14,7 @@ bin=${RECOMPOSE_BIN:-target/release/recompose}
 out=bench/results/kv/ppl
 mkdir -p "$out"
 specs=(full)
-for b in 64 128 256 512 0.1 0.2 0.5; do
+for b in ${BUDGETS:-64 128 256 512 0.1 0.2 0.5}; do
   specs+=("window:$b" "window:$b,sinks=4" "h2o:$b")
 done
 for spec in "${specs[@]}"; do

@@ -97,18 +97,25 @@ def plot(ppl, path):
 
 
 def passkey_table(pk):
+    """Correct/trials per prompt length, over the depths every run shares."""
     if not pk:
         return
-    print("\n| model | policy | " + " | ".join(["1k", "2k", "4k", "8k"]) + " | all |")
-    print("|---|---|---|---|---|---|---|")
+    common = set.intersection(*({c["depth"] for c in r["cells"]} for r in pk.values()))
+    lengths = sorted({c["length"] for r in pk.values() for c in r["cells"]})
+    depths = ", ".join(f"{d:.0%}" for d in sorted(common))
+    print(f"\nDepths {depths}; one trial per cell.\n")
+    print("| model | policy | " + " | ".join(f"{n} tokens" for n in lengths) + " | all |")
+    print("|---|---|" + "---|" * (len(lengths) + 1))
     for (model, spec), r in sorted(pk.items()):
         by_len = {}
         for c in r["cells"]:
-            a = by_len.setdefault(c["length"], [0, 0])
-            a[0] += c["correct"]
-            a[1] += c["trials"]
-        cells = [f"{by_len[k][0]}/{by_len[k][1]}" for k in sorted(by_len)]
-        print(f"| {model} | `{r['kv']}` | " + " | ".join(cells) + f" | {r['accuracy']:.2f} |")
+            if c["depth"] in common:
+                a = by_len.setdefault(c["length"], [0, 0])
+                a[0] += c["correct"]
+                a[1] += c["trials"]
+        cells = [f"{by_len[k][0]}/{by_len[k][1]}" if k in by_len else "" for k in lengths]
+        ok, n = sum(v[0] for v in by_len.values()), sum(v[1] for v in by_len.values())
+        print(f"| {model} | `{r['kv']}` | " + " | ".join(cells) + f" | {ok}/{n} |")
 
 
 def mmlu_table(mm):

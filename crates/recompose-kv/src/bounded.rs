@@ -97,7 +97,8 @@ impl BoundedCache {
         if need <= self.cap {
             return Ok(());
         }
-        let new_cap = if self.deferring { need.max(self.cap * 2) } else { need };
+        // Doubling while a full prefill defers eviction, but never past what the model can hold.
+        let new_cap = if self.deferring { need.max((self.cap * 2).min(self.layout.max_len)) } else { need };
         self.resize(new_cap)
     }
 
