@@ -17,9 +17,13 @@ specs=(full)
 for b in ${BUDGETS:-64 128 256 512 0.1 0.2 0.5}; do
   specs+=("window:$b" "window:$b,sinks=4" "h2o:$b")
 done
+# SPECS="h2o:256 window:64" runs just those (two runs of this script can share the work).
+if [[ -n "${SPECS:-}" ]]; then read -ra specs <<< "$SPECS"; fi
 for spec in "${specs[@]}"; do
   file="$out/${model}_${spec//[:,=]/_}.json"
   if [[ -s "$file" ]]; then echo "skip $spec (have $file)"; continue; fi
+  mkdir "$file.lock" 2>/dev/null || { echo "skip $spec (another run has it)"; continue; }
   echo "== $model $spec"
   "$bin" -q ${THREADS:+--threads $THREADS} eval ppl -m "$model" --data "$text" --tokens "$tokens" --chunk "$chunk" --stream --kv "$spec" --json "$file"
+  rmdir "$file.lock"
 done

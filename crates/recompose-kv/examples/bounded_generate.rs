@@ -18,7 +18,7 @@ fn main() -> anyhow::Result<()> {
     // Fractional budgets resolve against each row's prompt length.
     let mut cache = spec.build(&model.cache_layout(), &[ids.len()]);
     let opts = GenerateOptions { max_tokens: 40, ..Default::default() };
-    let (gens, _) = generate_batch(&model, &tok, &[ids.clone()], &opts, cache.as_mut(), |_, _| {})?;
+    let (gens, _) = generate_batch(&model, &tok, std::slice::from_ref(&ids), &opts, cache.as_mut(), |_, _| {})?;
     println!("{}", gens[0].text);
     println!("---\n{} ({} prompt tokens): {}", spec, ids.len(), cache.describe());
     println!("KV bytes held: {}", cache.resident_bytes());

@@ -75,9 +75,9 @@ impl MaskOracle {
                         // The worst unprotected entry: stale (out of a sliding window) first,
                         // then the lowest score, then the oldest.
                         let mut worst: Option<usize> = None;
-                        for c in 0..alive.len() {
+                        for (c, &live) in alive.iter().enumerate() {
                             let p = self.col_pos[b][c];
-                            if !alive[c] || self.protected(b, p, n) {
+                            if !live || self.protected(b, p, n) {
                                 continue;
                             }
                             let key = |c: usize| {

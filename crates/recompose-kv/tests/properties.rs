@@ -145,7 +145,7 @@ proptest! {
                 n += 1;
                 let deferring = phase == 0 && spec.prefill() == Prefill::Full;
                 for l in 0..layers {
-                    for b in 0..lens.len() {
+                    for (b, budget) in budgets.iter().enumerate() {
                         let seen = bounded.seq_len(b) as i64;
                         for h in 0..kv_heads {
                             let held = bounded.held(l, b, h);
@@ -153,10 +153,10 @@ proptest! {
                             if deferring {
                                 continue;
                             }
-                            prop_assert!(held.len() <= budgets[b].keep, "{} held > budget {}", held.len(), budgets[b].keep);
+                            prop_assert!(held.len() <= budget.keep, "{} held > budget {}", held.len(), budget.keep);
                             for p in 0..seen {
-                                let must = p < sinks as i64 || p >= seen - budgets[b].recent as i64;
-                                prop_assert!(!must || held.contains(&p), "position {} evicted (sinks {}, recent {})", p, sinks, budgets[b].recent);
+                                let must = p < sinks as i64 || p >= seen - budget.recent as i64;
+                                prop_assert!(!must || held.contains(&p), "position {} evicted (sinks {}, recent {})", p, sinks, budget.recent);
                             }
                         }
                     }
