@@ -390,6 +390,8 @@ struct Spm {
     byte_ids: [Option<u32>; 256],
     /// Control and user-defined tokens matched verbatim in the text, longest first.
     specials: Vec<(String, u32)>,
+    /// Indices into `specials` by first byte, longest first.
+    specials_by_byte: Vec<Vec<usize>>,
     add_space_prefix: bool,
 }
 
@@ -431,36 +433,39 @@ impl Spm {
             }
         }
         specials.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
-        Ok(Self { tokens, scores, types, vocab, byte_ids, specials, add_space_prefix })
+        let mut specials_by_byte = vec![vec![]; 256];
+        for (k, (sp, _)) in specials.iter().enumerate() {
+            specials_by_byte[sp.as_bytes()[0] as usize].push(k); // longest first, as sorted
+        }
+        Ok(Self { tokens, scores, types, vocab, byte_ids, specials, specials_by_byte, add_space_prefix })
     }
 
     fn encode(&self, text: &str) -> Vec<u32> {
         let mut out = vec![];
-        let mut rest = text;
         let mut first = true;
-        while !rest.is_empty() {
-            // The earliest special token occurrence (longest on ties) splits the text.
-            let mut best: Option<(usize, &str, u32)> = None;
-            for (s, id) in &self.specials {
-                if let Some(p) = rest.find(s.as_str()) {
-                    if best.is_none_or(|(bp, bs, _)| p < bp || (p == bp && s.len() > bs.len())) {
-                        best = Some((p, s.as_str(), *id));
-                    }
+        let mut from = 0;
+        // Special tokens split the text (leftmost occurrence, longest on ties). One pass over
+        // the text, trying only the specials that start with the byte at hand: Gemma has
+        // thousands of specials, and searching the whole text for each of them is quadratic.
+        let mut at = 0;
+        let bytes = text.as_bytes();
+        while at < bytes.len() {
+            let hit = self.specials_by_byte[bytes[at] as usize]
+                .iter()
+                .map(|&k| &self.specials[k])
+                .find(|(sp, _)| text[at..].starts_with(sp.as_str()));
+            match hit {
+                Some((sp, id)) => {
+                    self.encode_piece(&text[from..at], first, &mut out);
+                    out.push(*id);
+                    at += sp.len();
+                    from = at;
+                    first = false;
                 }
+                None => at += 1,
             }
-            match best {
-                Some((p, s, id)) => {
-                    self.encode_piece(&rest[..p], first, &mut out);
-                    out.push(id);
-                    rest = &rest[p + s.len()..];
-                }
-                None => {
-                    self.encode_piece(rest, first, &mut out);
-                    rest = "";
-                }
-            }
-            first = false;
         }
+        self.encode_piece(&text[from..], first, &mut out);
         out
     }
 
@@ -589,5 +594,16 @@ mod tests {
         let t = toy();
         assert_eq!(t.encode("a<x>b<s>"), vec![2, 11, 3, 1]);
         assert_eq!(t.decode(&[2, 1, 3], true), "ab");
+    }
+
+    /// The one-pass special-token split (was a whole-text search per special: minutes on a
+    /// novel with Gemma's thousands of specials) must split exactly where the search did.
+    #[test]
+    fn spm_special_split_in_one_pass_after_multibyte_and_adjacent_specials() {
+        let t = toy();
+        // "é" has no token and no byte token: two <unk>; specials back to back and at the ends.
+        assert_eq!(t.encode("<s>é<x>a<s><x>"), vec![1, 0, 0, 11, 2, 1, 11]);
+        assert_eq!(t.encode("ab<x"), vec![5, 0, 0]); // '<' and 'x' alone have no token
+        assert_eq!(t.encode(&"ab<x>".repeat(3)), [5, 11].repeat(3));
     }
 }
