@@ -41,10 +41,12 @@ def ppl_table(ppl):
     for model in models:
         runs = {s: r for (m, s), r in ppl.items() if m == model}
         full = runs.get("full")
-        if not full:
-            continue
-        n = full["report"]["n_scored"] + 1
-        print(f"\n**{model}**, {n} tokens, full cache: perplexity {full['report']['ppl']:.3f}\n")
+        any_run = next(iter(runs.values()))
+        n = any_run["report"]["n_scored"] + 1
+        chunk = any_run["report"]["chunk"]
+        how = "token by token" if chunk == 1 else f"{chunk} tokens per step"
+        base = f"full cache: perplexity {full['report']['ppl']:.3f}" if full else "full cache: not measured"
+        print(f"\n**{model}**, {n} tokens streamed {how}, {base}\n")
         print("| budget | slots | window (recent only) | sinks (4) + window | h2o (half heavy, half recent) |")
         print("|---|---|---|---|---|")
         for b in BUDGETS:
@@ -53,8 +55,10 @@ def ppl_table(ppl):
             cells = []
             for pol in ["window", "window+sinks", "h2o"]:
                 r = next((r for s, r in runs.items() if policy_of(s) == (pol, b)), None)
-                cells.append("" if r is None else f"{r['report']['ppl']:.3f} ({r['report']['ppl'] / full['report']['ppl']:.3f}x)")
-            print(f"| {label} | {slots} | " + " | ".join(cells) + " |")
+                ratio = f" ({r['report']['ppl'] / full['report']['ppl']:.3f}x)" if r and full else ""
+                cells.append("" if r is None else f"{r['report']['ppl']:.3f}{ratio}")
+            if any(cells):
+                print(f"| {label} | {slots} | " + " | ".join(cells) + " |")
 
 
 def plot(ppl, path):
@@ -70,9 +74,7 @@ def plot(ppl, path):
     for ax, model in zip(axes[0], models):
         runs = {s: r for (m, s), r in ppl.items() if m == model}
         full = runs.get("full")
-        if not full:
-            continue
-        n = full["report"]["n_scored"] + 1
+        n = next(iter(runs.values()))["report"]["n_scored"] + 1
         for pol, style in [("window", "o:"), ("window+sinks", "s--"), ("h2o", "^-")]:
             pts = []
             for s, r in runs.items():
@@ -83,7 +85,8 @@ def plot(ppl, path):
             pts.sort()
             if pts:
                 ax.plot([x for x, _ in pts], [y for _, y in pts], style, label=pol)
-        ax.axhline(full["report"]["ppl"], color="k", lw=1, label="full")
+        if full:
+            ax.axhline(full["report"]["ppl"], color="k", lw=1, label="full")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("KV slots per layer and KV head (budget)")
