@@ -77,3 +77,11 @@ pub fn progress(len: u64, msg: &str, quiet: bool) -> indicatif::ProgressBar {
     pb.set_message(msg.to_string());
     pb
 }
+
+/// A `(done, total)` progress callback driving `pb`.
+pub fn ticker(pb: &indicatif::ProgressBar) -> impl FnMut(usize, usize) + '_ {
+    move |done, total| {
+        pb.set_length(total as u64);
+        pb.set_position(done as u64);
+    }
+}

@@ -81,6 +81,9 @@ impl BoundedCache {
     /// Positions `layer` holds for (row, KV head), ascending (tests and diagnostics).
     pub fn held(&self, layer: usize, row: usize, head: usize) -> Vec<i64> {
         let Some(Some(slots)) = self.layers.get(layer) else { return vec![] };
+        if row >= self.batch || head >= self.layout.kv_heads {
+            return vec![];
+        }
         let base = (row * self.layout.kv_heads + head) * self.cap;
         let mut p: Vec<i64> = slots.pos[base..base + self.fill].iter().copied().filter(|&p| p >= 0).collect();
         p.sort_unstable();
@@ -249,7 +252,7 @@ impl BoundedCache {
                 }
             }
             if !moves.is_empty() {
-                let op = MoveRows { moves: &moves, d };
+                let op = CopyRows { src: None, rows: &moves, d };
                 slots.k.inplace_op1(&op)?;
                 slots.v.inplace_op1(&op)?;
             }
@@ -286,50 +289,33 @@ impl BoundedCache {
                 }
             }
         }
-        slots.k.inplace_op1(&WriteRows { src: &moved, rows: &rows, d })?;
+        slots.k.inplace_op1(&CopyRows { src: Some(&moved), rows: &rows, d })?;
         Ok(())
     }
 }
 
-/// Writes rows of D floats from `src` into a contiguous `(.., cap, D)` tensor: `(src row, dst row)`.
-struct WriteRows<'a> {
-    src: &'a [f32],
+/// Copies rows of D floats into a contiguous `(.., cap, D)` tensor, `(from, to)` row pairs: from
+/// `src` when given, else from the tensor itself (moving entries between slots).
+struct CopyRows<'a> {
+    src: Option<&'a [f32]>,
     rows: &'a [(usize, usize)],
     d: usize,
 }
 
-impl InplaceOp1 for WriteRows<'_> {
+impl InplaceOp1 for CopyRows<'_> {
     fn name(&self) -> &'static str {
-        "kv-write-rows"
+        "kv-copy-rows"
     }
 
     fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
         let CpuStorage::F32(data) = storage else { candle_core::bail!("kv slots must be f32") };
         let Some((o, _)) = layout.contiguous_offsets() else { candle_core::bail!("kv slots must be contiguous") };
         let d = self.d;
-        for &(s, t) in self.rows {
-            data[o + t * d..o + (t + 1) * d].copy_from_slice(&self.src[s * d..(s + 1) * d]);
-        }
-        Ok(())
-    }
-}
-
-/// Copies rows of D floats inside one contiguous `(.., cap, D)` tensor.
-struct MoveRows<'a> {
-    moves: &'a [(usize, usize)],
-    d: usize,
-}
-
-impl InplaceOp1 for MoveRows<'_> {
-    fn name(&self) -> &'static str {
-        "kv-move-rows"
-    }
-
-    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
-        let CpuStorage::F32(data) = storage else { candle_core::bail!("kv slots must be f32") };
-        let Some((o, _)) = layout.contiguous_offsets() else { candle_core::bail!("kv slots must be contiguous") };
-        for &(src, dst) in self.moves {
-            data.copy_within(o + src * self.d..o + (src + 1) * self.d, o + dst * self.d);
+        for &(from, to) in self.rows {
+            match self.src {
+                Some(src) => data[o + to * d..o + (to + 1) * d].copy_from_slice(&src[from * d..(from + 1) * d]),
+                None => data.copy_within(o + from * d..o + (from + 1) * d, o + to * d),
+            }
         }
         Ok(())
     }
@@ -337,20 +323,15 @@ impl InplaceOp1 for MoveRows<'_> {
 
 impl KvCache for BoundedCache {
     fn begin_step(&mut self, step: &Step) -> Result<()> {
-        if step.batch() != self.batch || step.start.len() != self.batch {
-            return Err(Error::InvalidInput(format!("step has {} rows, cache has {}", step.batch(), self.batch)));
-        }
-        for b in 0..self.batch {
-            if step.start[b] != self.lens[b] {
-                return Err(Error::InvalidInput(format!(
-                    "row {b} starts at {} but has {} tokens cached",
-                    step.start[b], self.lens[b]
-                )));
-            }
-        }
+        step.check(&self.lens)?;
         // The first allocation leaves room for the budget plus steps of this size.
         let need = if self.cap == 0 { self.max_keep.max(self.fill) + step.t } else { self.fill + step.t };
         self.reserve(need)?;
+        for l in 0..self.layers.len() {
+            if self.layers[l].is_none() {
+                self.layers[l] = Some(self.new_layer()?);
+            }
+        }
         let (cap, fill, heads) = (self.cap, self.fill, self.layout.kv_heads);
         for slots in self.layers.iter_mut().flatten() {
             for b in 0..self.batch {
@@ -372,25 +353,19 @@ impl KvCache for BoundedCache {
         let Some(step) = self.step.clone() else {
             return Err(Error::InvalidInput("update outside a step".into()));
         };
-        if layer >= self.layers.len() {
-            return Err(Error::InvalidInput(format!("layer {layer} out of range")));
-        }
-        if self.layers[layer].is_none() {
-            // A layer first seen now gets the step's positions like the others did.
-            let mut slots = self.new_layer()?;
-            let (cap, heads) = (self.cap, self.layout.kv_heads);
-            for b in 0..self.batch {
-                for h in 0..heads {
-                    for i in 0..step.lens[b] {
-                        slots.pos[(b * heads + h) * cap + self.fill + i] = (step.start[b] + i) as i64;
-                    }
-                }
-            }
-            self.layers[layer] = Some(slots);
-        }
         let (fill, t, heads, d) = (self.fill, step.t, self.layout.kv_heads, self.layout.head_dim);
+        if k.dims() != [self.batch, heads, t, d] || v.dims() != k.dims() {
+            return Err(Error::InvalidInput(format!(
+                "keys {:?} / values {:?} for a {:?} step",
+                k.dims(),
+                v.dims(),
+                [self.batch, heads, t, d]
+            )));
+        }
+        let Some(slots) = self.layers.get_mut(layer).and_then(Option::as_mut) else {
+            return Err(Error::InvalidInput(format!("layer {layer} out of range")));
+        };
         if let Rule::Window { sinks, reposition: true } = self.rule {
-            let slots = self.layers[layer].as_mut().expect("allocated above");
             // Keep the original keys of sinks arriving in this step.
             if sinks > 0 && (0..self.batch).any(|b| step.start[b] < sinks && step.lens[b] > 0) {
                 let new: Vec<f32> = k.flatten_all()?.to_vec1()?;
@@ -408,12 +383,15 @@ impl KvCache for BoundedCache {
                     }
                 }
             }
+        }
+        let Some(slots) = self.layers.get(layer).and_then(Option::as_ref) else {
+            return Err(Error::InvalidInput(format!("layer {layer} out of range")));
+        };
+        if let Rule::Window { sinks, reposition: true } = self.rule {
             if sinks > 0 {
-                let slots = self.layers[layer].as_ref().expect("allocated above");
                 self.reposition_sinks(slots, layer, sinks)?;
             }
         }
-        let slots = self.layers[layer].as_ref().expect("allocated above");
         slots.k.slice_set(&k.contiguous()?, 2, fill)?;
         slots.v.slice_set(&v.contiguous()?, 2, fill)?;
         let mask = match self.rule {

@@ -128,17 +128,16 @@ impl MaskOracle {
 
 impl KvCache for MaskOracle {
     fn begin_step(&mut self, step: &Step) -> Result<()> {
-        for b in 0..self.batch() {
-            if step.start[b] != self.lens[b] {
-                return Err(Error::InvalidInput(format!("row {b} out of step")));
-            }
-        }
+        step.check(&self.lens)?;
         self.step = Some(step.clone());
         Ok(())
     }
 
     fn update(&mut self, layer: usize, k: &Tensor, v: &Tensor, window: Option<usize>) -> Result<KvView> {
         let step = self.step.clone().ok_or_else(|| Error::InvalidInput("update outside a step".into()))?;
+        if layer >= self.layout.num_layers {
+            return Err(Error::InvalidInput(format!("layer {layer} out of range")));
+        }
         let old = self.col_pos[0].len();
         let repositioned = match (&self.spec, &self.k[layer]) {
             (KvSpec::Window { positions: Positions::Cache, sinks, .. }, Some(kk)) if *sinks > 0 => {
@@ -277,7 +276,9 @@ impl MaskOracle {
     }
 
     pub fn held(&self, layer: usize, row: usize, head: usize) -> Vec<i64> {
-        let alive = &self.alive[layer][row][head];
+        let Some(alive) = self.alive.get(layer).and_then(|l| l.get(row)).and_then(|r| r.get(head)) else {
+            return vec![];
+        };
         (0..alive.len()).filter(|&c| alive[c] && self.col_pos[row][c] >= 0).map(|c| self.col_pos[row][c]).collect()
     }
 }

@@ -37,6 +37,26 @@ impl Step {
     pub fn batch(&self) -> usize {
         self.lens.len()
     }
+
+    /// Checks the step against a cache of `seen.len()` rows holding `seen[b]` tokens each.
+    pub fn check(&self, seen: &[usize]) -> Result<()> {
+        if self.batch() != seen.len() || self.start.len() != seen.len() {
+            return Err(Error::InvalidInput(format!("step has {} rows, cache has {}", self.batch(), seen.len())));
+        }
+        if let Some(b) = (0..seen.len()).find(|&b| self.lens[b] > self.t) {
+            return Err(Error::InvalidInput(format!(
+                "row {b} has {} tokens in a {}-column step",
+                self.lens[b], self.t
+            )));
+        }
+        match (0..seen.len()).find(|&b| self.start[b] != seen[b]) {
+            Some(b) => Err(Error::InvalidInput(format!(
+                "row {b} starts at {} but has {} tokens cached",
+                self.start[b], seen[b]
+            ))),
+            None => Ok(()),
+        }
+    }
 }
 
 /// What a layer attends over: keys/values `(B, Hkv, L, D)` and an additive mask `(B, 1, T, L)`
@@ -170,20 +190,12 @@ impl FullCache {
 
 impl KvCache for FullCache {
     fn begin_step(&mut self, step: &Step) -> Result<()> {
-        if step.batch() != self.batch || step.start.len() != self.batch {
-            return Err(Error::InvalidInput(format!("step has {} rows, cache has {}", step.batch(), self.batch)));
-        }
+        step.check(&self.lens)?;
         if self.cursor + step.t > self.max_len {
             return Err(Error::ContextOverflow { tokens: self.cursor + step.t, context: self.max_len });
         }
         self.grow(self.cursor + step.t)?;
         for b in 0..self.batch {
-            if step.start[b] != self.lens[b] {
-                return Err(Error::InvalidInput(format!(
-                    "row {b} starts at {} but has {} tokens cached",
-                    step.start[b], self.lens[b]
-                )));
-            }
             for t in 0..step.t {
                 let p = if t < step.lens[b] { (step.start[b] + t) as i64 } else { -1 };
                 self.slot_pos[b].push(p);
@@ -202,11 +214,13 @@ impl KvCache for FullCache {
         let cap = self.cap;
         let entry =
             self.layers.get_mut(layer).ok_or_else(|| Error::InvalidInput(format!("layer {layer} out of range")))?;
-        if entry.is_none() {
-            let z = || Tensor::zeros((self.batch, self.kv_heads, cap, self.head_dim), DType::F32, &Device::Cpu);
-            *entry = Some((z()?, z()?));
-        }
-        let Some((ck, cv)) = entry.as_ref() else { unreachable!() };
+        let (ck, cv) = match entry {
+            Some(kv) => &*kv,
+            None => {
+                let z = || Tensor::zeros((self.batch, self.kv_heads, cap, self.head_dim), DType::F32, &Device::Cpu);
+                &*entry.insert((z()?, z()?))
+            }
+        };
         ck.slice_set(&k.contiguous()?, 2, self.cursor)?;
         cv.slice_set(&v.contiguous()?, 2, self.cursor)?;
         let l = self.cursor + step.t;

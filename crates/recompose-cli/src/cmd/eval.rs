@@ -158,10 +158,7 @@ pub fn run(cmd: EvalCommand, quiet: bool) -> Result<()> {
                 return write_json(&a.json, &serde_json::json!({ "kv": a.kv.kv.to_string(), "report": r }));
             }
             let pb = progress(0, "perplexity", quiet);
-            let r = ppl::perplexity(&model, &ids[a.start..end], a.ctx, a.stride, |d, t| {
-                pb.set_length(t as u64);
-                pb.set_position(d as u64);
-            })?;
+            let r = ppl::perplexity(&model, &ids[a.start..end], a.ctx, a.stride, crate::common::ticker(&pb))?;
             pb.finish_and_clear();
             println!(
                 "perplexity {:.4}  ({} tokens scored of {} [{}..{}) of {}, ctx {}, stride {})",
@@ -194,10 +191,7 @@ pub fn run(cmd: EvalCommand, quiet: bool) -> Result<()> {
                 );
             }
             let pb = progress(0, "mmlu", quiet);
-            let r = mmlu::evaluate(&model, &tok, &o, |d, t| {
-                pb.set_length(t as u64);
-                pb.set_position(d as u64);
-            })?;
+            let r = mmlu::evaluate(&model, &tok, &o, crate::common::ticker(&pb))?;
             pb.finish_and_clear();
             println!("{:<40} {:>8} {:>6}", "subject", "accuracy", "n");
             for s in &r.subjects {
@@ -218,10 +212,7 @@ pub fn run(cmd: EvalCommand, quiet: bool) -> Result<()> {
                 kv: a.kv.kv.clone(),
             };
             let pb = progress(0, "passkey", quiet);
-            let r = passkey::evaluate(&model, &tok, &text, &o, |d, t| {
-                pb.set_length(t as u64);
-                pb.set_position(d as u64);
-            })?;
+            let r = passkey::evaluate(&model, &tok, &text, &o, crate::common::ticker(&pb))?;
             pb.finish_and_clear();
             println!("{:>7} {:>6} {:>8}", "length", "depth", "correct");
             for c in &r.cells {
