@@ -35,6 +35,14 @@ enum Command {
     Eval(cmd::eval::EvalCommand),
     /// Measure prefill/decode speed, time to first token and memory.
     Bench(cmd::bench::Args),
+    /// Merge models with a mergekit YAML config (linear, ties, dare, slerp, model_stock, ...).
+    Merge(cmd::merge::Args),
+    /// Task vectors: extract (finetuned - base), apply with scales, remove.
+    #[command(subcommand)]
+    Tv(cmd::delta::TvCommand),
+    /// Robust weight signatures: extract, apply with alpha, remove, inspect.
+    #[command(subcommand)]
+    Rws(cmd::delta::RwsCommand),
 }
 
 fn main() {
@@ -67,6 +75,9 @@ fn main() {
         Command::Generate(a) => cmd::generate::run(a),
         Command::Eval(a) => cmd::eval::run(a, quiet),
         Command::Bench(a) => cmd::bench::run(a, quiet),
+        Command::Merge(a) => cmd::merge::run(a, quiet),
+        Command::Tv(c) => cmd::delta::run_tv(c, quiet),
+        Command::Rws(c) => cmd::delta::run_rws(c, quiet),
     };
     if let Err(e) = result {
         // One line: the chain of causes joined.

@@ -63,7 +63,7 @@ fn qk_heads(cfg: &ModelConfig, hf: &str) -> Option<usize> {
 }
 
 /// Every tensor of the model under its HF name, in the model's source order.
-fn hf_names(file: &ModelFile) -> Result<Vec<String>> {
+pub fn hf_names(file: &ModelFile) -> Result<Vec<String>> {
     match &file.source {
         Source::Hf(h) => Ok(h.names().cloned().collect()),
         Source::Gguf(g) => g
@@ -79,7 +79,7 @@ fn hf_names(file: &ModelFile) -> Result<Vec<String>> {
 }
 
 /// A tensor in HF's convention (f32), whatever the source format.
-fn hf_value(file: &ModelFile, hf: &str) -> Result<Tensor> {
+pub fn hf_value(file: &ModelFile, hf: &str) -> Result<Tensor> {
     match &file.source {
         Source::Hf(h) => Ok(h.load(hf)?.to_dtype(DType::F32)?),
         Source::Gguf(g) => {
@@ -97,7 +97,7 @@ fn hf_value(file: &ModelFile, hf: &str) -> Result<Tensor> {
 }
 
 /// A tensor in GGUF's convention (f32) from its HF-convention value.
-fn gguf_value(cfg: &ModelConfig, hf: &str, t: Tensor) -> Result<Tensor> {
+pub fn gguf_value(cfg: &ModelConfig, hf: &str, t: Tensor) -> Result<Tensor> {
     let mut t = t;
     if let Some(h) = qk_heads(cfg, hf) {
         t = permute_qk(&t, h, true)?;
@@ -169,17 +169,7 @@ fn to_hf_dir(file: &ModelFile, out: &Path, dtype: OutDType, progress: &mut dyn F
     let config = hf_config_json(&file.config, &tok, dt);
     crate::atomic::write_bytes(&tmp.path().join("config.json"), config.as_bytes())?;
     crate::atomic::write_bytes(&tmp.path().join("tokenizer.json"), tok_json.as_bytes())?;
-    let name = |id: Option<u32>| id.and_then(|i| tok.id_to_token(i));
-    let tcfg = serde_json::json!({
-        "bos_token": name(tok.bos),
-        "eos_token": name(tok.eos.first().copied()),
-        "add_bos_token": tok.add_bos,
-        "chat_template": tok.chat_template,
-    });
-    crate::atomic::write_bytes(
-        &tmp.path().join("tokenizer_config.json"),
-        serde_json::to_string_pretty(&tcfg).unwrap_or_default().as_bytes(),
-    )?;
+    crate::atomic::write_bytes(&tmp.path().join("tokenizer_config.json"), tokenizer_config_json(&tok).as_bytes())?;
     let tmp_path = tmp.keep();
     #[cfg(unix)]
     {
@@ -190,6 +180,18 @@ fn to_hf_dir(file: &ModelFile, out: &Path, dtype: OutDType, progress: &mut dyn F
         let _ = std::fs::remove_dir_all(&tmp_path);
         Error::io(out, e)
     })
+}
+
+/// HF `tokenizer_config.json` text for a tokenizer: special tokens, BOS policy, chat template.
+pub fn tokenizer_config_json(tok: &crate::Tokenizer) -> String {
+    let name = |id: Option<u32>| id.and_then(|i| tok.id_to_token(i));
+    let tcfg = serde_json::json!({
+        "bos_token": name(tok.bos),
+        "eos_token": name(tok.eos.first().copied()),
+        "add_bos_token": tok.add_bos,
+        "chat_template": tok.chat_template,
+    });
+    serde_json::to_string_pretty(&tcfg).unwrap_or_default()
 }
 
 /// HF `config.json` text for a runtime config.
@@ -253,7 +255,7 @@ pub fn hf_config_json(c: &ModelConfig, tok: &crate::Tokenizer, dt: DType) -> Str
     serde_json::to_string_pretty(&v).unwrap_or_default()
 }
 
-fn ggml_type(dtype: OutDType, t: &Tensor) -> GgmlDType {
+pub fn ggml_type(dtype: OutDType, t: &Tensor) -> GgmlDType {
     let cols = t.dims().last().copied().unwrap_or(0);
     if t.rank() < 2 {
         return GgmlDType::F32;
@@ -295,7 +297,7 @@ fn to_gguf_file(file: &ModelFile, out: &Path, dtype: OutDType, progress: &mut dy
 }
 
 /// GGUF metadata (hyper-parameters and tokenizer) for a model read from an HF folder.
-fn gguf_metadata(c: &ModelConfig, tok: &crate::Tokenizer) -> Result<Vec<(String, Value)>> {
+pub fn gguf_metadata(c: &ModelConfig, tok: &crate::Tokenizer) -> Result<Vec<(String, Value)>> {
     let a = c.arch.gguf_name();
     let k = |s: &str| format!("{a}.{s}");
     let mut m: Vec<(String, Value)> = vec![

@@ -26,6 +26,19 @@ impl HfDir {
     pub fn open(dir: &Path) -> Result<Self> {
         let config_path = dir.join("config.json");
         let config_json = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
+        let mut h = Self::open_tensors(dir)?;
+        h.config_json = config_json;
+        Ok(h)
+    }
+
+    /// The tensors of a folder (sharded or not) or of one `.safetensors` file, without a config:
+    /// for checkpoints that are not language models (CNNs, task vectors, signatures).
+    pub fn open_tensors(path: &Path) -> Result<Self> {
+        if path.is_file() {
+            let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+            return Self::open_shards(&dir, vec![path.to_path_buf()], String::new());
+        }
+        let dir = path;
         let index_path = dir.join("model.safetensors.index.json");
         let files: Vec<PathBuf> = if index_path.exists() {
             let text = std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
@@ -42,6 +55,10 @@ impl HfDir {
         } else {
             vec![dir.join("model.safetensors")]
         };
+        Self::open_shards(dir, files, String::new())
+    }
+
+    fn open_shards(dir: &Path, files: Vec<PathBuf>, config_json: String) -> Result<Self> {
         let mut shards = vec![];
         let mut index = BTreeMap::new();
         for (si, f) in files.into_iter().enumerate() {
@@ -66,8 +83,39 @@ impl HfDir {
         self.index.contains_key(name)
     }
 
+    /// Tensor names in the order they are stored (shard, then offset): the writer's order, which
+    /// for checkpoints saved layer by layer is the network's order.
+    pub fn names_in_file_order(&self) -> Vec<String> {
+        let mut v: Vec<(&usize, &usize, &String)> = self.index.iter().map(|(n, (s, _, _, (a, _)))| (s, a, n)).collect();
+        v.sort();
+        v.into_iter().map(|(_, _, n)| n.clone()).collect()
+    }
+
     pub fn dtype_shape(&self, name: &str) -> Option<(safetensors::Dtype, &[usize])> {
         self.index.get(name).map(|(_, d, s, _)| (*d, s.as_slice()))
+    }
+
+    /// A tensor's stored bytes (little-endian, in `dtype`), straight from the map.
+    pub fn raw(&self, name: &str) -> Option<(safetensors::Dtype, &[usize], &[u8])> {
+        let (si, dtype, shape, (a, b)) = self.index.get(name)?;
+        let (_, map, base) = &self.shards[*si];
+        map.get(base + a..base + b).map(|d| (*dtype, shape.as_slice(), d))
+    }
+
+    /// Drops a tensor's pages from this process's memory once it has been read, so streaming
+    /// through a model keeps resident memory at about one tensor (the pages are file-backed and
+    /// are read again if touched).
+    pub fn release(&self, name: &str) {
+        let Some((si, _, _, (a, b))) = self.index.get(name) else { return };
+        let (_, map, base) = &self.shards[*si];
+        let page = 4096;
+        let start = (base + a).div_ceil(page) * page;
+        let end = ((base + b) / page) * page;
+        if end > start {
+            // SAFETY: a read-only private file mapping; DONTNEED only drops cached pages, later
+            // reads fault them back in from the file.
+            let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start) };
+        }
     }
 
     /// A tensor in its stored dtype.

@@ -1,0 +1,164 @@
+//! Writing a model tensor by tensor: an HF folder (sharded safetensors + index, config.json,
+//! tokenizer files), a bare `.safetensors` checkpoint, or a GGUF file. Tensors are computed in
+//! parallel a window at a time, the window sized to a memory budget, and written in order as they
+//! finish. Everything is built beside the target and renamed into place when complete.
+
+use crate::error::{Error, Result};
+use candle_core::quantized::QTensor;
+use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
+use recompose_core::convert::{self, OutDType};
+use recompose_core::safetensors_out::{self, PlannedTensor};
+use recompose_core::{names, ModelConfig, Tokenizer};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// HF folder, or a single file when the target ends in `.safetensors`.
+    Safetensors,
+    Gguf(OutDType),
+}
+
+/// Tokenizer files of an HF output: (file name, contents).
+pub type TextFiles = Vec<(String, String)>;
+
+pub struct Output<'a> {
+    pub target: &'a Path,
+    pub format: Format,
+    /// Safetensors element type.
+    pub dtype: DType,
+    /// `__metadata__` of every shard (GGUF: `recompose.*` keys).
+    pub metadata: BTreeMap<String, String>,
+    /// config.json text plus the runtime config (GGUF needs it); None for bare checkpoints.
+    pub config: Option<(String, ModelConfig)>,
+    /// Tokenizer (and other) files written beside the weights.
+    pub files: TextFiles,
+    pub shard_bytes: usize,
+    /// Bytes of tensors computed at once (inputs + result), at least one tensor.
+    pub budget_bytes: usize,
+}
+
+/// Refuses an existing target before any work is done.
+pub fn check_target(target: &Path) -> Result<()> {
+    if target.exists() {
+        return Err(Error::Mismatch(format!("{}: already exists (refusing to overwrite)", target.display())));
+    }
+    Ok(())
+}
+
+fn parent_of(p: &Path) -> PathBuf {
+    p.parent().filter(|p| !p.as_os_str().is_empty()).map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+/// Computes tensor `i` (values, in HF's convention) for `plan[i]`; `cost[i]` bytes of memory.
+pub fn write(
+    out: &Output,
+    plan: &[(String, Vec<usize>)],
+    cost: &[usize],
+    compute: &(dyn Fn(usize) -> Result<Vec<f32>> + Sync),
+    progress: &(dyn Fn(usize, usize) + Sync),
+) -> Result<()> {
+    check_target(out.target)?;
+    let parent = parent_of(out.target);
+    std::fs::create_dir_all(&parent).map_err(|e| Error::Mismatch(format!("{}: {e}", parent.display())))?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".recompose-out-")
+        .tempdir_in(&parent)
+        .map_err(|e| Error::Mismatch(format!("{}: {e}", parent.display())))?;
+    let n = plan.len();
+    let mut done = 0usize;
+    // Window of results computed ahead of the writer.
+    let mut ready: HashMap<usize, Vec<f32>> = HashMap::new();
+    let mut next = |i: usize| -> Result<Vec<f32>> {
+        if let Some(v) = ready.remove(&i) {
+            return Ok(v);
+        }
+        let mut j = i;
+        let mut bytes = 0;
+        while j < n && (j == i || bytes + cost[j] <= out.budget_bytes) {
+            bytes += cost[j];
+            j += 1;
+        }
+        let mut got: Vec<(usize, Result<Vec<f32>>)> = (i..j).into_par_iter().map(|k| (k, compute(k))).collect();
+        let mut first = None;
+        for (k, r) in got.drain(..) {
+            let v = r?;
+            let want: usize = plan[k].1.iter().product();
+            if v.len() != want {
+                return Err(Error::Mismatch(format!("tensor '{}': {} values, expected {want}", plan[k].0, v.len())));
+            }
+            if k == i {
+                first = Some(v);
+            } else {
+                ready.insert(k, v);
+            }
+        }
+        done = j;
+        progress(done, n);
+        first.ok_or_else(|| Error::Mismatch("internal: window lost its first tensor".into()))
+    };
+
+    match out.format {
+        Format::Safetensors => {
+            let planned: Vec<PlannedTensor> = plan
+                .iter()
+                .map(|(name, shape)| PlannedTensor { name: name.clone(), dtype: out.dtype, shape: shape.clone() })
+                .collect();
+            let single = out.target.extension().is_some_and(|e| e == "safetensors");
+            let shard = if single { usize::MAX } else { out.shard_bytes };
+            safetensors_out::write_sharded(tmp.path(), &planned, shard, &out.metadata, |i| {
+                let v = next(i).map_err(|e| recompose_core::Error::Unsupported(e.bare()))?;
+                Ok(Tensor::from_vec(v, plan[i].1.as_slice(), &Device::Cpu)?.to_dtype(out.dtype)?)
+            })?;
+            if single {
+                std::fs::rename(tmp.path().join("model.safetensors"), out.target)
+                    .map_err(|e| Error::Mismatch(format!("{}: {e}", out.target.display())))?;
+                return Ok(());
+            }
+            if let Some((json, _)) = &out.config {
+                recompose_core::atomic::write_bytes(&tmp.path().join("config.json"), json.as_bytes())?;
+            }
+            for (name, text) in &out.files {
+                recompose_core::atomic::write_bytes(&tmp.path().join(name), text.as_bytes())?;
+            }
+            let kept = tmp.keep();
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                let _ = std::fs::set_permissions(&kept, std::fs::Permissions::from_mode(0o755));
+            }
+            std::fs::rename(&kept, out.target).map_err(|e| {
+                let _ = std::fs::remove_dir_all(&kept);
+                Error::Mismatch(format!("{}: {e}", out.target.display()))
+            })
+        }
+        Format::Gguf(q) => {
+            let (_, cfg) = out
+                .config
+                .as_ref()
+                .ok_or_else(|| Error::Mismatch("GGUF output needs a language model (config.json)".into()))?;
+            // The tokenizer as written for the HF output, read back for its GGUF metadata.
+            for (name, text) in &out.files {
+                recompose_core::atomic::write_bytes(&tmp.path().join(name), text.as_bytes())?;
+            }
+            let tok = Tokenizer::from_hf_dir(tmp.path())?;
+            let mut meta = convert::gguf_metadata(cfg, &tok)?;
+            for (k, v) in &out.metadata {
+                meta.push((k.clone(), recompose_core::gguf::Value::String(v.clone())));
+            }
+            // Quantised tensors are small; they are held until the file is written in one go.
+            let mut tensors: Vec<(String, QTensor)> = Vec::with_capacity(n);
+            for (i, (name, shape)) in plan.iter().enumerate() {
+                let gname = names::hf_to_gguf(cfg.arch, name)
+                    .ok_or_else(|| Error::Mismatch(format!("tensor '{name}' has no GGUF name")))?;
+                let t = Tensor::from_vec(next(i)?, shape.as_slice(), &Device::Cpu)?;
+                let t = convert::gguf_value(cfg, name, t)?;
+                let qt = QTensor::quantize(&t, convert::ggml_type(q, &t))?;
+                tensors.push((gname, qt));
+            }
+            recompose_core::gguf::write_gguf(out.target, &meta, &tensors)?;
+            Ok(())
+        }
+    }
+}
