@@ -218,3 +218,143 @@ fn invalid_kv_specs_are_rejected() {
         }
     }
 }
+
+#[test]
+fn merge_tv_and_rws_run_and_reject_bad_input_with_one_line() {
+    let d = tempfile::tempdir().unwrap();
+    let h = d.path();
+    let a = h.join("a.gguf");
+    let b = h.join("b.gguf");
+    write_tiny_gguf(&a, &TinySpec { seed: 1, ..Default::default() }).unwrap();
+    write_tiny_gguf(&b, &TinySpec { seed: 2, ..Default::default() }).unwrap();
+    let yaml = |method: &str, extra: &str| {
+        format!(
+            "merge_method: {method}\nbase_model: {0}\nmodels:\n  - model: {0}\n  - model: {1}\n    parameters:\n      weight: 0.5\n{extra}",
+            a.display(),
+            b.display()
+        )
+    };
+    let cfg = h.join("m.yml");
+    let write = |text: &str| std::fs::write(&cfg, text).unwrap();
+    let c = cfg.to_str().unwrap();
+    let out = h.join("out");
+    let o = out.to_str().unwrap();
+    // A good merge, then a model that generates from it.
+    write(&yaml("slerp", "parameters:\n  t: [0, 0.5, 1]\n"));
+    let (code, _, err) = recompose(h, &["merge", c, o]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = recompose(h, &["generate", "-m", o, "--prompt", "hi", "-n", "3"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(fails(h, &["merge", c, o]).contains("already exists"));
+    for (text, want) in [
+        (yaml("slerp", ""), "missing parameter 't'"),
+        (yaml("bogus", ""), "unknown method 'bogus'"),
+        (yaml("linear", "dtype: float3\n"), "dtype"),
+        (yaml("linear", "extra_key: 1\n"), "unknown field `extra_key`"),
+        ("merge_method: linear\nmodels: [\n".to_string(), "m.yml"),
+        (yaml("linear", "").replace(a.to_str().unwrap(), "/no/such/model.gguf"), "/no/such/model.gguf"),
+    ] {
+        write(&text);
+        let e = fails(h, &["merge", c, h.join("x").to_str().unwrap()]);
+        assert!(e.contains(want), "want {want:?} in {e}");
+        assert!(!h.join("x").exists());
+    }
+    // Task vectors: extract, apply, remove; bad scale and wrong kind of file.
+    let tv = h.join("tv.safetensors");
+    let (code, _, err) = recompose(
+        h,
+        &[
+            "tv",
+            "extract",
+            "--base",
+            a.to_str().unwrap(),
+            "--finetuned",
+            b.to_str().unwrap(),
+            "--levels",
+            "16",
+            "-o",
+            tv.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("smaller"), "{err}");
+    let tvs = format!("{}:-0.5", tv.display());
+    let (code, _, err) =
+        recompose(h, &["tv", "apply", a.to_str().unwrap(), &tvs, "-o", h.join("neg").to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let e = fails(h, &["rws", "apply", a.to_str().unwrap(), tv.to_str().unwrap(), "-o", h.join("y").to_str().unwrap()]);
+    assert!(e.contains("not a rws"), "{e}");
+    let e = fails(h, &["tv", "apply", a.to_str().unwrap(), a.to_str().unwrap(), "-o", h.join("y").to_str().unwrap()]);
+    assert!(e.contains("a.gguf"), "{e}");
+    let e = fails(
+        h,
+        &[
+            "tv",
+            "extract",
+            "--base",
+            a.to_str().unwrap(),
+            "--finetuned",
+            b.to_str().unwrap(),
+            "--levels",
+            "1",
+            "-o",
+            h.join("t1").to_str().unwrap(),
+        ],
+    );
+    assert!(e.contains("--levels 1"), "{e}");
+    // Signatures: extract over the first layers, inspect, apply with alpha.
+    let sig = h.join("sig.safetensors");
+    let (code, _, err) = recompose(
+        h,
+        &[
+            "rws",
+            "extract",
+            "--pretrained",
+            a.to_str().unwrap(),
+            "--clean",
+            b.to_str().unwrap(),
+            "--robust",
+            o,
+            "--layers",
+            "first:2",
+            "-o",
+            sig.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let (code, stdout, err) = recompose(h, &["rws", "inspect", sig.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(stdout.contains("2 layers"), "{stdout}");
+    let e = fails(
+        h,
+        &[
+            "rws",
+            "extract",
+            "--pretrained",
+            a.to_str().unwrap(),
+            "--clean",
+            b.to_str().unwrap(),
+            "--robust",
+            o,
+            "--layers",
+            "first:99",
+            "-o",
+            h.join("s2").to_str().unwrap(),
+        ],
+    );
+    assert!(e.contains("first:99"), "{e}");
+    let (code, _, err) = recompose(
+        h,
+        &[
+            "rws",
+            "apply",
+            a.to_str().unwrap(),
+            sig.to_str().unwrap(),
+            "--alpha",
+            "0.5",
+            "-o",
+            h.join("p").to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+}
