@@ -256,8 +256,14 @@ pub fn hf_config_json(c: &ModelConfig, tok: &crate::Tokenizer, dt: DType) -> Str
 }
 
 pub fn ggml_type(dtype: OutDType, t: &Tensor) -> GgmlDType {
-    let cols = t.dims().last().copied().unwrap_or(0);
-    if t.rank() < 2 {
+    ggml_type_for(dtype, t.dims())
+}
+
+/// The GGML type a tensor of `shape` gets for the requested output type: 1-D tensors stay f32,
+/// rows that do not fill a block fall back to a smaller block or f16, as llama.cpp does.
+pub fn ggml_type_for(dtype: OutDType, shape: &[usize]) -> GgmlDType {
+    let cols = shape.last().copied().unwrap_or(0);
+    if shape.len() < 2 {
         return GgmlDType::F32;
     }
     match dtype {

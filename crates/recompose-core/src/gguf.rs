@@ -429,3 +429,138 @@ pub fn write_gguf(path: &Path, metadata: &[(String, Value)], tensors: &[(String,
         Ok(())
     })
 }
+
+fn value_type_id(v: &Value) -> u32 {
+    match v {
+        Value::U8(_) => 0,
+        Value::I8(_) => 1,
+        Value::U16(_) => 2,
+        Value::I16(_) => 3,
+        Value::U32(_) => 4,
+        Value::I32(_) => 5,
+        Value::F32(_) => 6,
+        Value::Bool(_) => 7,
+        Value::String(_) => 8,
+        Value::Array(_) => 9,
+        Value::U64(_) => 10,
+        Value::I64(_) => 11,
+        Value::F64(_) => 12,
+    }
+}
+
+fn put_string(out: &mut Vec<u8>, s: &str) {
+    out.extend((s.len() as u64).to_le_bytes());
+    out.extend(s.as_bytes());
+}
+
+fn put_value(out: &mut Vec<u8>, v: &Value) {
+    match v {
+        Value::U8(x) => out.push(*x),
+        Value::I8(x) => out.extend(x.to_le_bytes()),
+        Value::U16(x) => out.extend(x.to_le_bytes()),
+        Value::I16(x) => out.extend(x.to_le_bytes()),
+        Value::U32(x) => out.extend(x.to_le_bytes()),
+        Value::I32(x) => out.extend(x.to_le_bytes()),
+        Value::U64(x) => out.extend(x.to_le_bytes()),
+        Value::I64(x) => out.extend(x.to_le_bytes()),
+        Value::F32(x) => out.extend(x.to_le_bytes()),
+        Value::F64(x) => out.extend(x.to_le_bytes()),
+        Value::Bool(x) => out.push(*x as u8),
+        Value::String(s) => put_string(out, s),
+        Value::Array(items) => {
+            out.extend(items.first().map_or(4, value_type_id).to_le_bytes());
+            out.extend((items.len() as u64).to_le_bytes());
+            items.iter().for_each(|i| put_value(out, i));
+        }
+    }
+}
+
+/// A tensor to be written by [`write_gguf_streaming`]: GGUF name, shape (row-major, as candle
+/// has it) and type.
+pub struct PlannedQ {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub dtype: GgmlDType,
+}
+
+/// Writes a GGUF v3 file whose tensors are produced one at a time by `produce(i)` (which must
+/// return `plan[i]`'s shape and type): the header is laid out from the plan, so only one tensor
+/// is in memory at once. Atomic like every output.
+pub fn write_gguf_streaming(
+    path: &Path,
+    metadata: &[(String, Value)],
+    plan: &[PlannedQ],
+    mut produce: impl FnMut(usize) -> Result<QTensor>,
+) -> Result<()> {
+    const ALIGN: usize = 32;
+    let pad = |n: usize| (ALIGN - n % ALIGN) % ALIGN;
+    let meta: Vec<&(String, Value)> = metadata.iter().filter(|(k, _)| k != "general.alignment").collect();
+    let mut head = Vec::new();
+    head.extend(0x46554747u32.to_le_bytes());
+    head.extend(3u32.to_le_bytes());
+    head.extend((plan.len() as u64).to_le_bytes());
+    head.extend((meta.len() as u64).to_le_bytes());
+    for (k, v) in &meta {
+        put_string(&mut head, k);
+        head.extend(value_type_id(v).to_le_bytes());
+        put_value(&mut head, v);
+    }
+    let mut offset = 0usize;
+    let mut sizes = Vec::with_capacity(plan.len());
+    for t in plan {
+        let n: usize = t.shape.iter().product();
+        let bs = t.dtype.block_size();
+        if n % bs != 0 {
+            return Err(Error::Unsupported(format!(
+                "tensor '{}': {n} values do not fill {:?} blocks of {bs}",
+                t.name, t.dtype
+            )));
+        }
+        let size = n / bs * t.dtype.type_size();
+        put_string(&mut head, &t.name);
+        head.extend((t.shape.len() as u32).to_le_bytes());
+        for d in t.shape.iter().rev() {
+            head.extend((*d as u64).to_le_bytes());
+        }
+        head.extend(gguf_type_id(t.dtype).to_le_bytes());
+        head.extend((offset as u64).to_le_bytes());
+        sizes.push(size);
+        offset += size + pad(size);
+    }
+    head.resize(head.len() + pad(head.len()), 0);
+    crate::atomic::write_with(path, |w| {
+        use std::io::Write;
+        w.write_all(&head).map_err(|e| Error::io(path, e))?;
+        for (i, t) in plan.iter().enumerate() {
+            let q = produce(i)?;
+            if q.dtype() != t.dtype || q.shape().dims() != t.shape.as_slice() {
+                return Err(Error::BadTensor {
+                    path: path.into(),
+                    tensor: t.name.clone(),
+                    what: format!(
+                        "produced {:?} {:?}, planned {:?} {:?}",
+                        q.dtype(),
+                        q.shape().dims(),
+                        t.dtype,
+                        t.shape
+                    ),
+                });
+            }
+            let data = q.data()?;
+            if data.len() != sizes[i] {
+                return Err(Error::BadTensor {
+                    path: path.into(),
+                    tensor: t.name.clone(),
+                    what: "unexpected size".into(),
+                });
+            }
+            w.write_all(&data).map_err(|e| Error::io(path, e))?;
+            w.write_all(&vec![0u8; pad(data.len())]).map_err(|e| Error::io(path, e))?;
+        }
+        Ok(())
+    })
+}
+
+fn gguf_type_id(d: GgmlDType) -> u32 {
+    (0..=30).find(|i| ggml_dtype_from_id(*i) == Some(d)).unwrap_or(0)
+}

@@ -45,6 +45,31 @@ pub fn write_sharded(
     metadata: &BTreeMap<String, String>,
     mut produce: impl FnMut(usize) -> Result<Tensor>,
 ) -> Result<Vec<PathBuf>> {
+    write_sharded_with(dir, plan, shard_bytes, metadata, |i, w| {
+        let t = &plan[i];
+        let x = produce(i)?;
+        if x.dims() != t.shape.as_slice() || x.dtype() != t.dtype {
+            return Err(Error::BadTensor {
+                path: dir.to_path_buf(),
+                tensor: t.name.clone(),
+                what: format!("produced {:?} {:?}, planned {:?} {:?}", x.dtype(), x.dims(), t.dtype, t.shape),
+            });
+        }
+        let bytes = tensor_bytes(&x)?;
+        w.write_all(&bytes).map_err(|e| Error::io(dir, e))?;
+        Ok(bytes.len())
+    })
+}
+
+/// Like [`write_sharded`], but `produce(i, out)` writes tensor i's little-endian bytes itself and
+/// returns how many it wrote (checked against the plan): no intermediate copy of the tensor.
+pub fn write_sharded_with(
+    dir: &Path,
+    plan: &[PlannedTensor],
+    shard_bytes: usize,
+    metadata: &BTreeMap<String, String>,
+    mut produce: impl FnMut(usize, &mut dyn Write) -> Result<usize>,
+) -> Result<Vec<PathBuf>> {
     // Group consecutive tensors into shards.
     let mut shards: Vec<Vec<usize>> = vec![vec![]];
     let mut size = 0;
@@ -94,16 +119,14 @@ pub fn write_sharded(
             w.write_all(&h).map_err(|e| Error::io(&path, e))?;
             for &i in members {
                 let t = &plan[i];
-                let x = produce(i)?;
-                if x.dims() != t.shape.as_slice() || x.dtype() != t.dtype {
+                let n = produce(i, w)?;
+                if n != t.bytes() {
                     return Err(Error::BadTensor {
                         path: path.clone(),
                         tensor: t.name.clone(),
-                        what: format!("produced {:?} {:?}, planned {:?} {:?}", x.dtype(), x.dims(), t.dtype, t.shape),
+                        what: format!("produced {n} bytes, planned {} ({:?} {:?})", t.bytes(), t.dtype, t.shape),
                     });
                 }
-                let bytes = tensor_bytes(&x)?;
-                w.write_all(&bytes).map_err(|e| Error::io(&path, e))?;
             }
             Ok(())
         })?;

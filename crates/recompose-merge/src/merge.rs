@@ -20,7 +20,7 @@ pub struct MergeOptions {
 
 impl Default for MergeOptions {
     fn default() -> Self {
-        Self { format: Format::Safetensors, seed: 0, shard_bytes: 5_000_000_000, budget_bytes: 1 << 30 }
+        Self { format: Format::Safetensors, seed: 0, shard_bytes: 5_000_000_000, budget_bytes: 256 << 20 }
     }
 }
 

@@ -8,6 +8,7 @@ use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 use recompose_core::convert::{self, OutDType};
+use recompose_core::gguf::{write_gguf_streaming, PlannedQ};
 use recompose_core::safetensors_out::{self, PlannedTensor};
 use recompose_core::{names, ModelConfig, Tokenizer};
 use std::collections::{BTreeMap, HashMap};
@@ -107,9 +108,11 @@ pub fn write(
                 .collect();
             let single = out.target.extension().is_some_and(|e| e == "safetensors");
             let shard = if single { usize::MAX } else { out.shard_bytes };
-            safetensors_out::write_sharded(tmp.path(), &planned, shard, &out.metadata, |i| {
+            let dtype = out.dtype;
+            safetensors_out::write_sharded_with(tmp.path(), &planned, shard, &out.metadata, |i, w| {
                 let v = next(i).map_err(|e| recompose_core::Error::Unsupported(e.bare()))?;
-                Ok(Tensor::from_vec(v, plan[i].1.as_slice(), &Device::Cpu)?.to_dtype(out.dtype)?)
+                write_values(&v, dtype, w)
+                    .map_err(|e| recompose_core::Error::Unsupported(format!("{}: {e}", plan[i].0)))
             })?;
             if single {
                 std::fs::rename(tmp.path().join("model.safetensors"), out.target)
@@ -144,21 +147,41 @@ pub fn write(
             }
             let tok = Tokenizer::from_hf_dir(tmp.path())?;
             let mut meta = convert::gguf_metadata(cfg, &tok)?;
-            for (k, v) in &out.metadata {
+            for (k, v) in out.metadata.iter().filter(|(k, _)| k.starts_with("recompose.")) {
                 meta.push((k.clone(), recompose_core::gguf::Value::String(v.clone())));
             }
-            // Quantised tensors are small; they are held until the file is written in one go.
-            let mut tensors: Vec<(String, QTensor)> = Vec::with_capacity(n);
-            for (i, (name, shape)) in plan.iter().enumerate() {
-                let gname = names::hf_to_gguf(cfg.arch, name)
-                    .ok_or_else(|| Error::Mismatch(format!("tensor '{name}' has no GGUF name")))?;
-                let t = Tensor::from_vec(next(i)?, shape.as_slice(), &Device::Cpu)?;
-                let t = convert::gguf_value(cfg, name, t)?;
-                let qt = QTensor::quantize(&t, convert::ggml_type(q, &t))?;
-                tensors.push((gname, qt));
-            }
-            recompose_core::gguf::write_gguf(out.target, &meta, &tensors)?;
+            let planned: Vec<PlannedQ> = plan
+                .iter()
+                .map(|(name, shape)| {
+                    let gname = names::hf_to_gguf(cfg.arch, name)
+                        .ok_or_else(|| Error::Mismatch(format!("tensor '{name}' has no GGUF name")))?;
+                    Ok(PlannedQ { name: gname, shape: shape.clone(), dtype: convert::ggml_type_for(q, shape) })
+                })
+                .collect::<Result<_>>()?;
+            write_gguf_streaming(out.target, &meta, &planned, |i| {
+                let err = |e: Error| recompose_core::Error::Unsupported(e.bare());
+                let t = Tensor::from_vec(next(i).map_err(err)?, plan[i].1.as_slice(), &Device::Cpu)?;
+                let t = convert::gguf_value(cfg, &plan[i].0, t)?;
+                Ok(QTensor::quantize(&t, planned[i].dtype)?)
+            })?;
             Ok(())
         }
     }
+}
+
+/// Writes values as little-endian `dtype` through a small buffer (no copy of the whole tensor).
+fn write_values(v: &[f32], dtype: DType, w: &mut dyn std::io::Write) -> std::io::Result<usize> {
+    let mut buf: Vec<u8> = Vec::with_capacity(1 << 16);
+    let mut n = 0;
+    for chunk in v.chunks(1 << 14) {
+        buf.clear();
+        match dtype {
+            DType::F16 => chunk.iter().for_each(|x| buf.extend(half::f16::from_f32(*x).to_le_bytes())),
+            DType::BF16 => chunk.iter().for_each(|x| buf.extend(half::bf16::from_f32(*x).to_le_bytes())),
+            _ => chunk.iter().for_each(|x| buf.extend(x.to_le_bytes())),
+        }
+        w.write_all(&buf)?;
+        n += buf.len();
+    }
+    Ok(n)
 }

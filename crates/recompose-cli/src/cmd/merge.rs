@@ -27,7 +27,7 @@ pub struct Args {
     #[arg(long, default_value_t = 5000, value_name = "MB")]
     shard_mb: usize,
     /// Memory for tensors merged at once (inputs + output), in MB; more merges more in parallel.
-    #[arg(long, default_value_t = 1024, value_name = "MB")]
+    #[arg(long, default_value_t = 256, value_name = "MB")]
     memory_mb: usize,
 }
 
