@@ -9,7 +9,8 @@ use crate::error::{Error, Result};
 use crate::output::{self, Format, Output};
 use crate::store::Store;
 use candle_core::DType;
-use safetensors::tensor::{Dtype, TensorView};
+use recompose_core::safetensors_out::{self, PlannedTensor};
+use safetensors::tensor::Dtype;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -30,23 +31,32 @@ impl std::str::FromStr for Scheme {
     }
 }
 
-/// How a tensor is stored.
+/// How a quantised tensor is stored: codes under its name (u8), the grid `[lo, step]` under
+/// `NAME.__grid` (f32); shape, levels and scheme in the metadata. Linear: value = lo + code * step.
+/// Log: magnitude = exp(lo + code * step), codes in the top half negative.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Quant {
     pub shape: Vec<usize>,
     pub levels: u32,
     pub scheme: String,
-    /// Linear: value = lo + code * step. Log: magnitude = exp(lo + code * step), sign in the top half.
-    pub lo: f32,
-    pub step: f32,
+}
+
+const GRID: &str = ".__grid";
+
+fn code_bytes(n: usize, levels: u32) -> usize {
+    if bits(levels) <= 4 {
+        n.div_ceil(2)
+    } else {
+        n
+    }
 }
 
 fn bits(levels: u32) -> u32 {
     32 - (levels - 1).leading_zeros()
 }
 
-/// Quantises `x` to `levels` codes.
-pub fn quantize(x: &[f32], shape: &[usize], levels: u32, scheme: Scheme) -> (Vec<u8>, Quant) {
+/// Quantises `x` to `levels` codes: (packed codes, lo, step).
+pub fn quantize(x: &[f32], levels: u32, scheme: Scheme) -> (Vec<u8>, f32, f32) {
     let (codes, lo, step): (Vec<u32>, f32, f32) = match scheme {
         Scheme::Linear => {
             let lo = x.iter().copied().fold(f32::INFINITY, f32::min);
@@ -89,14 +99,10 @@ pub fn quantize(x: &[f32], shape: &[usize], levels: u32, scheme: Scheme) -> (Vec
     } else {
         codes.iter().map(|c| *c as u8).collect()
     };
-    let scheme = match scheme {
-        Scheme::Linear => "linear",
-        Scheme::Log => "log",
-    };
-    (packed, Quant { shape: shape.to_vec(), levels, scheme: scheme.into(), lo, step })
+    (packed, lo, step)
 }
 
-pub fn dequantize(bytes: &[u8], q: &Quant) -> Vec<f32> {
+pub fn dequantize(bytes: &[u8], q: &Quant, lo: f32, step: f32) -> Vec<f32> {
     let n: usize = q.shape.iter().product();
     let codes: Vec<u32> = if bits(q.levels) <= 4 {
         bytes.iter().flat_map(|b| [(b & 15) as u32, (b >> 4) as u32]).take(n).collect()
@@ -110,64 +116,114 @@ pub fn dequantize(bytes: &[u8], q: &Quant) -> Vec<f32> {
                 .iter()
                 .map(|&c| {
                     let (m, s) = if c >= half { (c - half, -1.0) } else { (c, 1.0) };
-                    s * (q.lo + m as f32 * q.step).exp()
+                    s * (lo + m as f32 * step).exp()
                 })
                 .collect()
         }
-        _ => codes.iter().map(|&c| q.lo + c as f32 * q.step).collect(),
+        _ => codes.iter().map(|&c| lo + c as f32 * step).collect(),
     }
 }
 
-/// A delta being written: tensors in order, each f32 or quantised.
-pub struct DeltaWriter {
+/// A delta to be written: its tensors (name, shape), each stored f32 or quantised. Written one
+/// tensor at a time, so extracting from a model never holds more than a tensor or two.
+pub struct DeltaPlan {
     levels: Option<(u32, Scheme)>,
-    tensors: Vec<(String, Vec<u8>, Vec<usize>, Dtype)>,
-    quant: BTreeMap<String, Quant>,
+    tensors: Vec<(String, Vec<usize>)>,
 }
 
-impl DeltaWriter {
-    pub fn new(levels: Option<u32>, scheme: Scheme) -> Result<Self> {
+impl DeltaPlan {
+    pub fn new(levels: Option<u32>, scheme: Scheme, tensors: Vec<(String, Vec<usize>)>) -> Result<Self> {
         if let Some(l) = levels {
             let min = if scheme == Scheme::Log { 4 } else { 2 };
             if !(min..=256).contains(&l) {
                 return Err(Error::Config(format!("--levels {l}: must be between {min} and 256")));
             }
         }
-        Ok(Self { levels: levels.map(|l| (l, scheme)), tensors: vec![], quant: BTreeMap::new() })
+        Ok(Self { levels: levels.map(|l| (l, scheme)), tensors })
     }
 
-    pub fn push(&mut self, name: &str, shape: &[usize], values: &[f32]) {
-        match self.levels {
-            None => {
-                let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-                self.tensors.push((name.into(), bytes, shape.to_vec(), Dtype::F32));
-            }
-            Some((levels, scheme)) => {
-                let (bytes, q) = quantize(values, shape, levels, scheme);
-                let len = bytes.len();
-                self.tensors.push((name.into(), bytes, vec![len], Dtype::U8));
-                self.quant.insert(name.into(), q);
+    /// What goes into the file: (name, dtype, shape) per stored tensor.
+    fn stored(&self) -> Vec<PlannedTensor> {
+        let mut out = vec![];
+        for (name, shape) in &self.tensors {
+            let n: usize = shape.iter().product();
+            match self.levels {
+                None => out.push(PlannedTensor { name: name.clone(), dtype: DType::F32, shape: shape.clone() }),
+                Some((levels, _)) => {
+                    out.push(PlannedTensor {
+                        name: name.clone(),
+                        dtype: DType::U8,
+                        shape: vec![code_bytes(n, levels)],
+                    });
+                    out.push(PlannedTensor { name: format!("{name}{GRID}"), dtype: DType::F32, shape: vec![2] });
+                }
             }
         }
+        out
     }
 
     /// Bytes of tensor data (what the delta costs on disk, headers aside).
     pub fn data_bytes(&self) -> usize {
-        self.tensors.iter().map(|t| t.1.len()).sum()
+        self.stored().iter().map(|t| t.shape.iter().product::<usize>() * t.dtype.size_in_bytes()).sum()
     }
 
-    pub fn write(self, path: &Path, mut metadata: BTreeMap<String, String>) -> Result<()> {
+    /// Writes the delta; `produce(name)` gives a tensor's f32 values.
+    pub fn write(
+        &self,
+        path: &Path,
+        mut metadata: BTreeMap<String, String>,
+        produce: impl Fn(&str) -> Result<Vec<f32>>,
+        progress: &dyn Fn(usize, usize),
+    ) -> Result<()> {
         output::check_target(path)?;
-        metadata.insert("recompose.quant".into(), serde_json::to_string(&self.quant).unwrap_or_default());
-        let views: Vec<(String, TensorView)> = self
-            .tensors
-            .iter()
-            .map(|(n, b, s, d)| TensorView::new(*d, s.clone(), b).map(|v| (n.clone(), v)))
-            .collect::<std::result::Result<_, _>>()
-            .map_err(|e| Error::Artifact(format!("{}: {e:?}", path.display())))?;
-        let bytes = safetensors::serialize(views, Some(metadata.into_iter().collect()))
-            .map_err(|e| Error::Artifact(format!("{}: {e:?}", path.display())))?;
-        recompose_core::atomic::write_bytes(path, &bytes)?;
+        let quant: BTreeMap<&str, Quant> = match self.levels {
+            None => BTreeMap::new(),
+            Some((levels, scheme)) => self
+                .tensors
+                .iter()
+                .map(|(n, s)| {
+                    let scheme = if scheme == Scheme::Log { "log" } else { "linear" };
+                    (n.as_str(), Quant { shape: s.clone(), levels, scheme: scheme.into() })
+                })
+                .collect(),
+        };
+        metadata.insert("recompose.quant".into(), serde_json::to_string(&quant).unwrap_or_default());
+        let stored = self.stored();
+        let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let tmp = tempfile::Builder::new()
+            .prefix(".recompose-delta-")
+            .tempdir_in(parent)
+            .map_err(|e| Error::Artifact(format!("{}: {e}", parent.display())))?;
+        let core = |e: Error| recompose_core::Error::Unsupported(e.bare());
+        let io = |e: std::io::Error| recompose_core::Error::Unsupported(format!("{}: {e}", path.display()));
+        // The grid of the tensor just written, for the `.__grid` entry that follows it.
+        let mut grid = [0f32; 2];
+        let total = stored.len();
+        safetensors_out::write_sharded_with(tmp.path(), &stored, usize::MAX, &metadata, |i, w| {
+            progress(i + 1, total);
+            let t = &stored[i];
+            if self.levels.is_some() && t.name.ends_with(GRID) {
+                let bytes: Vec<u8> = grid.iter().flat_map(|v| v.to_le_bytes()).collect();
+                w.write_all(&bytes).map_err(io)?;
+                return Ok(bytes.len());
+            }
+            let v = produce(&t.name).map_err(core)?;
+            match self.levels {
+                None => {
+                    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                    w.write_all(&bytes).map_err(io)?;
+                    Ok(bytes.len())
+                }
+                Some((levels, scheme)) => {
+                    let (codes, lo, step) = quantize(&v, levels, scheme);
+                    grid = [lo, step];
+                    w.write_all(&codes).map_err(io)?;
+                    Ok(codes.len())
+                }
+            }
+        })?;
+        std::fs::rename(tmp.path().join("model.safetensors"), path)
+            .map_err(|e| Error::Artifact(format!("{}: {e}", path.display())))?;
         Ok(())
     }
 }
@@ -196,8 +252,12 @@ impl Delta {
         let quant: BTreeMap<String, Quant> = serde_json::from_str(metadata.get("recompose.quant").map_or("{}", |s| s))
             .map_err(|e| bad(format!("recompose.quant: {e}")))?;
         let st = safetensors::SafeTensors::deserialize(&data).map_err(|e| bad(format!("{e:?}")))?;
-        let mut names: Vec<(usize, String)> =
-            st.tensors().into_iter().map(|(n, v)| (v.data().as_ptr() as usize, n)).collect();
+        let mut names: Vec<(usize, String)> = st
+            .tensors()
+            .into_iter()
+            .filter(|(n, _)| !n.ends_with(GRID))
+            .map(|(n, v)| (v.data().as_ptr() as usize, n))
+            .collect();
         names.sort();
         let names = names.into_iter().map(|(_, n)| n).collect();
         Ok(Self { path: path.to_path_buf(), metadata, names, data, quant })
@@ -235,12 +295,17 @@ impl Delta {
         let v = st.tensor(name).map_err(|e| bad(format!("{e:?}")))?;
         match (v.dtype(), self.quant.get(name)) {
             (Dtype::U8, Some(q)) => {
-                let n: usize = q.shape.iter().product();
-                let need = if bits(q.levels) <= 4 { n.div_ceil(2) } else { n };
+                let need = code_bytes(q.shape.iter().product(), q.levels);
                 if v.data().len() != need {
                     return Err(bad(format!("{} code bytes, expected {need}", v.data().len())));
                 }
-                Ok(dequantize(v.data(), q))
+                let g = st.tensor(&format!("{name}{GRID}")).map_err(|e| bad(format!("no grid: {e:?}")))?;
+                let g: Vec<f32> =
+                    g.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+                if g.len() != 2 || q.levels < 2 || q.levels > 256 {
+                    return Err(bad("bad quantisation grid".into()));
+                }
+                Ok(dequantize(v.data(), q, g[0], g[1]))
             }
             (Dtype::F32, None) => {
                 Ok(v.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
@@ -361,7 +426,7 @@ pub fn patch(
         ("recompose.deltas".to_string(), applied.join(" ")),
     ]);
     let out =
-        Output { target, format, dtype, metadata, config, files, shard_bytes: 5_000_000_000, budget_bytes: 1 << 30 };
+        Output { target, format, dtype, metadata, config, files, shard_bytes: 5_000_000_000, budget_bytes: 256 << 20 };
     output::write(&out, &plan, &cost, &compute, progress)?;
     Ok(notes)
 }

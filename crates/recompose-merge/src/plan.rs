@@ -244,11 +244,13 @@ impl Plan {
             if shapes.iter().any(|x| x[1] != s[1]) {
                 return Err(Error::Mismatch(format!("tensor '{out}': embedding widths differ: {shapes:?}")));
             }
-            self.warnings.push(format!(
+            if cfg.tokenizer == crate::config::TokenizerSource::Copy {
+                self.warnings.push(format!(
                 "tensor '{out}': vocabularies differ {:?}; keeping the common first {} rows (set tokenizer_source: union to align them by token)",
                 shapes.iter().map(|s| s[0]).collect::<Vec<_>>(),
                 s[0]
             ));
+            }
             s
         } else {
             let detail: Vec<String> =

@@ -2,7 +2,7 @@
 //! signatures (robust minus pretrained, with its component along clean minus pretrained removed,
 //! over the first K layers; PAPERS.md §7), and the per-layer view that shows where they live.
 
-use crate::delta::{identity, DeltaWriter, Scheme};
+use crate::delta::{identity, DeltaPlan, Scheme};
 use crate::error::{Error, Result};
 use crate::store::{layer_of, Store};
 use std::collections::BTreeMap;
@@ -32,6 +32,10 @@ fn is_float_weight(s: &Store, name: &str) -> bool {
         && s.dtype(name).is_some()
 }
 
+fn shapes(s: &Store, names: &[String]) -> Vec<(String, Vec<usize>)> {
+    names.iter().map(|n| (n.clone(), s.shape(n).unwrap_or(&[]).to_vec())).collect()
+}
+
 fn full_bytes(s: &Store) -> usize {
     s.names()
         .iter()
@@ -47,6 +51,7 @@ pub fn extract_task_vector(
     levels: Option<u32>,
     scheme: Scheme,
     out: &Path,
+    progress: &dyn Fn(usize, usize),
 ) -> Result<Extracted> {
     crate::output::check_target(out)?;
     let names: Vec<String> = base
@@ -61,19 +66,24 @@ pub fn extract_task_vector(
     for n in base.names() {
         check_same(base, finetuned, n)?;
     }
-    let mut w = DeltaWriter::new(levels, scheme)?;
-    for n in &names {
-        let (b, f) = (base.load(n)?, finetuned.load(n)?);
-        let d: Vec<f32> = f.iter().zip(&b).map(|(x, y)| x - y).collect();
-        w.push(n, base.shape(n).unwrap_or(&[]), &d);
-    }
-    let bytes = w.data_bytes();
+    let plan = DeltaPlan::new(levels, scheme, shapes(base, &names))?;
+    let bytes = plan.data_bytes();
     let mut meta = identity(base, &names)?;
     meta.insert("recompose.kind".into(), "task_vector".into());
     meta.insert("recompose.finetuned".into(), finetuned.label.clone());
     meta.insert("recompose.filters".into(), filters.join(","));
     meta.insert("recompose.levels".into(), levels.map_or("f32".into(), |l| l.to_string()));
-    w.write(out, meta)?;
+    plan.write(
+        out,
+        meta,
+        |n| {
+            let (b, f) = (base.load(n)?, finetuned.load(n)?);
+            base.release(n);
+            finetuned.release(n);
+            Ok(f.iter().zip(&b).map(|(x, y)| x - y).collect())
+        },
+        progress,
+    )?;
     Ok(Extracted { tensors: names.len(), bytes, full_bytes: full_bytes(base) })
 }
 
@@ -136,6 +146,7 @@ pub fn extract_signature(
     levels: Option<u32>,
     scheme: Scheme,
     out: &Path,
+    progress: &dyn Fn(usize, usize),
 ) -> Result<Extracted> {
     crate::output::check_target(out)?;
     let chosen = select_layers(pretrained, layers_spec)?;
@@ -144,21 +155,26 @@ pub fn extract_signature(
         check_same(pretrained, clean, n)?;
         check_same(pretrained, robust, n)?;
     }
-    let mut w = DeltaWriter::new(levels, scheme)?;
-    for n in &names {
-        let p = pretrained.load(n)?;
-        let d: Vec<f32> = robust.load(n)?.iter().zip(&p).map(|(x, y)| x - y).collect();
-        let a: Vec<f32> = clean.load(n)?.iter().zip(&p).map(|(x, y)| x - y).collect();
-        w.push(n, pretrained.shape(n).unwrap_or(&[]), &project_out(&d, &a));
-    }
-    let bytes = w.data_bytes();
+    let plan = DeltaPlan::new(levels, scheme, shapes(pretrained, &names))?;
+    let bytes = plan.data_bytes();
     let mut meta = identity(pretrained, &names)?;
     meta.insert("recompose.kind".into(), "rws".into());
     meta.insert("recompose.clean".into(), clean.label.clone());
     meta.insert("recompose.robust".into(), robust.label.clone());
     meta.insert("recompose.layers".into(), chosen.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>().join(","));
     meta.insert("recompose.levels".into(), levels.map_or("f32".into(), |l| l.to_string()));
-    w.write(out, meta)?;
+    plan.write(
+        out,
+        meta,
+        |n| {
+            let p = pretrained.load(n)?;
+            let d: Vec<f32> = robust.load(n)?.iter().zip(&p).map(|(x, y)| x - y).collect();
+            let a: Vec<f32> = clean.load(n)?.iter().zip(&p).map(|(x, y)| x - y).collect();
+            [pretrained, robust, clean].iter().for_each(|s| s.release(n));
+            Ok(project_out(&d, &a))
+        },
+        progress,
+    )?;
     Ok(Extracted { tensors: names.len(), bytes, full_bytes: full_bytes(robust) })
 }
 

@@ -65,12 +65,10 @@ pub fn magnitude(x: &[f32], density: f64, rescale: Rescale, tensor: &str) -> Res
     if density >= 1.0 {
         return Ok(x.to_vec());
     }
-    let k = (density * x.len() as f64) as usize;
-    if k == 0 {
-        return Err(Error::Config(format!(
-            "density {density} keeps no element of tensor '{tensor}' ({} elements)",
-            x.len()
-        )));
+    // At least one element survives (mergekit 0.1.5), however small the density.
+    let k = ((density * x.len() as f64) as usize).max(1);
+    if !(density > 0.0) {
+        return Err(Error::Config(format!("density {density} for tensor '{tensor}' must be above 0")));
     }
     Ok(apply_mask(x, &top_k(x, k), rescale))
 }
@@ -162,7 +160,8 @@ mod tests {
         let z = magnitude(&x, 0.5, Rescale::L1, "t").unwrap();
         let l1 = |v: &[f32]| v.iter().map(|a| a.abs()).sum::<f32>();
         assert!((l1(&z) - l1(&x)).abs() < 1e-5);
-        assert!(magnitude(&x, 0.1, Rescale::None, "t").is_err());
+        assert_eq!(magnitude(&x, 0.1, Rescale::None, "t").unwrap(), vec![0.0, -3.0, 0.0, 0.0, 0.0, 0.0]);
+        assert!(magnitude(&x, 0.0, Rescale::None, "t").is_err());
     }
 
     #[test]

@@ -208,6 +208,7 @@ impl Store {
             for v in self.load(n)? {
                 h.update(v.to_le_bytes());
             }
+            self.release(n);
         }
         Ok(h.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect())
     }

@@ -142,7 +142,7 @@ fn bad_merges_fail_with_one_line_and_write_nothing() {
         (m("slerp", &a, ""), "missing parameter 't'"),
         (m("linear", &a, "dtype: int4\n"), "unknown dtype 'int4'"),
         (m("linear", &a, "colour: red\n"), "unknown field `colour`"),
-        (m("ties", &a, "parameters: {density: 0.001}\n"), "keeps no element"),
+        (m("ties", &a, "parameters: {density: -0.5}\n"), "must be above 0"),
     ];
     for (yaml, want) in cases {
         let e = run(d.path(), &yaml, "out", 0).err().map(|e| e.to_string()).unwrap_or_default();
@@ -190,7 +190,7 @@ fn task_vector_apply_then_remove_restores_the_model() {
     let (sa, sb) = (Store::open(a.to_str().unwrap()).unwrap(), Store::open(b.to_str().unwrap()).unwrap());
     for (levels, name) in [(None, "tv"), (Some(16), "tv16")] {
         let tv = d.path().join(format!("{name}.safetensors"));
-        extract_task_vector(&sa, &sb, &[], levels, Scheme::Linear, &tv).unwrap();
+        extract_task_vector(&sa, &sb, &[], levels, Scheme::Linear, &tv, &|_, _| {}).unwrap();
         let delta = || vec![(Delta::open(&tv).unwrap(), 0.7f32)];
         let up = d.path().join(format!("{name}-up"));
         patch(&sa, &delta(), false, &up, Format::Safetensors, None, &|_, _| {}).unwrap();
@@ -221,7 +221,7 @@ fn signatures_are_orthogonal_to_the_clean_delta_and_cover_the_first_layers() {
     let open = |x: &Path| Store::open(x.to_str().unwrap()).unwrap();
     let (sp, sc, sr) = (open(&p), open(&c), open(&r));
     let sig = d.path().join("sig.safetensors");
-    extract_signature(&sp, &sc, &sr, "first:2", None, Scheme::Linear, &sig).unwrap();
+    extract_signature(&sp, &sc, &sr, "first:2", None, Scheme::Linear, &sig, &|_, _| {}).unwrap();
     let delta = Delta::open(&sig).unwrap();
     let layers: std::collections::BTreeSet<String> =
         delta.names.iter().map(|n| recompose_merge::signature::layer_key(n)).collect();

@@ -193,7 +193,12 @@ pub fn run_tv(c: TvCommand, quiet: bool) -> Result<()> {
     match c {
         TvCommand::Extract { base, finetuned, filter, quant, output } => {
             let (b, f) = (open(&base)?, open(&finetuned)?);
-            let e = signature::extract_task_vector(&b, &f, &filter, quant.levels, quant.scheme, &output)?;
+            let pb = progress(0, "extracting", quiet);
+            let e = signature::extract_task_vector(&b, &f, &filter, quant.levels, quant.scheme, &output, &|d, t| {
+                pb.set_length(t as u64);
+                pb.set_position(d as u64);
+            })?;
+            pb.finish_and_clear();
             eprintln!(
                 "wrote {} ({} tensors, {} vs {} for a full copy: {:.1}x smaller)",
                 output.display(),
@@ -224,7 +229,21 @@ pub fn run_rws(c: RwsCommand, quiet: bool) -> Result<()> {
                 } else {
                     output.clone()
                 };
-                let e = signature::extract_signature(&p, &c, &rs, &layers, quant.levels, quant.scheme, &target)?;
+                let pb = progress(0, "extracting", quiet);
+                let e = signature::extract_signature(
+                    &p,
+                    &c,
+                    &rs,
+                    &layers,
+                    quant.levels,
+                    quant.scheme,
+                    &target,
+                    &|d, t| {
+                        pb.set_length(t as u64);
+                        pb.set_position(d as u64);
+                    },
+                )?;
+                pb.finish_and_clear();
                 eprintln!(
                     "wrote {} ({} tensors, {} vs {} for a full copy: {:.1}x smaller)",
                     target.display(),
