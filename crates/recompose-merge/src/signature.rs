@@ -32,6 +32,21 @@ fn is_float_weight(s: &Store, name: &str) -> bool {
         && s.dtype(name).is_some()
 }
 
+/// A delta's metadata: the base's identity, the levels, and `recompose.KEY` entries.
+fn metadata<const N: usize>(
+    base: &Store,
+    names: &[String],
+    levels: Option<u32>,
+    entries: [(&str, String); N],
+) -> Result<std::collections::BTreeMap<String, String>> {
+    let mut meta = identity(base, names)?;
+    meta.insert("recompose.levels".into(), levels.map_or("f32".into(), |l| l.to_string()));
+    for (k, v) in entries {
+        meta.insert(format!("recompose.{k}"), v);
+    }
+    Ok(meta)
+}
+
 fn shapes(s: &Store, names: &[String]) -> Vec<(String, Vec<usize>)> {
     names.iter().map(|n| (n.clone(), s.shape(n).unwrap_or(&[]).to_vec())).collect()
 }
@@ -68,11 +83,12 @@ pub fn extract_task_vector(
     }
     let plan = DeltaPlan::new(levels, scheme, shapes(base, &names))?;
     let bytes = plan.data_bytes();
-    let mut meta = identity(base, &names)?;
-    meta.insert("recompose.kind".into(), "task_vector".into());
-    meta.insert("recompose.finetuned".into(), finetuned.label.clone());
-    meta.insert("recompose.filters".into(), filters.join(","));
-    meta.insert("recompose.levels".into(), levels.map_or("f32".into(), |l| l.to_string()));
+    let meta = metadata(
+        base,
+        &names,
+        levels,
+        [("kind", "task_vector".into()), ("finetuned", finetuned.label.clone()), ("filters", filters.join(","))],
+    )?;
     plan.write(
         out,
         meta,
@@ -157,12 +173,13 @@ pub fn extract_signature(
     }
     let plan = DeltaPlan::new(levels, scheme, shapes(pretrained, &names))?;
     let bytes = plan.data_bytes();
-    let mut meta = identity(pretrained, &names)?;
-    meta.insert("recompose.kind".into(), "rws".into());
-    meta.insert("recompose.clean".into(), clean.label.clone());
-    meta.insert("recompose.robust".into(), robust.label.clone());
-    meta.insert("recompose.layers".into(), chosen.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>().join(","));
-    meta.insert("recompose.levels".into(), levels.map_or("f32".into(), |l| l.to_string()));
+    let layers = chosen.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>().join(",");
+    let meta = metadata(
+        pretrained,
+        &names,
+        levels,
+        [("kind", "rws".into()), ("clean", clean.label.clone()), ("robust", robust.label.clone()), ("layers", layers)],
+    )?;
     plan.write(
         out,
         meta,

@@ -51,23 +51,24 @@ pub enum TvCommand {
         output: PathBuf,
     },
     /// MODEL + sum(scale * vector); a negative scale negates a task (forgetting).
-    Apply {
-        /// The model to patch (asset name, .gguf, HF folder or .safetensors checkpoint).
-        model: String,
-        /// Vectors, each FILE or FILE:SCALE (default scale 1).
-        #[arg(required = true)]
-        vectors: Vec<String>,
-        #[command(flatten)]
-        out: PatchOut,
-    },
+    Apply(Patch),
     /// MODEL - sum(scale * vector): undoes `apply` with the same vectors and scales.
-    Remove {
-        model: String,
-        #[arg(required = true)]
-        vectors: Vec<String>,
-        #[command(flatten)]
-        out: PatchOut,
-    },
+    Remove(Patch),
+}
+
+/// A model and the deltas to add to it or take from it.
+#[derive(clap::Args, Debug)]
+pub struct Patch {
+    /// The model to patch (asset name, .gguf, HF folder or .safetensors checkpoint).
+    model: String,
+    /// Deltas, each FILE or FILE:SCALE (a signature's scale is its alpha).
+    #[arg(required = true)]
+    deltas: Vec<String>,
+    /// Scale of the deltas given without one (rws: alpha).
+    #[arg(long, visible_alias = "alpha", default_value_t = 1.0)]
+    scale: f32,
+    #[command(flatten)]
+    out: PatchOut,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -92,27 +93,10 @@ pub enum RwsCommand {
         #[arg(long, short)]
         output: PathBuf,
     },
-    /// MODEL + sum(alpha * signature); signatures as FILE or FILE:ALPHA.
-    Apply {
-        model: String,
-        #[arg(required = true)]
-        signatures: Vec<String>,
-        /// Alpha for signatures given without one.
-        #[arg(long, default_value_t = 1.0)]
-        alpha: f32,
-        #[command(flatten)]
-        out: PatchOut,
-    },
+    /// MODEL + sum(alpha * signature); signatures as FILE or FILE:ALPHA (--alpha for the rest).
+    Apply(Patch),
     /// MODEL - sum(alpha * signature): removes an applied patch.
-    Remove {
-        model: String,
-        #[arg(required = true)]
-        signatures: Vec<String>,
-        #[arg(long, default_value_t = 1.0)]
-        alpha: f32,
-        #[command(flatten)]
-        out: PatchOut,
-    },
+    Remove(Patch),
     /// Per-layer norms: of robust - clean (--clean/--robust), or of a signature file.
     Inspect {
         /// A signature file to describe.
@@ -143,17 +127,9 @@ fn parse_scaled(s: &str, default: f32) -> Result<(Delta, f32)> {
     Ok((Delta::open(Path::new(path))?, scale))
 }
 
-fn do_patch(
-    model: &str,
-    items: &[String],
-    default: f32,
-    remove: bool,
-    out: &PatchOut,
-    quiet: bool,
-    kind: &str,
-) -> Result<()> {
-    let m = open(model)?;
-    let deltas: Vec<(Delta, f32)> = items.iter().map(|s| parse_scaled(s, default)).collect::<Result<_>>()?;
+fn do_patch(p: &Patch, remove: bool, quiet: bool, kind: &str) -> Result<()> {
+    let (m, out) = (open(&p.model)?, &p.out);
+    let deltas: Vec<(Delta, f32)> = p.deltas.iter().map(|s| parse_scaled(s, p.scale)).collect::<Result<_>>()?;
     for (d, _) in &deltas {
         if d.kind() != kind {
             anyhow::bail!("{}: is a {} file, not a {kind}", d.path.display(), d.kind());
@@ -209,8 +185,8 @@ pub fn run_tv(c: TvCommand, quiet: bool) -> Result<()> {
             );
             Ok(())
         }
-        TvCommand::Apply { model, vectors, out } => do_patch(&model, &vectors, 1.0, false, &out, quiet, "task_vector"),
-        TvCommand::Remove { model, vectors, out } => do_patch(&model, &vectors, 1.0, true, &out, quiet, "task_vector"),
+        TvCommand::Apply(p) => do_patch(&p, false, quiet, "task_vector"),
+        TvCommand::Remove(p) => do_patch(&p, true, quiet, "task_vector"),
     }
 }
 
@@ -255,12 +231,8 @@ pub fn run_rws(c: RwsCommand, quiet: bool) -> Result<()> {
             }
             Ok(())
         }
-        RwsCommand::Apply { model, signatures, alpha, out } => {
-            do_patch(&model, &signatures, alpha, false, &out, quiet, "rws")
-        }
-        RwsCommand::Remove { model, signatures, alpha, out } => {
-            do_patch(&model, &signatures, alpha, true, &out, quiet, "rws")
-        }
+        RwsCommand::Apply(p) => do_patch(&p, false, quiet, "rws"),
+        RwsCommand::Remove(p) => do_patch(&p, true, quiet, "rws"),
         RwsCommand::Inspect { signature: Some(sig), clean: None, robust: None, json } => {
             let d = Delta::open(&sig)?;
             let rows = signature::delta_layers(&d)?;
