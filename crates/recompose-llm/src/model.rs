@@ -6,7 +6,7 @@
 use crate::error::{Error, Result};
 use crate::ffn::{DenseFfn, Ffn};
 use crate::kernels::quant::PackedWeight;
-use crate::kv::{CacheLayout, FullCache, KvCache, Step};
+use crate::kv::{CacheLayout, FullCache, KvCache, KvView, Step};
 use crate::linear::Linear;
 use crate::rope::Rope;
 use candle_core::quantized::GgmlDType;
@@ -230,6 +230,37 @@ impl Model {
     /// Runs one step. `tokens` holds `B x step.t` ids row-major (padding columns may hold any
     /// valid id). Returns logits as asked.
     pub fn forward(&self, tokens: &[u32], step: &Step, cache: &mut dyn KvCache, logits: Logits) -> Result<Tensor> {
+        self.forward_caches(tokens, step, &mut [cache], logits)
+    }
+
+    /// One step over rows that each own a cache of batch 1 — the requests of a server, which
+    /// join and leave at token boundaries, each with its own KV policy. Projections and FFNs run
+    /// batched over the rows; attention runs row by row against each row's cache.
+    pub fn forward_rows(
+        &self,
+        tokens: &[u32],
+        step: &Step,
+        caches: &mut [&mut dyn KvCache],
+        logits: Logits,
+    ) -> Result<Tensor> {
+        if caches.len() != step.batch() || caches.iter().any(|c| c.batch_size() != 1) {
+            return Err(Error::InvalidInput(format!(
+                "{} caches for a {}-row step (one cache of batch 1 per row)",
+                caches.len(),
+                step.batch()
+            )));
+        }
+        self.forward_caches(tokens, step, caches, logits)
+    }
+
+    /// `caches`: one cache for every row, or one per row.
+    fn forward_caches(
+        &self,
+        tokens: &[u32],
+        step: &Step,
+        caches: &mut [&mut dyn KvCache],
+        logits: Logits,
+    ) -> Result<Tensor> {
         let c = &self.config;
         let (b, t) = (step.batch(), step.t);
         if tokens.len() != b * t || step.start.len() != b {
@@ -241,10 +272,10 @@ impl Model {
         }
         let eps = c.rms_eps as f32;
         let mut x = self.embed(tokens)?.reshape((b, t, c.hidden_size))?;
-        cache.begin_step(step)?;
+        for_each_cache(caches, step, |cache, s| cache.begin_step(s))?;
         for (li, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
-            let mut a = self.attention(li, &layer.attn, &h, step, cache)?;
+            let mut a = self.attention(li, &layer.attn, &h, step, caches)?;
             if let Some(n) = &layer.post_attn_norm {
                 a = candle_nn::ops::rms_norm(&a, n, eps)?;
             }
@@ -256,7 +287,7 @@ impl Model {
             }
             x = (x + f)?;
         }
-        cache.end_step()?;
+        for_each_cache(caches, step, |cache, _| cache.end_step())?;
         let x = match logits {
             Logits::All => x,
             Logits::From(c) if c < t => x.narrow(1, c, t - c)?,
@@ -275,7 +306,14 @@ impl Model {
         Ok(out)
     }
 
-    fn attention(&self, li: usize, at: &Attention, x: &Tensor, step: &Step, cache: &mut dyn KvCache) -> Result<Tensor> {
+    fn attention(
+        &self,
+        li: usize,
+        at: &Attention,
+        x: &Tensor,
+        step: &Step,
+        caches: &mut [&mut dyn KvCache],
+    ) -> Result<Tensor> {
         let c = &self.config;
         let (b, t, _) = x.dims3()?;
         let (hq, hkv, d) = (c.num_heads, c.num_kv_heads, c.head_dim);
@@ -296,10 +334,32 @@ impl Model {
         let rope = if sliding { &self.rope_local } else { &self.rope_global };
         let q = rope.apply(&q, &step.start)?;
         let k = rope.apply(&k, &step.start)?;
-        let view = cache.update(li, &k, &v, if sliding { c.sliding_window } else { None })?;
-        let l = view.k.dim(2)?;
+        let window = if sliding { c.sliding_window } else { None };
         // Query heads of a GQA group share their KV head: fold the group into the query axis.
         let q = q.reshape((b, hkv, g * t, d))?;
+        let out = if caches.len() == 1 {
+            let view = caches[0].update(li, &k, &v, window)?;
+            self.attend(li, &q, &view, step, &mut *caches[0])?
+        } else {
+            let mut outs = Vec::with_capacity(b);
+            for (r, cache) in caches.iter_mut().enumerate() {
+                let (kr, vr) = (k.narrow(0, r, 1)?, v.narrow(0, r, 1)?);
+                let view = cache.update(li, &kr, &vr, window)?;
+                outs.push(self.attend(li, &q.narrow(0, r, 1)?, &view, &row_step(step, r), &mut **cache)?);
+            }
+            Tensor::cat(&outs, 0)?
+        };
+        let out = out.reshape((b, hq, t, d))?.transpose(1, 2)?.reshape((b, t, hq * d))?;
+        at.o.forward(&out)
+    }
+
+    /// Attention of queries `(B, Hkv, G*T, D)` over a cache view; `(B, Hkv, G*T, D)` out.
+    fn attend(&self, li: usize, q: &Tensor, view: &KvView, step: &Step, cache: &mut dyn KvCache) -> Result<Tensor> {
+        let c = &self.config;
+        let (b, hkv, _, _) = q.dims4()?;
+        let (hq, t) = (c.num_heads, step.t);
+        let g = hq / hkv;
+        let l = view.k.dim(2)?;
         let wants_mass = cache.wants_probs();
         let out = if t <= FUSED_ATTENTION_MAX_T {
             let lens = wants_mass.then_some(step.lens.as_slice());
@@ -335,9 +395,29 @@ impl Model {
             }
             probs.matmul(&view.v.contiguous()?)? // (b, hkv, g*t, d)
         };
-        let out = out.reshape((b, hq, t, d))?.transpose(1, 2)?.reshape((b, t, hq * d))?;
-        at.o.forward(&out)
+
+        Ok(out)
     }
+}
+
+/// Row `r` of a step, for that row's own cache.
+fn row_step(step: &Step, r: usize) -> Step {
+    Step { start: vec![step.start[r]], lens: vec![step.lens[r]], t: step.t }
+}
+
+/// Calls `f` on the one shared cache with the whole step, or on each row's cache with its row.
+fn for_each_cache(
+    caches: &mut [&mut dyn KvCache],
+    step: &Step,
+    mut f: impl FnMut(&mut dyn KvCache, &Step) -> Result<()>,
+) -> Result<()> {
+    if caches.len() == 1 {
+        return f(&mut *caches[0], step);
+    }
+    for (r, cache) in caches.iter_mut().enumerate() {
+        f(&mut **cache, &row_step(step, r))?;
+    }
+    Ok(())
 }
 
 /// Shapes the step for a batch of token rows of different lengths, starting where `cache` is.

@@ -3,6 +3,7 @@
 
 use recompose_core::testing::{write_tiny_gguf, TinySpec};
 use recompose_core::weights::ModelFile;
+use recompose_llm::kv::KvCache;
 use recompose_llm::model::step_for;
 use recompose_llm::sample::argmax;
 use recompose_llm::{Logits, Model, WeightMode};
@@ -84,4 +85,75 @@ fn chunked_prefill_equals_one_shot() {
     }
     let d = one.iter().zip(&last).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
     assert!(d < 1e-4, "chunked prefill differs by {d}");
+}
+
+/// Rows with caches of their own (a server's requests): each row prefilled alone, then decoded
+/// together with `forward_rows`, rows joining late and leaving early, must match decoding alone.
+fn check_rows(arch: &'static str, mode: WeightMode) {
+    let (_d, model) = load(arch, mode);
+    let rows: Vec<Vec<u32>> = vec![
+        (0..3).map(|i| 40 + i).collect(),
+        (0..13).map(|i| 60 + 3 * i).collect(),
+        (0..7).map(|i| 100 + i).collect(),
+    ];
+    let alone: Vec<Vec<Vec<f32>>> = rows.iter().map(|r| run(&model, std::slice::from_ref(r), 6).remove(0)).collect();
+    // Row 2 joins after two steps; row 0 leaves after four.
+    let (join, leave) = ([0usize, 0, 2], [4usize, 6, 6]);
+    let mut caches: Vec<_> = rows.iter().map(|_| model.new_cache(1)).collect();
+    let mut next: Vec<u32> = vec![0; rows.len()];
+    let mut got: Vec<Vec<Vec<f32>>> = vec![vec![]; rows.len()];
+    for step in 0..=6 {
+        for r in 0..rows.len() {
+            if join[r] == step {
+                let (t, s) = step_for(std::slice::from_ref(&rows[r]), &caches[r], 0);
+                let l: Vec<f32> = model
+                    .forward(&t, &s, &mut caches[r], Logits::Last)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                next[r] = argmax(&l);
+                got[r].push(l);
+            }
+        }
+        let live: Vec<usize> = (0..rows.len()).filter(|&r| join[r] < step && step <= leave[r]).collect();
+        if live.is_empty() {
+            continue;
+        }
+        let toks: Vec<u32> = live.iter().map(|&r| next[r]).collect();
+        let s = recompose_llm::kv::Step {
+            start: live.iter().map(|&r| caches[r].seq_len(0)).collect(),
+            lens: vec![1; live.len()],
+            t: 1,
+        };
+        let mut refs: Vec<&mut dyn recompose_llm::kv::KvCache> = caches
+            .iter_mut()
+            .enumerate()
+            .filter(|(r, _)| live.contains(r))
+            .map(|(_, c)| c as &mut dyn recompose_llm::kv::KvCache)
+            .collect();
+        let l: Vec<Vec<f32>> = model.forward_rows(&toks, &s, &mut refs, Logits::Last).unwrap().to_vec2().unwrap();
+        for (i, &r) in live.iter().enumerate() {
+            next[r] = argmax(&l[i]);
+            got[r].push(l[i].clone());
+        }
+    }
+    for r in 0..rows.len() {
+        assert!(got[r].len() >= 3, "row {r} ran {} steps", got[r].len());
+        for (k, l) in got[r].iter().enumerate() {
+            let d = l.iter().zip(&alone[r][k]).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            assert!(d < 1e-4, "{arch} {mode:?}: row {r} step {k} differs by {d}");
+        }
+    }
+}
+
+#[test]
+fn rows_with_own_caches_match_single_rows_llama() {
+    check_rows("llama", WeightMode::F32);
+}
+
+#[test]
+fn rows_with_own_caches_match_single_rows_gemma3_quantized() {
+    check_rows("gemma3", WeightMode::Quantized);
 }
