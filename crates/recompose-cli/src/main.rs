@@ -37,6 +37,8 @@ enum Command {
     Bench(cmd::bench::Args),
     /// Merge models with a mergekit YAML config (linear, ties, dare, slerp, model_stock, ...).
     Merge(cmd::merge::Args),
+    /// Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming, metrics).
+    Serve(cmd::serve::Args),
     /// Task vectors: extract (finetuned - base), apply with scales, remove.
     #[command(subcommand)]
     Tv(cmd::delta::TvCommand),
@@ -76,6 +78,7 @@ fn main() {
         Command::Eval(a) => cmd::eval::run(a, quiet),
         Command::Bench(a) => cmd::bench::run(a, quiet),
         Command::Merge(a) => cmd::merge::run(a, quiet),
+        Command::Serve(a) => cmd::serve::run(a),
         Command::Tv(c) => cmd::delta::run_tv(c, quiet),
         Command::Rws(c) => cmd::delta::run_rws(c, quiet),
     };

@@ -6,3 +6,4 @@ pub mod fetch;
 pub mod generate;
 pub mod inspect;
 pub mod merge;
+pub mod serve;

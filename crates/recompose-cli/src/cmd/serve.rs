@@ -1,0 +1,84 @@
+//! `recompose serve`: the OpenAI-compatible server (docs/SERVE.md).
+
+use crate::common::{parse_kv, ModelArgs, KV_HELP};
+use anyhow::{Context, Result};
+use recompose_serve::{router, AppState, Engine, EngineConfig};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port to listen on (0: any free port; the chosen one is printed).
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Default KV-cache policy; a request may choose its own with the "kv" field.
+    #[arg(long, default_value = "full", value_parser = parse_kv, help = KV_HELP)]
+    kv: recompose_kv::KvSpec,
+    /// Most requests decoded together (the running batch).
+    #[arg(long, default_value_t = 16)]
+    max_batch: usize,
+    /// Most requests waiting for a place in the batch; beyond it requests get 429.
+    #[arg(long, default_value_t = 64)]
+    max_queue: usize,
+    /// Seconds to let running requests finish after SIGINT/SIGTERM before exiting.
+    #[arg(long, default_value_t = 30)]
+    shutdown_grace: u64,
+}
+
+async fn shutdown_signal(draining: Arc<std::sync::atomic::AtomicBool>) {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    eprintln!("shutting down: no new requests, finishing the running ones");
+    draining.store(true, Ordering::SeqCst);
+}
+
+pub fn run(a: Args) -> Result<()> {
+    if a.max_batch == 0 || a.max_queue == 0 {
+        anyhow::bail!("--max-batch and --max-queue must be at least 1");
+    }
+    let (_file, model, tok) = a.model.load()?;
+    let tok = Arc::new(tok);
+    let (engine, scheduler) =
+        Engine::start(model, tok.clone(), EngineConfig { max_batch: a.max_batch, max_queue: a.max_queue })
+            .context("starting the scheduler")?;
+    let state =
+        Arc::new(AppState { engine: engine.clone(), tok, model_id: a.model.model.clone(), default_kv: a.kv.clone() });
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind((a.host.as_str(), a.port))
+            .await
+            .with_context(|| format!("cannot listen on {}:{}", a.host, a.port))?;
+        let addr = listener.local_addr()?;
+        eprintln!("listening on http://{addr} (model {}, kv {})", a.model.model, a.kv);
+        axum::serve(listener, router(state))
+            .with_graceful_shutdown(shutdown_signal(engine.draining.clone()))
+            .await
+            .context("server")
+    })?;
+    // Connections are closed; give the scheduler its grace period to wind down.
+    let deadline = Instant::now() + Duration::from_secs(a.shutdown_grace);
+    while !scheduler.is_finished() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("stopped");
+    Ok(())
+}

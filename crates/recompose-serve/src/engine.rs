@@ -1,0 +1,357 @@
+//! The scheduler: one thread owns the model and runs continuous batching. Requests wait in a
+//! bounded queue, join the running batch at a token boundary, and leave it when they finish or
+//! their client goes away. Each request has a KV cache of its own, built from its own policy, so
+//! one batch can mix a full cache with H2O and windowed ones (`Model::forward_rows`). A step
+//! is one chunk of one waiting prompt (at most `PREFILL_CHUNK` tokens, so running streams keep
+//! flowing), then one decode token for every running request.
+
+use crate::metrics::Metrics;
+use recompose_core::Tokenizer;
+use recompose_kv::KvSpec;
+use recompose_llm::kv::{CacheLayout, KvCache, Step};
+use recompose_llm::sample::{Sampler, SamplingParams};
+use recompose_llm::{Logits, Model};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc::UnboundedSender;
+
+/// Longest piece of a prompt prefilled in one step.
+pub const PREFILL_CHUNK: usize = 256;
+
+/// One token's log-probability and the most likely alternatives.
+#[derive(Debug, Clone)]
+pub struct TokenLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub top: Vec<(String, f32)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    Stop,
+    Length,
+}
+
+impl Finish {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Finish::Stop => "stop",
+            Finish::Length => "length",
+        }
+    }
+}
+
+#[derive(Debug)]
+pub enum Event {
+    /// New text (may be empty while a multi-byte character or a possible stop string is pending).
+    Text {
+        text: String,
+        logprob: Option<TokenLogprob>,
+    },
+    Done {
+        finish: Finish,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
+    Error(String),
+}
+
+/// A request as the scheduler sees it.
+pub struct Job {
+    pub prompt: Vec<u32>,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    pub stop: Vec<String>,
+    /// Some(n): report the chosen token's logprob and the n most likely.
+    pub logprobs: Option<usize>,
+    pub kv: KvSpec,
+    pub events: UnboundedSender<Event>,
+    pub arrived: Instant,
+}
+
+struct Seq {
+    job: Job,
+    cache: Box<dyn KvCache>,
+    /// Prompt tokens fed so far.
+    fed: usize,
+    generated: Vec<u32>,
+    sampler: Sampler,
+    text: String,
+    emitted: usize,
+    last_token_at: Instant,
+}
+
+pub struct EngineConfig {
+    pub max_batch: usize,
+    pub max_queue: usize,
+}
+
+/// Handle the HTTP side holds.
+#[derive(Clone)]
+pub struct Engine {
+    tx: mpsc::SyncSender<Job>,
+    pub metrics: Arc<Metrics>,
+    pub draining: Arc<AtomicBool>,
+    pub context: usize,
+}
+
+impl Engine {
+    /// Starts the scheduler thread.
+    pub fn start(
+        model: Model,
+        tok: Arc<Tokenizer>,
+        cfg: EngineConfig,
+    ) -> std::io::Result<(Self, std::thread::JoinHandle<()>)> {
+        // The channel is the queue: its bound is --max-queue; a full queue is a 429.
+        let (tx, rx) = mpsc::sync_channel::<Job>(cfg.max_queue);
+        let metrics = Arc::new(Metrics::default());
+        let draining = Arc::new(AtomicBool::new(false));
+        let context = model.config.max_position;
+        let (m, d) = (metrics.clone(), draining.clone());
+        let handle = std::thread::Builder::new()
+            .name("recompose-scheduler".into())
+            .spawn(move || Scheduler::new(model, tok, cfg, m, d).run(rx))?;
+        Ok((Self { tx, metrics, draining, context }, handle))
+    }
+
+    /// Queues a job; Err(job) when the queue is full or the server is shutting down.
+    pub fn submit(&self, job: Job) -> Result<(), Job> {
+        if self.draining.load(Ordering::SeqCst) {
+            return Err(job);
+        }
+        self.tx.try_send(job).map_err(|e| match e {
+            mpsc::TrySendError::Full(j) | mpsc::TrySendError::Disconnected(j) => j,
+        })
+    }
+}
+
+struct Scheduler {
+    model: Model,
+    tok: Arc<Tokenizer>,
+    layout: CacheLayout,
+    cfg: EngineConfig,
+    metrics: Arc<Metrics>,
+    draining: Arc<AtomicBool>,
+    waiting: VecDeque<Job>,
+    prefilling: VecDeque<Seq>,
+    running: Vec<Seq>,
+}
+
+fn log_softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = logits.iter().map(|l| ((l - max) as f64).exp()).sum::<f64>().ln() as f32 + max;
+    logits.iter().map(|l| l - lse).collect()
+}
+
+impl Scheduler {
+    fn new(
+        model: Model,
+        tok: Arc<Tokenizer>,
+        cfg: EngineConfig,
+        metrics: Arc<Metrics>,
+        draining: Arc<AtomicBool>,
+    ) -> Self {
+        let layout = model.cache_layout();
+        Self {
+            model,
+            tok,
+            layout,
+            cfg,
+            metrics,
+            draining,
+            waiting: VecDeque::new(),
+            prefilling: VecDeque::new(),
+            running: vec![],
+        }
+    }
+
+    fn busy(&self) -> bool {
+        !self.waiting.is_empty() || !self.prefilling.is_empty() || !self.running.is_empty()
+    }
+
+    fn run(mut self, rx: mpsc::Receiver<Job>) {
+        loop {
+            // Idle: block for work (waking now and then to notice a shutdown).
+            if !self.busy() {
+                match rx.recv_timeout(Duration::from_millis(100)) {
+                    Ok(j) => self.waiting.push_back(j),
+                    Err(mpsc::RecvTimeoutError::Timeout) if self.draining.load(Ordering::SeqCst) => return,
+                    Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                }
+            }
+            while let Ok(j) = rx.try_recv() {
+                self.waiting.push_back(j);
+            }
+            self.drop_cancelled();
+            self.admit();
+            if let Err(e) = self.prefill_one() {
+                tracing::error!("prefill failed: {e}");
+            }
+            if let Err(e) = self.decode() {
+                // A failed step fails the requests in it, never the server.
+                tracing::error!("decode step failed: {e}");
+                for s in self.running.drain(..) {
+                    let _ = s.job.events.send(Event::Error(format!("generation failed: {e}")));
+                }
+            }
+            let kv: usize = self.running.iter().chain(&self.prefilling).map(|s| s.cache.resident_bytes()).sum();
+            let active = self.running.len() + self.prefilling.len();
+            self.metrics.state(self.waiting.len(), active, self.running.len(), kv);
+        }
+    }
+
+    /// Requests whose client went away are dropped with their caches.
+    fn drop_cancelled(&mut self) {
+        self.waiting.retain(|j| !j.events.is_closed());
+        self.prefilling.retain(|s| !s.job.events.is_closed());
+        self.running.retain(|s| !s.job.events.is_closed());
+    }
+
+    fn admit(&mut self) {
+        while self.running.len() + self.prefilling.len() < self.cfg.max_batch {
+            let Some(job) = self.waiting.pop_front() else { break };
+            let cache = job.kv.build(&self.layout, &[job.prompt.len()]);
+            let sampler = Sampler::new(job.sampling.clone());
+            let now = Instant::now();
+            self.prefilling.push_back(Seq {
+                job,
+                cache,
+                fed: 0,
+                generated: vec![],
+                sampler,
+                text: String::new(),
+                emitted: 0,
+                last_token_at: now,
+            });
+        }
+    }
+
+    fn prefill_one(&mut self) -> recompose_llm::Result<()> {
+        let Some(mut s) = self.prefilling.pop_front() else { return Ok(()) };
+        let chunk = s.cache.prefill_chunk().unwrap_or(PREFILL_CHUNK).min(PREFILL_CHUNK);
+        let end = (s.fed + chunk).min(s.job.prompt.len());
+        let piece = &s.job.prompt[s.fed..end];
+        let step = Step { start: vec![s.fed], lens: vec![piece.len()], t: piece.len() };
+        let logits = match self.model.forward(piece, &step, s.cache.as_mut(), Logits::Last) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = s.job.events.send(Event::Error(format!("prefill failed: {e}")));
+                return Err(e);
+            }
+        };
+        s.fed = end;
+        if s.fed < s.job.prompt.len() {
+            self.prefilling.push_front(s);
+            return Ok(());
+        }
+        s.cache.end_prefill()?;
+        let mut l: Vec<f32> = logits.flatten_all()?.to_vec1()?;
+        self.metrics.ttft(s.job.arrived.elapsed().as_secs_f64());
+        if !self.emit(&mut s, &mut l) {
+            self.running.push(s);
+        }
+        Ok(())
+    }
+
+    fn decode(&mut self) -> recompose_llm::Result<()> {
+        if self.running.is_empty() {
+            return Ok(());
+        }
+        let tokens: Vec<u32> = self.running.iter().map(|s| *s.generated.last().unwrap_or(&0)).collect();
+        let start: Vec<usize> = self.running.iter().map(|s| s.cache.seq_len(0)).collect();
+        let step = Step { start, lens: vec![1; tokens.len()], t: 1 };
+        let mut caches: Vec<&mut dyn KvCache> =
+            self.running.iter_mut().map(|s| s.cache.as_mut() as &mut dyn KvCache).collect();
+        let logits: Vec<Vec<f32>> = self.model.forward_rows(&tokens, &step, &mut caches, Logits::Last)?.to_vec2()?;
+        let mut keep = Vec::with_capacity(self.running.len());
+        let running = std::mem::take(&mut self.running);
+        for (mut s, mut l) in running.into_iter().zip(logits) {
+            let now = Instant::now();
+            self.metrics.itl(now.duration_since(s.last_token_at).as_secs_f64());
+            s.last_token_at = now;
+            if !self.emit(&mut s, &mut l) {
+                keep.push(s);
+            }
+        }
+        self.running = keep;
+        Ok(())
+    }
+
+    /// Samples the next token from `logits`, sends its text; true when the request is finished.
+    fn emit(&self, s: &mut Seq, logits: &mut [f32]) -> bool {
+        let lp = s.job.logprobs.map(|_| log_softmax(logits));
+        if s.job.presence_penalty != 0.0 || s.job.frequency_penalty != 0.0 {
+            let mut counts = std::collections::HashMap::<u32, usize>::new();
+            s.generated.iter().for_each(|t| *counts.entry(*t).or_default() += 1);
+            for (t, n) in counts {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l -= s.job.presence_penalty + s.job.frequency_penalty * n as f32;
+                }
+            }
+        }
+        let token = s.sampler.sample(logits, &s.generated);
+        s.generated.push(token);
+        let eos = self.tok.eos.contains(&token);
+        if !eos {
+            s.text = self.tok.decode(&s.generated, true).unwrap_or_else(|_| s.text.clone());
+        }
+        let logprob = lp.map(|lp| {
+            let name = |t: u32| self.tok.decode(&[t], false).unwrap_or_default();
+            let n = s.job.logprobs.unwrap_or(0);
+            let mut idx: Vec<usize> = (0..lp.len()).collect();
+            if n > 0 {
+                idx.select_nth_unstable_by(n.min(lp.len()) - 1, |a, b| lp[*b].total_cmp(&lp[*a]));
+                idx.truncate(n.min(lp.len()));
+                idx.sort_by(|a, b| lp[*b].total_cmp(&lp[*a]));
+            } else {
+                idx.clear();
+            }
+            TokenLogprob {
+                token: name(token),
+                logprob: lp[token as usize],
+                top: idx.into_iter().map(|i| (name(i as u32), lp[i])).collect(),
+            }
+        });
+        // Stop strings: cut at the first one; otherwise hold back a tail that could still
+        // become one, and a character still being assembled from byte tokens.
+        let stop_at = s.job.stop.iter().filter_map(|st| s.text.find(st.as_str())).min();
+        let at_context = s.cache.seq_len(0) + 1 >= self.layout.max_len;
+        let finish = if stop_at.is_some() || eos {
+            Some(Finish::Stop)
+        } else if s.generated.len() >= s.job.max_tokens || at_context {
+            Some(Finish::Length)
+        } else {
+            None
+        };
+        let mut end = stop_at.unwrap_or(s.text.len());
+        if finish.is_none() {
+            for st in &s.job.stop {
+                if let Some(k) = (1..st.len()).rev().find(|&k| st.is_char_boundary(k) && s.text.ends_with(&st[..k])) {
+                    end = end.min(s.text.len() - k);
+                }
+            }
+            while end > s.emitted && (s.text[..end].ends_with('\u{FFFD}') || !s.text.is_char_boundary(end)) {
+                end -= 1;
+            }
+        }
+        let new = if end > s.emitted { s.text[s.emitted..end].to_string() } else { String::new() };
+        s.emitted = s.emitted.max(end);
+        let counted = s.generated.len() - usize::from(eos);
+        let _ = s.job.events.send(Event::Text { text: new, logprob });
+        if let Some(f) = finish {
+            self.metrics.tokens(s.job.prompt.len(), counted);
+            let _ = s.job.events.send(Event::Done {
+                finish: f,
+                prompt_tokens: s.job.prompt.len(),
+                completion_tokens: counted,
+            });
+            return true;
+        }
+        false
+    }
+}
