@@ -80,7 +80,10 @@ struct Seq {
     fed: usize,
     generated: Vec<u32>,
     sampler: Sampler,
+    /// Text decoded so far, and the token range still being decoded (see `emit`).
     text: String,
+    prev: usize,
+    cur: usize,
     emitted: usize,
     last_token_at: Instant,
 }
@@ -189,14 +192,22 @@ impl Scheduler {
             }
             self.drop_cancelled();
             self.admit();
-            if let Err(e) = self.prefill_one() {
-                tracing::error!("prefill failed: {e}");
-            }
-            if let Err(e) = self.decode() {
-                // A failed step fails the requests in it, never the server.
-                tracing::error!("decode step failed: {e}");
-                for s in self.running.drain(..) {
-                    let _ = s.job.events.send(Event::Error(format!("generation failed: {e}")));
+            // A failed or panicking step fails the requests in it, never the server.
+            let step = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                if let Err(e) = self.prefill_one() {
+                    tracing::error!("prefill failed: {e}");
+                }
+                self.decode()
+            }));
+            let failure = match step {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(format!("generation failed: {e}")),
+                Err(_) => Some("generation failed: internal error (see the server log)".to_string()),
+            };
+            if let Some(msg) = failure {
+                tracing::error!("{msg}");
+                for s in self.running.drain(..).chain(self.prefilling.drain(..)) {
+                    let _ = s.job.events.send(Event::Error(msg.clone()));
                 }
             }
             let kv: usize = self.running.iter().chain(&self.prefilling).map(|s| s.cache.resident_bytes()).sum();
@@ -225,6 +236,8 @@ impl Scheduler {
                 generated: vec![],
                 sampler,
                 text: String::new(),
+                prev: 0,
+                cur: 0,
                 emitted: 0,
                 last_token_at: now,
             });
@@ -298,7 +311,15 @@ impl Scheduler {
         s.generated.push(token);
         let eos = self.tok.eos.contains(&token);
         if !eos {
-            s.text = self.tok.decode(&s.generated, true).unwrap_or_else(|_| s.text.clone());
+            // Incremental decoding as `recompose generate` does it: a piece is released once it
+            // ends in a whole character.
+            let before = self.tok.decode(&s.generated[s.prev..s.cur], true).unwrap_or_default();
+            let text = self.tok.decode(&s.generated[s.prev..], true).unwrap_or_default();
+            if text.len() > before.len() && !text.ends_with('\u{FFFD}') && text.is_char_boundary(before.len()) {
+                s.text.push_str(&text[before.len()..]);
+                s.prev = s.cur;
+                s.cur = s.generated.len();
+            }
         }
         let logprob = lp.map(|lp| {
             let name = |t: u32| self.tok.decode(&[t], false).unwrap_or_default();
@@ -318,7 +339,7 @@ impl Scheduler {
             }
         });
         // Stop strings: cut at the first one; otherwise hold back a tail that could still
-        // become one, and a character still being assembled from byte tokens.
+        // become one.
         let stop_at = s.job.stop.iter().filter_map(|st| s.text.find(st.as_str())).min();
         let at_context = s.cache.seq_len(0) + 1 >= self.layout.max_len;
         let finish = if stop_at.is_some() || eos {
@@ -335,11 +356,11 @@ impl Scheduler {
                     end = end.min(s.text.len() - k);
                 }
             }
-            while end > s.emitted && (s.text[..end].ends_with('\u{FFFD}') || !s.text.is_char_boundary(end)) {
+            while end > s.emitted && !s.text.is_char_boundary(end) {
                 end -= 1;
             }
         }
-        let new = if end > s.emitted { s.text[s.emitted..end].to_string() } else { String::new() };
+        let new = s.text.get(s.emitted..end).unwrap_or_default().to_string();
         s.emitted = s.emitted.max(end);
         let counted = s.generated.len() - usize::from(eos);
         let _ = s.job.events.send(Event::Text { text: new, logprob });

@@ -339,7 +339,13 @@ fn sse_stream(
                     let v = ApiError::status(500, "server_error", e).body();
                     return Some((Ok(Sse::default().data(v.to_string())), st));
                 }
-                None => return None,
+                None => {
+                    // The request ended without a result (it cannot, short of a bug): say so.
+                    st.done = true;
+                    st.tail.push(Value::Null);
+                    let v = ApiError::status(500, "server_error", "the request was dropped").body();
+                    return Some((Ok(Sse::default().data(v.to_string())), st));
+                }
             }
         }
     })
