@@ -12,7 +12,7 @@ use recompose_llm::kv::{CacheLayout, KvCache, Step};
 use recompose_llm::sample::{Sampler, SamplingParams};
 use recompose_llm::{Logits, Model};
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc::UnboundedSender;
@@ -97,6 +97,7 @@ pub struct EngineConfig {
 #[derive(Clone)]
 pub struct Engine {
     tx: mpsc::SyncSender<Job>,
+    queued: Arc<AtomicUsize>,
     pub metrics: Arc<Metrics>,
     pub draining: Arc<AtomicBool>,
     pub context: usize,
@@ -114,11 +115,12 @@ impl Engine {
         let metrics = Arc::new(Metrics::default());
         let draining = Arc::new(AtomicBool::new(false));
         let context = model.config.max_position;
-        let (m, d) = (metrics.clone(), draining.clone());
+        let queued = Arc::new(AtomicUsize::new(0));
+        let (m, d, q) = (metrics.clone(), draining.clone(), queued.clone());
         let handle = std::thread::Builder::new()
             .name("recompose-scheduler".into())
-            .spawn(move || Scheduler::new(model, tok, cfg, m, d).run(rx))?;
-        Ok((Self { tx, metrics, draining, context }, handle))
+            .spawn(move || Scheduler::new(model, tok, cfg, m, d, q).run(rx))?;
+        Ok((Self { tx, queued, metrics, draining, context }, handle))
     }
 
     /// Queues a job; Err(job) when the queue is full or the server is shutting down.
@@ -126,8 +128,13 @@ impl Engine {
         if self.draining.load(Ordering::SeqCst) {
             return Err(job);
         }
-        self.tx.try_send(job).map_err(|e| match e {
-            mpsc::TrySendError::Full(j) | mpsc::TrySendError::Disconnected(j) => j,
+        // Counted before sending so the scheduler's decrement can never run first.
+        self.queued.fetch_add(1, Ordering::SeqCst);
+        self.tx.try_send(job).map_err(|e| {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+            match e {
+                mpsc::TrySendError::Full(j) | mpsc::TrySendError::Disconnected(j) => j,
+            }
         })
     }
 }
@@ -139,7 +146,10 @@ struct Scheduler {
     cfg: EngineConfig,
     metrics: Arc<Metrics>,
     draining: Arc<AtomicBool>,
-    waiting: VecDeque<Job>,
+    /// Jobs queued in the channel (its bound is the queue limit).
+    queued: Arc<AtomicUsize>,
+    /// A job taken from the channel while the batch was full.
+    waiting: Option<Job>,
     prefilling: VecDeque<Seq>,
     running: Vec<Seq>,
 }
@@ -157,6 +167,7 @@ impl Scheduler {
         cfg: EngineConfig,
         metrics: Arc<Metrics>,
         draining: Arc<AtomicBool>,
+        queued: Arc<AtomicUsize>,
     ) -> Self {
         let layout = model.cache_layout();
         Self {
@@ -166,14 +177,15 @@ impl Scheduler {
             cfg,
             metrics,
             draining,
-            waiting: VecDeque::new(),
+            queued,
+            waiting: None,
             prefilling: VecDeque::new(),
             running: vec![],
         }
     }
 
     fn busy(&self) -> bool {
-        !self.waiting.is_empty() || !self.prefilling.is_empty() || !self.running.is_empty()
+        self.waiting.is_some() || !self.prefilling.is_empty() || !self.running.is_empty()
     }
 
     fn run(mut self, rx: mpsc::Receiver<Job>) {
@@ -181,17 +193,17 @@ impl Scheduler {
             // Idle: block for work (waking now and then to notice a shutdown).
             if !self.busy() {
                 match rx.recv_timeout(Duration::from_millis(100)) {
-                    Ok(j) => self.waiting.push_back(j),
+                    Ok(j) => {
+                        self.queued.fetch_sub(1, Ordering::SeqCst);
+                        self.waiting = Some(j);
+                    }
                     Err(mpsc::RecvTimeoutError::Timeout) if self.draining.load(Ordering::SeqCst) => return,
                     Err(mpsc::RecvTimeoutError::Timeout) => continue,
                     Err(mpsc::RecvTimeoutError::Disconnected) => return,
                 }
             }
-            while let Ok(j) = rx.try_recv() {
-                self.waiting.push_back(j);
-            }
             self.drop_cancelled();
-            self.admit();
+            self.admit(&rx);
             // A failed or panicking step fails the requests in it, never the server.
             let step = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 if let Err(e) = self.prefill_one() {
@@ -212,20 +224,35 @@ impl Scheduler {
             }
             let kv: usize = self.running.iter().chain(&self.prefilling).map(|s| s.cache.resident_bytes()).sum();
             let active = self.running.len() + self.prefilling.len();
-            self.metrics.state(self.waiting.len(), active, self.running.len(), kv);
+            self.metrics.state(self.queued.load(Ordering::SeqCst), active, self.running.len(), kv);
         }
     }
 
     /// Requests whose client went away are dropped with their caches.
     fn drop_cancelled(&mut self) {
-        self.waiting.retain(|j| !j.events.is_closed());
+        if self.waiting.as_ref().is_some_and(|j| j.events.is_closed()) {
+            self.waiting = None;
+        }
         self.prefilling.retain(|s| !s.job.events.is_closed());
         self.running.retain(|s| !s.job.events.is_closed());
     }
 
-    fn admit(&mut self) {
+    /// Moves queued jobs into the batch while it has room; the rest stay in the bounded channel.
+    fn admit(&mut self, rx: &mpsc::Receiver<Job>) {
         while self.running.len() + self.prefilling.len() < self.cfg.max_batch {
-            let Some(job) = self.waiting.pop_front() else { break };
+            let job = match self.waiting.take() {
+                Some(j) => j,
+                None => match rx.try_recv() {
+                    Ok(j) => {
+                        self.queued.fetch_sub(1, Ordering::SeqCst);
+                        j
+                    }
+                    Err(_) => break,
+                },
+            };
+            if job.events.is_closed() {
+                continue;
+            }
             let cache = job.kv.build(&self.layout, &[job.prompt.len()]);
             let sampler = Sampler::new(job.sampling.clone());
             let now = Instant::now();
