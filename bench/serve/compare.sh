@@ -6,7 +6,7 @@
 #   bench/serve/compare.sh [RECOMPOSE_BIN]        # default target/release/recompose
 #
 # Environment: RATES (default 0.5,1,2), REQUESTS per rate (default 100: 200 does not fit
-# in ~30 min on 2 cores, see bench/serve/README or the run log), SEED (0), THREADS (2),
+# in ~30 min on 2 cores: llama.cpp alone needs ~4 min per rate at 100), SEED (0), THREADS (2),
 # ONLY=recompose|llamacpp to run one side, KV=SPEC to pass "kv" to recompose's requests.
 # llama.cpp runs as: n_ctx 2048, 2 threads, --interrupt_requests False (otherwise a new
 # request aborts the running stream), --logits_all False (the default True computes

@@ -2,8 +2,8 @@
 //! bounded queue, join the running batch at a token boundary, and leave it when they finish or
 //! their client goes away. Each request has a KV cache of its own, built from its own policy, so
 //! one batch can mix a full cache with H2O and windowed ones (`Model::forward_rows`). A step
-//! is one chunk of one waiting prompt (at most `PREFILL_CHUNK` tokens, so running streams keep
-//! flowing), then one decode token for every running request.
+//! is one chunk of one waiting prompt (at most `PREFILL_CHUNK_BUSY` tokens while others stream,
+//! so running streams keep flowing), then one decode token for every running request.
 
 use crate::metrics::Metrics;
 use recompose_core::Tokenizer;
@@ -17,8 +17,10 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc::UnboundedSender;
 
-/// Longest piece of a prompt prefilled in one step.
-pub const PREFILL_CHUNK: usize = 256;
+/// Longest piece of a prompt prefilled in one step: large while nothing else runs (fast first
+/// token), small while other requests stream (each decode step waits for the chunk).
+pub const PREFILL_CHUNK_IDLE: usize = 512;
+pub const PREFILL_CHUNK_BUSY: usize = 64;
 
 /// One token's log-probability and the most likely alternatives.
 #[derive(Debug, Clone)]
@@ -273,7 +275,8 @@ impl Scheduler {
 
     fn prefill_one(&mut self) -> recompose_llm::Result<()> {
         let Some(mut s) = self.prefilling.pop_front() else { return Ok(()) };
-        let chunk = s.cache.prefill_chunk().unwrap_or(PREFILL_CHUNK).min(PREFILL_CHUNK);
+        let most = if self.running.is_empty() { PREFILL_CHUNK_IDLE } else { PREFILL_CHUNK_BUSY };
+        let chunk = s.cache.prefill_chunk().unwrap_or(most).min(most);
         let end = (s.fed + chunk).min(s.job.prompt.len());
         let piece = &s.job.prompt[s.fed..end];
         let step = Step { start: vec![s.fed], lens: vec![piece.len()], t: piece.len() };
