@@ -125,21 +125,24 @@ impl Engine {
         Ok((Self { tx, queued, metrics, draining, context }, handle))
     }
 
-    /// Queues a job; Err(job) when the queue is full or the server is shutting down.
-    pub fn submit(&self, job: Job) -> Result<(), Job> {
+    /// Queues a job; Err when the queue is full or the server is shutting down (the job is
+    /// dropped, which closes its event channel).
+    pub fn submit(&self, job: Job) -> Result<(), Rejected> {
         if self.draining.load(Ordering::SeqCst) {
-            return Err(job);
+            return Err(Rejected);
         }
         // Counted before sending so the scheduler's decrement can never run first.
         self.queued.fetch_add(1, Ordering::SeqCst);
-        self.tx.try_send(job).map_err(|e| {
+        self.tx.try_send(job).map_err(|_| {
             self.queued.fetch_sub(1, Ordering::SeqCst);
-            match e {
-                mpsc::TrySendError::Full(j) | mpsc::TrySendError::Disconnected(j) => j,
-            }
+            Rejected
         })
     }
 }
+
+/// A job the queue did not take.
+#[derive(Debug)]
+pub struct Rejected;
 
 struct Scheduler {
     model: Model,
