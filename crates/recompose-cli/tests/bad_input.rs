@@ -26,6 +26,13 @@ fn tiny(dir: &Path, spec: TinySpec) -> PathBuf {
     p
 }
 
+/// Asserts success; returns (stdout, stderr).
+fn succeeds(home: &Path, args: &[&str]) -> (String, String) {
+    let (code, out, err) = recompose(home, args);
+    assert_eq!(code, 0, "{args:?}: {err}");
+    (out, err)
+}
+
 /// Asserts a clean failure and returns the error line.
 fn fails(home: &Path, args: &[&str]) -> String {
     let (code, _out, err) = recompose(home, args);
@@ -241,10 +248,8 @@ fn merge_tv_and_rws_run_and_reject_bad_input_with_one_line() {
     let o = out.to_str().unwrap();
     // A good merge, then a model that generates from it.
     write(&yaml("slerp", "parameters:\n  t: [0, 0.5, 1]\n"));
-    let (code, _, err) = recompose(h, &["merge", c, o]);
-    assert_eq!(code, 0, "{err}");
-    let (code, _, err) = recompose(h, &["generate", "-m", o, "--prompt", "hi", "-n", "3"]);
-    assert_eq!(code, 0, "{err}");
+    succeeds(h, &["merge", c, o]);
+    succeeds(h, &["generate", "-m", o, "--prompt", "hi", "-n", "3"]);
     assert!(fails(h, &["merge", c, o]).contains("already exists"));
     for (text, want) in [
         (yaml("slerp", ""), "missing parameter 't'"),
@@ -259,102 +264,32 @@ fn merge_tv_and_rws_run_and_reject_bad_input_with_one_line() {
         assert!(e.contains(want), "want {want:?} in {e}");
         assert!(!h.join("x").exists());
     }
-    // Task vectors: extract, apply, remove; bad scale and wrong kind of file.
-    let tv = h.join("tv.safetensors");
-    let (code, _, err) = recompose(
-        h,
-        &[
-            "tv",
-            "extract",
-            "--base",
-            a.to_str().unwrap(),
-            "--finetuned",
-            b.to_str().unwrap(),
-            "--levels",
-            "16",
-            "-o",
-            tv.to_str().unwrap(),
-        ],
-    );
-    assert_eq!(code, 0, "{err}");
+    let (a, b) = (a.to_str().unwrap(), b.to_str().unwrap());
+    let path = |name: &str| h.join(name).to_str().unwrap().to_string();
+    // Task vectors: extract, apply with a negative scale; wrong kind of file, bad levels.
+    let tv = path("tv.safetensors");
+    let extract_tv = |levels: &str, out: &str| {
+        ["tv", "extract", "--base", a, "--finetuned", b, "--levels", levels, "-o", out].map(String::from)
+    };
+    let (_, err) = succeeds(h, &extract_tv("16", &tv).each_ref().map(String::as_str));
     assert!(err.contains("smaller"), "{err}");
-    let tvs = format!("{}:-0.5", tv.display());
-    let (code, _, err) =
-        recompose(h, &["tv", "apply", a.to_str().unwrap(), &tvs, "-o", h.join("neg").to_str().unwrap()]);
-    assert_eq!(code, 0, "{err}");
-    let e = fails(h, &["rws", "apply", a.to_str().unwrap(), tv.to_str().unwrap(), "-o", h.join("y").to_str().unwrap()]);
+    succeeds(h, &["tv", "apply", a, &format!("{tv}:-0.5"), "-o", &path("neg")]);
+    let e = fails(h, &["rws", "apply", a, &tv, "-o", &path("y")]);
     assert!(e.contains("not a rws"), "{e}");
-    let e = fails(h, &["tv", "apply", a.to_str().unwrap(), a.to_str().unwrap(), "-o", h.join("y").to_str().unwrap()]);
+    let e = fails(h, &["tv", "apply", a, a, "-o", &path("y")]);
     assert!(e.contains("a.gguf"), "{e}");
-    let e = fails(
-        h,
-        &[
-            "tv",
-            "extract",
-            "--base",
-            a.to_str().unwrap(),
-            "--finetuned",
-            b.to_str().unwrap(),
-            "--levels",
-            "1",
-            "-o",
-            h.join("t1").to_str().unwrap(),
-        ],
-    );
+    let e = fails(h, &extract_tv("1", &path("t1")).each_ref().map(String::as_str));
     assert!(e.contains("--levels 1"), "{e}");
     // Signatures: extract over the first layers, inspect, apply with alpha.
-    let sig = h.join("sig.safetensors");
-    let (code, _, err) = recompose(
-        h,
-        &[
-            "rws",
-            "extract",
-            "--pretrained",
-            a.to_str().unwrap(),
-            "--clean",
-            b.to_str().unwrap(),
-            "--robust",
-            o,
-            "--layers",
-            "first:2",
-            "-o",
-            sig.to_str().unwrap(),
-        ],
-    );
-    assert_eq!(code, 0, "{err}");
-    let (code, stdout, err) = recompose(h, &["rws", "inspect", sig.to_str().unwrap()]);
-    assert_eq!(code, 0, "{err}");
+    let sig = path("sig.safetensors");
+    let extract_rws = |layers: &str, out: &str| {
+        ["rws", "extract", "--pretrained", a, "--clean", b, "--robust", o, "--layers", layers, "-o", out]
+            .map(String::from)
+    };
+    succeeds(h, &extract_rws("first:2", &sig).each_ref().map(String::as_str));
+    let (stdout, _) = succeeds(h, &["rws", "inspect", &sig]);
     assert!(stdout.contains("2 layers"), "{stdout}");
-    let e = fails(
-        h,
-        &[
-            "rws",
-            "extract",
-            "--pretrained",
-            a.to_str().unwrap(),
-            "--clean",
-            b.to_str().unwrap(),
-            "--robust",
-            o,
-            "--layers",
-            "first:99",
-            "-o",
-            h.join("s2").to_str().unwrap(),
-        ],
-    );
+    let e = fails(h, &extract_rws("first:99", &path("s2")).each_ref().map(String::as_str));
     assert!(e.contains("first:99"), "{e}");
-    let (code, _, err) = recompose(
-        h,
-        &[
-            "rws",
-            "apply",
-            a.to_str().unwrap(),
-            sig.to_str().unwrap(),
-            "--alpha",
-            "0.5",
-            "-o",
-            h.join("p").to_str().unwrap(),
-        ],
-    );
-    assert_eq!(code, 0, "{err}");
+    succeeds(h, &["rws", "apply", a, &sig, "--alpha", "0.5", "-o", &path("p")]);
 }

@@ -36,3 +36,28 @@ where
 pub fn write_bytes(path: &Path, bytes: &[u8]) -> Result<()> {
     write_with(path, |w| w.write_all(bytes).map_err(|e| Error::io(path, e)))
 }
+
+/// A scratch folder beside `target` (same filesystem, so moving a result into place is a
+/// rename); it and whatever is left in it disappear when dropped.
+pub fn scratch_beside(target: &Path) -> Result<tempfile::TempDir> {
+    let dir = match target.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    tempfile::Builder::new().prefix(".recompose-tmp-").tempdir_in(dir).map_err(|e| Error::io(dir, e))
+}
+
+/// Moves a finished scratch folder to `target` with ordinary permissions.
+pub fn publish_dir(tmp: tempfile::TempDir, target: &Path) -> Result<()> {
+    let kept = tmp.keep();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&kept, std::fs::Permissions::from_mode(0o755));
+    }
+    std::fs::rename(&kept, target).map_err(|e| {
+        let _ = std::fs::remove_dir_all(&kept);
+        Error::io(target, e)
+    })
+}

@@ -156,10 +156,7 @@ fn to_hf_dir(file: &ModelFile, out: &Path, dtype: OutDType, progress: &mut dyn F
         })
         .collect();
     // Build in a temporary folder beside the target; rename when complete.
-    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    let tmp =
-        tempfile::Builder::new().prefix(".recompose-convert-").tempdir_in(parent).map_err(|e| Error::io(parent, e))?;
+    let tmp = crate::atomic::scratch_beside(out)?;
     let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
     let total = plan.len();
     safetensors_out::write_sharded(tmp.path(), &plan, 2 << 30, &meta, |i| {
@@ -170,16 +167,7 @@ fn to_hf_dir(file: &ModelFile, out: &Path, dtype: OutDType, progress: &mut dyn F
     crate::atomic::write_bytes(&tmp.path().join("config.json"), config.as_bytes())?;
     crate::atomic::write_bytes(&tmp.path().join("tokenizer.json"), tok_json.as_bytes())?;
     crate::atomic::write_bytes(&tmp.path().join("tokenizer_config.json"), tokenizer_config_json(&tok).as_bytes())?;
-    let tmp_path = tmp.keep();
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(&tmp_path, std::fs::Permissions::from_mode(0o755));
-    }
-    std::fs::rename(&tmp_path, out).map_err(|e| {
-        let _ = std::fs::remove_dir_all(&tmp_path);
-        Error::io(out, e)
-    })
+    crate::atomic::publish_dir(tmp, out)
 }
 
 /// HF `tokenizer_config.json` text for a tokenizer: special tokens, BOS policy, chat template.

@@ -270,22 +270,23 @@ impl Tokenizer {
 
 /// Incremental detokenizer: yields the text that a new token completes. Decodes only the
 /// tokens since the last emitted piece (not the whole history), and holds back a split
-/// multi-byte character until it is whole.
-pub struct TextStream<'a> {
-    tok: &'a Tokenizer,
+/// multi-byte character until it is whole. It keeps no reference to the tokenizer, so it can
+/// live in long-lived per-request state.
+#[derive(Debug, Default, Clone)]
+pub struct TextStream {
     ids: Vec<u32>,
     prev: usize,
     cur: usize,
 }
 
-impl<'a> TextStream<'a> {
-    pub fn new(tok: &'a Tokenizer) -> Self {
-        Self { tok, ids: vec![], prev: 0, cur: 0 }
+impl TextStream {
+    pub fn new() -> Self {
+        Self::default()
     }
-    pub fn push(&mut self, id: u32) -> Result<String> {
-        let before = self.tok.decode(&self.ids[self.prev..self.cur], true)?;
+    pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<String> {
+        let before = tok.decode(&self.ids[self.prev..self.cur], true)?;
         self.ids.push(id);
-        let text = self.tok.decode(&self.ids[self.prev..], true)?;
+        let text = tok.decode(&self.ids[self.prev..], true)?;
         if text.len() > before.len() && !text.ends_with('\u{fffd}') && text.is_char_boundary(before.len()) {
             let out = text[before.len()..].to_string();
             self.prev = self.cur;

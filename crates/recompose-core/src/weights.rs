@@ -20,6 +20,8 @@ pub struct HfDir {
     /// tensor name -> (shard, dtype, shape, byte range in the shard)
     index: BTreeMap<String, (usize, safetensors::Dtype, Vec<usize>, (usize, usize))>,
     pub config_json: String,
+    /// `__metadata__` of the shards, merged.
+    pub metadata: BTreeMap<String, String>,
 }
 
 impl HfDir {
@@ -61,18 +63,25 @@ impl HfDir {
     fn open_shards(dir: &Path, files: Vec<PathBuf>, config_json: String) -> Result<Self> {
         let mut shards = vec![];
         let mut index = BTreeMap::new();
+        let mut metadata = BTreeMap::new();
         for (si, f) in files.into_iter().enumerate() {
             let file = std::fs::File::open(&f).map_err(|e| Error::io(&f, e))?;
             // SAFETY: read-only map; see gguf.rs.
             let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&f, e))?;
             let (n, meta) = safetensors::SafeTensors::read_metadata(&map)
                 .map_err(|e| Error::BadSafetensors { path: f.clone(), what: format!("{e:?}") })?;
+            metadata.extend(meta.metadata().clone().unwrap_or_default());
             for (name, info) in meta.tensors() {
                 index.insert(name.clone(), (si, info.dtype, info.shape.clone(), info.data_offsets));
             }
             shards.push((f, map, 8 + n));
         }
-        Ok(Self { dir: dir.to_path_buf(), shards, index, config_json })
+        Ok(Self { dir: dir.to_path_buf(), shards, index, config_json, metadata })
+    }
+
+    /// Bytes of tensor data over all shards (headers aside).
+    pub fn data_bytes(&self) -> usize {
+        self.index.values().map(|(_, _, _, (a, b))| b - a).sum()
     }
 
     pub fn names(&self) -> impl Iterator<Item = &String> {

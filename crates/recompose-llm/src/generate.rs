@@ -76,7 +76,7 @@ pub fn generate_batch(
             Sampler::new(SamplingParams { seed: opts.sampling.seed.wrapping_add(i as u64), ..opts.sampling.clone() })
         })
         .collect();
-    let mut streams: Vec<TextStream> = (0..n).map(|_| TextStream::new(tok)).collect();
+    let mut streams: Vec<TextStream> = vec![TextStream::new(); n];
     let mut history: Vec<Vec<u32>> = prompts.to_vec();
     let mut out: Vec<Vec<u32>> = vec![vec![]; n];
     let mut texts = vec![String::new(); n];
@@ -104,7 +104,7 @@ pub fn generate_batch(
                 continue;
             }
             out[b].push(id);
-            let piece = streams[b].push(id)?;
+            let piece = streams[b].push(tok, id)?;
             texts[b].push_str(&piece);
             if let Some(cut) = opts.stop.iter().filter_map(|s| texts[b].find(s.as_str())).min() {
                 // Emit only what precedes the stop string.

@@ -10,6 +10,7 @@ use crate::output::{self, Format, Output};
 use crate::store::Store;
 use candle_core::DType;
 use recompose_core::safetensors_out::{self, PlannedTensor};
+use recompose_core::weights::HfDir;
 use safetensors::tensor::Dtype;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -189,11 +190,7 @@ impl DeltaPlan {
         };
         metadata.insert("recompose.quant".into(), serde_json::to_string(&quant).unwrap_or_default());
         let stored = self.stored();
-        let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        let tmp = tempfile::Builder::new()
-            .prefix(".recompose-delta-")
-            .tempdir_in(parent)
-            .map_err(|e| Error::Artifact(format!("{}: {e}", parent.display())))?;
+        let tmp = recompose_core::atomic::scratch_beside(path)?;
         let core = |e: Error| recompose_core::Error::Unsupported(e.bare());
         let io = |e: std::io::Error| recompose_core::Error::Unsupported(format!("{}: {e}", path.display()));
         // The grid of the tensor just written, for the `.__grid` entry that follows it.
@@ -228,39 +225,31 @@ impl DeltaPlan {
     }
 }
 
-/// A delta read back.
+/// A delta read back (tensors through core's memory-mapped safetensors reader).
 pub struct Delta {
     pub path: std::path::PathBuf,
     pub metadata: BTreeMap<String, String>,
+    /// The patched tensors, in stored order (grids excluded).
     pub names: Vec<String>,
-    data: memmap2::Mmap,
+    file: HfDir,
     quant: BTreeMap<String, Quant>,
 }
 
 impl Delta {
     pub fn open(path: &Path) -> Result<Self> {
         let bad = |what: String| Error::Artifact(format!("{}: {what}", path.display()));
-        let file = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
-        // SAFETY: read-only map of a file we do not modify.
-        let data = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| bad(e.to_string()))?;
-        let (_, meta) = safetensors::SafeTensors::read_metadata(&data)
-            .map_err(|e| bad(format!("not a safetensors file ({e:?})")))?;
-        let metadata: BTreeMap<String, String> = meta.metadata().clone().unwrap_or_default().into_iter().collect();
+        if !path.is_file() {
+            return Err(bad("no such file".into()));
+        }
+        let file = HfDir::open_tensors(path).map_err(|e| bad(e.to_string()))?;
+        let metadata = file.metadata.clone();
         if !metadata.contains_key("recompose.kind") {
             return Err(bad("no recompose metadata: not a task vector or signature made by recompose".into()));
         }
         let quant: BTreeMap<String, Quant> = serde_json::from_str(metadata.get("recompose.quant").map_or("{}", |s| s))
             .map_err(|e| bad(format!("recompose.quant: {e}")))?;
-        let st = safetensors::SafeTensors::deserialize(&data).map_err(|e| bad(format!("{e:?}")))?;
-        let mut names: Vec<(usize, String)> = st
-            .tensors()
-            .into_iter()
-            .filter(|(n, _)| !n.ends_with(GRID))
-            .map(|(n, v)| (v.data().as_ptr() as usize, n))
-            .collect();
-        names.sort();
-        let names = names.into_iter().map(|(_, n)| n).collect();
-        Ok(Self { path: path.to_path_buf(), metadata, names, data, quant })
+        let names = file.names_in_file_order().into_iter().filter(|n| !n.ends_with(GRID)).collect();
+        Ok(Self { path: path.to_path_buf(), metadata, names, file, quant })
     }
 
     pub fn kind(&self) -> &str {
@@ -272,10 +261,10 @@ impl Delta {
         if let Some(q) = self.quant.get(name) {
             return Ok(q.shape.clone());
         }
-        let st = safetensors::SafeTensors::deserialize(&self.data)
-            .map_err(|e| Error::Artifact(format!("{}: {e:?}", self.path.display())))?;
-        let v = st.tensor(name).map_err(|e| Error::Artifact(format!("{}: '{name}': {e:?}", self.path.display())))?;
-        Ok(v.shape().to_vec())
+        self.file
+            .dtype_shape(name)
+            .map(|(_, s)| s.to_vec())
+            .ok_or_else(|| Error::Artifact(format!("{}: no tensor '{name}'", self.path.display())))
     }
 
     pub fn levels(&self) -> Option<u32> {
@@ -283,33 +272,32 @@ impl Delta {
     }
 
     pub fn data_bytes(&self) -> usize {
-        safetensors::SafeTensors::deserialize(&self.data)
-            .map(|st| st.tensors().iter().map(|(_, v)| v.data().len()).sum())
-            .unwrap_or(0)
+        self.file.data_bytes()
     }
 
     /// The delta's values for `name`, dequantised.
     pub fn values(&self, name: &str) -> Result<Vec<f32>> {
         let bad = |what: String| Error::Artifact(format!("{}: tensor '{name}': {what}", self.path.display()));
-        let st = safetensors::SafeTensors::deserialize(&self.data).map_err(|e| bad(format!("{e:?}")))?;
-        let v = st.tensor(name).map_err(|e| bad(format!("{e:?}")))?;
-        match (v.dtype(), self.quant.get(name)) {
+        let (dtype, _, data) = self.file.raw(name).ok_or_else(|| bad("missing".into()))?;
+        let floats = |b: &[u8]| -> Vec<f32> {
+            b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+        };
+        match (dtype, self.quant.get(name)) {
             (Dtype::U8, Some(q)) => {
                 let need = code_bytes(q.shape.iter().product(), q.levels);
-                if v.data().len() != need {
-                    return Err(bad(format!("{} code bytes, expected {need}", v.data().len())));
+                if data.len() != need {
+                    return Err(bad(format!("{} code bytes, expected {need}", data.len())));
                 }
-                let g = st.tensor(&format!("{name}{GRID}")).map_err(|e| bad(format!("no grid: {e:?}")))?;
-                let g: Vec<f32> =
-                    g.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-                if g.len() != 2 || q.levels < 2 || q.levels > 256 {
+                let grid = match self.file.raw(&format!("{name}{GRID}")) {
+                    Some((Dtype::F32, _, g)) => floats(g),
+                    _ => return Err(bad("no quantisation grid".into())),
+                };
+                if grid.len() != 2 || q.levels < 2 || q.levels > 256 {
                     return Err(bad("bad quantisation grid".into()));
                 }
-                Ok(dequantize(v.data(), q, g[0], g[1]))
+                Ok(dequantize(data, q, grid[0], grid[1]))
             }
-            (Dtype::F32, None) => {
-                Ok(v.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
-            }
+            (Dtype::F32, None) => Ok(floats(data)),
             (d, _) => Err(bad(format!("unexpected dtype {d:?}"))),
         }
     }

@@ -45,7 +45,7 @@ pub fn tokenizer_files(store: &Store) -> Result<TextFiles> {
     }
     if let Some(tok) = store.tokenizer()? {
         files.push(("tokenizer.json".into(), tok.hf_json()?));
-        files.push(("tokenizer_config.json".into(), convert::tokenizer_config_json(&tok)));
+        files.push(("tokenizer_config.json".into(), convert::tokenizer_config_json(tok)));
     }
     Ok(files)
 }
@@ -58,7 +58,7 @@ pub fn output_config_json(store: &Store, layers: usize, vocab: usize, dt: DType,
             .map_err(|e| Error::Mismatch(format!("{}: {e}", dir.display())))?,
         None => {
             let tok = store.tokenizer()?.ok_or_else(|| Error::Mismatch(format!("{}: no tokenizer", store.label)))?;
-            convert::hf_config_json(cfg, &tok, dt)
+            convert::hf_config_json(cfg, tok, dt)
         }
     };
     let mut v: serde_json::Value =
@@ -119,7 +119,7 @@ pub fn merge(
         None => refm.dtype(&first).unwrap_or(DType::F32),
     };
     let has_head = plan.tensors.iter().any(|t| t.name == "lm_head.weight");
-    let out_vocab = plan.tensors.iter().find(|t| t.name.contains("embed_tokens")).map(|t| t.shape[0]);
+    let out_vocab = plan.tensors.iter().find(|t| t.is_embed && t.name.contains("embed_tokens")).map(|t| t.shape[0]);
     let config = match refm.config() {
         Some(c) => {
             let rows = out_vocab.unwrap_or(c.vocab_size);

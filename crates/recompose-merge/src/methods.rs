@@ -365,7 +365,7 @@ fn model_stock(job: &Job) -> Result<Vec<f32>> {
     let offsets: Vec<Vec<f32>> = ws.iter().map(|w| w.iter().zip(w0).map(|(x, y)| x - y).collect()).collect();
     let n = ws.len() as f64;
     let mut out = vec![0f32; len];
-    for (r, start) in (0..len).step_by(row).enumerate() {
+    for start in (0..len).step_by(row) {
         let end = (start + row).min(len);
         let mut cos_sum = 0.0;
         let mut pairs = 0.0;
@@ -379,7 +379,6 @@ fn model_stock(job: &Job) -> Result<Vec<f32>> {
         }
         let cos = cos_sum / pairs;
         let t = ((n * cos) / (1.0 + (n - 1.0) * cos)) as f32;
-        let _ = r;
         for k in start..end {
             let avg = ws.iter().map(|w| w[k]).sum::<f32>() / ws.len() as f32;
             out[k] = t * avg + (1.0 - t) * w0[k];

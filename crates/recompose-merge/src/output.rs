@@ -12,7 +12,7 @@ use recompose_core::gguf::{write_gguf_streaming, PlannedQ};
 use recompose_core::safetensors_out::{self, PlannedTensor};
 use recompose_core::{names, ModelConfig, Tokenizer};
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -48,10 +48,6 @@ pub fn check_target(target: &Path) -> Result<()> {
     Ok(())
 }
 
-fn parent_of(p: &Path) -> PathBuf {
-    p.parent().filter(|p| !p.as_os_str().is_empty()).map_or_else(|| PathBuf::from("."), Path::to_path_buf)
-}
-
 /// Computes tensor `i` (values, in HF's convention) for `plan[i]`; `cost[i]` bytes of memory.
 pub fn write(
     out: &Output,
@@ -61,12 +57,7 @@ pub fn write(
     progress: &(dyn Fn(usize, usize) + Sync),
 ) -> Result<()> {
     check_target(out.target)?;
-    let parent = parent_of(out.target);
-    std::fs::create_dir_all(&parent).map_err(|e| Error::Mismatch(format!("{}: {e}", parent.display())))?;
-    let tmp = tempfile::Builder::new()
-        .prefix(".recompose-out-")
-        .tempdir_in(&parent)
-        .map_err(|e| Error::Mismatch(format!("{}: {e}", parent.display())))?;
+    let tmp = recompose_core::atomic::scratch_beside(out.target)?;
     let n = plan.len();
     let mut done = 0usize;
     // Window of results computed ahead of the writer.
@@ -125,16 +116,7 @@ pub fn write(
             for (name, text) in &out.files {
                 recompose_core::atomic::write_bytes(&tmp.path().join(name), text.as_bytes())?;
             }
-            let kept = tmp.keep();
-            #[cfg(unix)]
-            {
-                use std::os::unix::fs::PermissionsExt;
-                let _ = std::fs::set_permissions(&kept, std::fs::Permissions::from_mode(0o755));
-            }
-            std::fs::rename(&kept, out.target).map_err(|e| {
-                let _ = std::fs::remove_dir_all(&kept);
-                Error::Mismatch(format!("{}: {e}", out.target.display()))
-            })
+            Ok(recompose_core::atomic::publish_dir(tmp, out.target)?)
         }
         Format::Gguf(q) => {
             let (_, cfg) = out

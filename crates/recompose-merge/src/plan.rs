@@ -234,10 +234,10 @@ impl Plan {
                 None => return Err(Error::Config(format!("missing parameter '{}' (tensor '{out}')", d.name))),
             }
         }
-        let embed = is_embed(out);
+        let embed = is_embed(out) && shapes.iter().all(|s| s.len() == 2);
         let shape = if shapes.iter().all(|s| *s == shapes[0]) {
             shapes[0].clone()
-        } else if embed && shapes.iter().all(|s| s.len() == 2) {
+        } else if embed {
             // Vocabularies of different sizes: the common rows (mergekit); tokenizer_source fixes it.
             let s =
                 vec![shapes.iter().map(|s| s[0]).min().unwrap_or(0), shapes.iter().map(|s| s[1]).min().unwrap_or(0)];

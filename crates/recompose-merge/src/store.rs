@@ -33,6 +33,7 @@ pub struct Store {
     inner: Inner,
     names: Vec<String>,
     shapes: HashMap<String, (DType, Vec<usize>)>,
+    tokenizer: std::sync::OnceLock<Tokenizer>,
 }
 
 fn st_dtype(d: safetensors::Dtype) -> DType {
@@ -59,7 +60,10 @@ impl Store {
             || (path.is_file() && path.parent().is_some_and(|p| p.join("config.json").exists()));
         let (inner, names, shapes) = if is_model {
             let f = ModelFile::open(&path)?;
-            let names = convert::hf_names(&f)?;
+            let names = match &f.source {
+                FileSource::Hf(h) => h.names_in_file_order(),
+                FileSource::Gguf(_) => convert::hf_names(&f)?,
+            };
             let mut shapes = HashMap::new();
             for n in &names {
                 let s = match &f.source {
@@ -69,10 +73,6 @@ impl Store {
                 };
                 shapes.insert(n.clone(), s.unwrap_or((DType::F32, vec![])));
             }
-            let names = match &f.source {
-                FileSource::Hf(h) => h.names_in_file_order(),
-                FileSource::Gguf(_) => names,
-            };
             (Inner::Model(Box::new(f)), names, shapes)
         } else {
             let h = HfDir::open_tensors(&path)?;
@@ -83,7 +83,7 @@ impl Store {
                 .collect();
             (Inner::Tensors(h), names, shapes)
         };
-        Ok(Self { label: label.to_owned(), path, inner, names, shapes })
+        Ok(Self { label: label.to_owned(), path, inner, names, shapes, tokenizer: std::sync::OnceLock::new() })
     }
 
     /// Tensor names in stored order.
@@ -133,11 +133,13 @@ impl Store {
         matches!(&self.inner, Inner::Model(f) if matches!(f.source, FileSource::Gguf(_)))
     }
 
-    pub fn tokenizer(&self) -> Result<Option<Tokenizer>> {
-        match &self.inner {
-            Inner::Model(f) => Ok(Some(f.tokenizer()?)),
-            Inner::Tensors(_) => Ok(None),
+    /// The model's tokenizer, built on first use (from GGUF metadata that is not cheap) and kept.
+    pub fn tokenizer(&self) -> Result<Option<&Tokenizer>> {
+        let Inner::Model(f) = &self.inner else { return Ok(None) };
+        if self.tokenizer.get().is_none() {
+            let _ = self.tokenizer.set(f.tokenizer()?);
         }
+        Ok(self.tokenizer.get())
     }
 
     /// A tensor as f32 values in HF's convention.

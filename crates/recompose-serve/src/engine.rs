@@ -6,6 +6,7 @@
 //! so running streams keep flowing), then one decode token for every running request.
 
 use crate::metrics::Metrics;
+use recompose_core::tokenizer::TextStream;
 use recompose_core::Tokenizer;
 use recompose_kv::KvSpec;
 use recompose_llm::kv::{CacheLayout, KvCache, Step};
@@ -82,10 +83,9 @@ struct Seq {
     fed: usize,
     generated: Vec<u32>,
     sampler: Sampler,
-    /// Text decoded so far, and the token range still being decoded (see `emit`).
+    /// Text decoded so far.
     text: String,
-    prev: usize,
-    cur: usize,
+    stream: TextStream,
     emitted: usize,
     last_token_at: Instant,
 }
@@ -268,8 +268,7 @@ impl Scheduler {
                 generated: vec![],
                 sampler,
                 text: String::new(),
-                prev: 0,
-                cur: 0,
+                stream: TextStream::new(),
                 emitted: 0,
                 last_token_at: now,
             });
@@ -344,15 +343,8 @@ impl Scheduler {
         s.generated.push(token);
         let eos = self.tok.eos.contains(&token);
         if !eos {
-            // Incremental decoding as `recompose generate` does it: a piece is released once it
-            // ends in a whole character.
-            let before = self.tok.decode(&s.generated[s.prev..s.cur], true).unwrap_or_default();
-            let text = self.tok.decode(&s.generated[s.prev..], true).unwrap_or_default();
-            if text.len() > before.len() && !text.ends_with('\u{FFFD}') && text.is_char_boundary(before.len()) {
-                s.text.push_str(&text[before.len()..]);
-                s.prev = s.cur;
-                s.cur = s.generated.len();
-            }
+            // Decoded as `recompose generate` decodes: a piece once it ends in a whole character.
+            s.text.push_str(&s.stream.push(&self.tok, token).unwrap_or_default());
         }
         let logprob = lp.map(|lp| {
             let name = |t: u32| self.tok.decode(&[t], false).unwrap_or_default();

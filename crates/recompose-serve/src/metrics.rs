@@ -8,16 +8,14 @@ const BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.
 
 #[derive(Default, Clone)]
 struct Histogram {
-    counts: Vec<u64>,
+    /// Cumulative: counts[i] = observations <= BUCKETS[i].
+    counts: [u64; BUCKETS.len()],
     sum: f64,
     n: u64,
 }
 
 impl Histogram {
     fn observe(&mut self, v: f64) {
-        if self.counts.is_empty() {
-            self.counts = vec![0; BUCKETS.len()];
-        }
         for (c, b) in self.counts.iter_mut().zip(BUCKETS) {
             if v <= *b {
                 *c += 1;
@@ -30,7 +28,7 @@ impl Histogram {
     fn render(&self, name: &str, help: &str, out: &mut String) {
         out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} histogram\n"));
         for (i, b) in BUCKETS.iter().enumerate() {
-            let c = self.counts.get(i).copied().unwrap_or(0);
+            let c = self.counts[i];
             out.push_str(&format!("{name}_bucket{{le=\"{b}\"}} {c}\n"));
         }
         out.push_str(&format!(
@@ -87,9 +85,6 @@ impl Metrics {
     }
     pub fn itl(&self, secs: f64) {
         self.with(|m| m.itl.observe(secs))
-    }
-    pub fn queue_len(&self) -> usize {
-        self.inner.lock().map(|m| m.queue).unwrap_or(0)
     }
 
     pub fn render(&self) -> String {
