@@ -45,6 +45,9 @@ enum Command {
     /// Robust weight signatures: extract, apply with alpha, remove, inspect.
     #[command(subcommand)]
     Rws(cmd::delta::RwsCommand),
+    /// Robust CNNs and MoE CNNs: train (standard, PGD-AT, TRADES, AdvMoE), eval (attacks, corruptions), corrupt.
+    #[command(subcommand)]
+    Vision(cmd::vision::VisionCommand),
 }
 
 fn main() {
@@ -81,6 +84,7 @@ fn main() {
         Command::Serve(a) => cmd::serve::run(a),
         Command::Tv(c) => cmd::delta::run_tv(c, quiet),
         Command::Rws(c) => cmd::delta::run_rws(c, quiet),
+        Command::Vision(c) => cmd::vision::run(c, quiet),
     };
     if let Err(e) = result {
         // One line: the chain of causes joined.

