@@ -407,7 +407,9 @@ pub fn patch(
     }
     let files = if config.is_some() { crate::merge::tokenizer_files(model)? } else { vec![] };
     let applied: Vec<String> = deltas.iter().map(|(d, s)| format!("{}:{s}", d.path.display())).collect();
-    let metadata = BTreeMap::from([
+    // A bare checkpoint keeps its own metadata (e.g. a vision model's config) under the patch's.
+    let mut metadata = model.checkpoint_metadata();
+    metadata.extend([
         ("format".to_string(), "pt".to_string()),
         ("recompose.kind".to_string(), if remove { "patch_removed" } else { "patched" }.to_string()),
         ("recompose.model".to_string(), model.label.clone()),

@@ -86,6 +86,14 @@ impl Store {
         Ok(Self { label: label.to_owned(), path, inner, names, shapes, tokenizer: std::sync::OnceLock::new() })
     }
 
+    /// The `__metadata__` of a bare checkpoint (a CNN's own config lives there); empty otherwise.
+    pub fn checkpoint_metadata(&self) -> std::collections::BTreeMap<String, String> {
+        match &self.inner {
+            Inner::Tensors(h) => h.metadata.clone(),
+            Inner::Model(_) => Default::default(),
+        }
+    }
+
     /// Tensor names in stored order.
     pub fn names(&self) -> &[String] {
         &self.names

@@ -151,12 +151,13 @@ impl Unit {
         Ok(if self.relu { y.relu()? } else { y })
     }
 
-    fn forward(&self, x: &Tensor, ctx: &Ctx, exec: Exec, routes: &mut Vec<Tensor>) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, ctx: &Ctx, exec: Exec, routes: &mut Vec<Tensor>, st_features: bool) -> Result<Tensor> {
         let out = self.conv.out_channels();
         let Some((router, experts)) = &self.router else { return self.dense(x, ctx, 0, out) };
         let experts = *experts;
         let g = out / experts;
-        let probs = candle_core::Tensor::exp(&crate::nn::log_softmax(&router.forward(x, ctx)?)?)?;
+        let rx = if st_features { x.clone() } else { x.detach() };
+        let probs = candle_core::Tensor::exp(&crate::nn::log_softmax(&router.forward(&rx, ctx)?)?)?;
         routes.push(probs.clone());
         let choice = probs.argmax(D::Minus1)?; // [N] u32
         match exec {
@@ -220,6 +221,16 @@ impl Unit {
     }
 }
 
+/// 2x2 max-pool (an odd last row/column is dropped) as reshape + max, whose gradient is exact.
+/// candle 0.11's max_pool2d backward multiplies the gradient by the share of maxima in each
+/// window (1/4 for a unique max) instead of dividing by their count: 1/64 after three pools.
+fn max_pool2(x: &Tensor) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    let (ho, wo) = (h / 2, w / 2);
+    let x = if h % 2 == 1 || w % 2 == 1 { x.narrow(2, 0, 2 * ho)?.narrow(3, 0, 2 * wo)? } else { x.clone() };
+    Ok(x.contiguous()?.reshape((n, c, ho, 2, wo, 2))?.max(5)?.max(3)?)
+}
+
 fn one_hot(idx: &Tensor, n: usize, dtype: DType) -> Result<Tensor> {
     let range = Tensor::arange(0u32, n as u32, idx.device())?.unsqueeze(0)?;
     Ok(idx.unsqueeze(1)?.broadcast_eq(&range)?.to_dtype(dtype)?)
@@ -258,6 +269,10 @@ pub struct Model {
     order: Vec<String>,
     mean: Tensor,
     std: Tensor,
+    /// Whether the routers' straight-through gradient also flows back into the features they
+    /// read (true, as in the reference code, so attacks see the routing too). The
+    /// finite-difference test turns it off: the hard top-1 forward has no such derivative.
+    pub st_features: bool,
 }
 
 pub const CONFIG_KEY: &str = "recompose.vision.config";
@@ -329,7 +344,7 @@ impl Model {
         let c = config.in_channels;
         let mean = Tensor::from_vec(config.mean.clone(), (1, c, 1, 1), &Device::Cpu)?.to_dtype(dtype)?;
         let std = Tensor::from_vec(config.std.clone(), (1, c, 1, 1), &Device::Cpu)?.to_dtype(dtype)?;
-        Ok(Model { config, body, head, params: b.params, buffers: b.buffers, order: b.order, mean, std })
+        Ok(Model { config, body, head, params: b.params, buffers: b.buffers, order: b.order, mean, std, st_features: true })
     }
 
     pub fn dtype(&self) -> DType {
@@ -339,15 +354,16 @@ impl Model {
     /// Logits for pixels `x` `[N, C, H, W]` in [0, 1].
     pub fn forward(&self, x: &Tensor, ctx: &Ctx, exec: Exec) -> Result<Output> {
         let mut routes = vec![];
-        let h = x.broadcast_sub(&self.mean)?.broadcast_div(&self.std)?;
+        let st = self.st_features;
+        let h = x.to_dtype(self.dtype())?.broadcast_sub(&self.mean)?.broadcast_div(&self.std)?;
         let h = match &self.body {
             Body::Resnet { stem, blocks } => {
-                let mut h = stem.forward(&h, ctx, exec, &mut routes)?;
+                let mut h = stem.forward(&h, ctx, exec, &mut routes, st)?;
                 for b in blocks {
-                    let y = b.c1.forward(&h, ctx, exec, &mut routes)?;
-                    let y = b.c2.forward(&y, ctx, exec, &mut routes)?;
+                    let y = b.c1.forward(&h, ctx, exec, &mut routes, st)?;
+                    let y = b.c2.forward(&y, ctx, exec, &mut routes, st)?;
                     let s = match &b.shortcut {
-                        Some(u) => u.forward(&h, ctx, exec, &mut routes)?,
+                        Some(u) => u.forward(&h, ctx, exec, &mut routes, st)?,
                         None => h,
                     };
                     h = (y + s)?.relu()?;
@@ -357,9 +373,9 @@ impl Model {
             Body::Vgg { units } => {
                 let mut h = h;
                 for (u, pool) in units {
-                    h = u.forward(&h, ctx, exec, &mut routes)?;
+                    h = u.forward(&h, ctx, exec, &mut routes, st)?;
                     if *pool {
-                        h = h.max_pool2d(2)?;
+                        h = max_pool2(&h)?;
                     }
                 }
                 h
@@ -522,4 +538,38 @@ pub fn read_safetensors(path: &Path) -> Result<Loaded> {
         out.insert(name.clone(), Tensor::from_vec(vals, view.shape(), &Device::Cpu)?);
     }
     Ok((out, header.metadata().clone().unwrap_or_default()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::Track;
+
+    /// Each image's output is the dense conv → BN → ReLU on its chosen expert's channels and
+    /// exactly zero on the others: an MoE conv with all but one expert masked is the dense conv.
+    #[test]
+    fn moe_unit_with_all_but_one_expert_masked_equals_the_dense_conv_on_those_channels() {
+        let mut rng = StdRng::seed_from_u64(3);
+        let mut b = Builder::new(&mut rng, DType::F64);
+        let unit = Unit::new(&mut b, "u", "bn", 3, 6, 3, 1, true, Some((3, 4))).unwrap();
+        let x = Tensor::randn(0f64, 1.0, (8, 3, 6, 6), &Device::Cpu).unwrap();
+        for ctx in [Ctx { train: true, track: Track::All }, Ctx::eval()] {
+            let mut routes = vec![];
+            let y = unit.forward(&x, &ctx, Exec::Masked, &mut routes, true).unwrap();
+            let dense = unit.dense(&x, &ctx, 0, 6).unwrap();
+            let choice: Vec<u32> = routes[0].argmax(1).unwrap().to_vec1().unwrap();
+            for (i, &e) in choice.iter().enumerate() {
+                for ch in 0..6 {
+                    let got = y.get(i).unwrap().get(ch).unwrap();
+                    let d = if ch / 2 == e as usize {
+                        (got - dense.get(i).unwrap().get(ch).unwrap()).unwrap()
+                    } else {
+                        got
+                    };
+                    let d = d.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+                    assert!(d < 1e-12, "image {i} channel {ch} (expert {e}): {d}");
+                }
+            }
+        }
+    }
 }

@@ -333,14 +333,14 @@ fn step_once(
     match cfg.method {
         Method::Standard => {
             let out = model.forward(x, &train(Track::All), Exec::Masked)?;
-            let loss = (cross_entropy(&out.logits, y)? + balance_loss(&out.routes, cfg.balance)?)?;
+            let loss = (cross_entropy(&out.logits, y)? + balance_loss(&out.routes, cfg.balance)?.to_dtype(out.logits.dtype())?)?;
             sgd(model, state, &loss, cfg, lr, None)?;
             Ok((scalar(&loss)?, out.logits, out.routes))
         }
         Method::PgdAt => {
             let adv = perturb(model, x, y, &cfg.train_attack, Objective::CrossEntropy, seed)?;
             let out = model.forward(&adv, &train(Track::All), Exec::Masked)?;
-            let loss = (cross_entropy(&out.logits, y)? + balance_loss(&out.routes, cfg.balance)?)?;
+            let loss = (cross_entropy(&out.logits, y)? + balance_loss(&out.routes, cfg.balance)?.to_dtype(out.logits.dtype())?)?;
             sgd(model, state, &loss, cfg, lr, None)?;
             Ok((scalar(&loss)?, out.logits, out.routes))
         }
@@ -397,7 +397,8 @@ fn trades_loss(
 /// is the (constant) share of images routed to e. Minimal (= 1) when the load is even; without it
 /// a freshly initialised router tends to send every image to one expert.
 fn balance_loss(routes: &[Tensor], weight: f64) -> Result<Tensor> {
-    let mut total = Tensor::new(0f32, &Device::Cpu)?;
+    let dtype = routes.first().map_or(candle_core::DType::F32, |r| r.dtype());
+    let mut total = Tensor::zeros((), dtype, &Device::Cpu)?;
     if routes.is_empty() || weight == 0.0 {
         return Ok(total);
     }
@@ -407,7 +408,7 @@ fn balance_loss(routes: &[Tensor], weight: f64) -> Result<Tensor> {
             r.argmax(1)?.unsqueeze(1)?.broadcast_eq(&Tensor::arange(0u32, e as u32, r.device())?.unsqueeze(0)?)?;
         let share = hard.to_dtype(r.dtype())?.sum(0)?.affine(1.0 / n as f64, 0.0)?;
         let term = (share * r.mean(0)?)?.sum_all()?.affine(e as f64 * weight / routes.len() as f64, 0.0)?;
-        total = (total.to_dtype(term.dtype())? + term)?;
+        total = (total + term)?;
     }
     Ok(total)
 }
@@ -434,7 +435,12 @@ fn sgd(
         let w = p.var.as_tensor();
         let g = if p.decay && cfg.weight_decay > 0.0 { (g + (w.detach() * cfg.weight_decay)?)? } else { g.clone() };
         *buf = ((&*buf * cfg.momentum)? + g)?;
-        p.var.set(&(w.detach() - (&*buf * lr)?)?)?;
+        let new = (w.detach() - (&*buf * lr)?)?;
+        // ReLU maps NaN to 0, so a NaN weight can hide behind a finite loss: check the weights.
+        if !scalar(&new.sqr()?.sum_all()?)?.is_finite() {
+            return Err(Error::Diverged(format!("parameter {} became non-finite; lower --lr", p.name)));
+        }
+        p.var.set(&new)?;
     }
     Ok(())
 }
