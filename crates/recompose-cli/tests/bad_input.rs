@@ -293,3 +293,134 @@ fn merge_tv_and_rws_run_and_reject_bad_input_with_one_line() {
     assert!(e.contains("first:99"), "{e}");
     succeeds(h, &["rws", "apply", a, &sig, "--alpha", "0.5", "-o", &path("p")]);
 }
+
+/// A tiny labelled image set as a recompose data file: `channels` x 8 x 8, 3 classes.
+fn tiny_images(dir: &Path, name: &str, channels: usize) -> PathBuf {
+    let n = 48;
+    let images = (0..n * channels * 64)
+        .map(|i| (((i * 7919) % 101) as f32 / 100.0) * 0.5 + 0.25 * ((i / (channels * 64)) % 3) as f32)
+        .collect();
+    let ds = recompose_vision::Dataset {
+        name: "tiny".into(),
+        channels,
+        height: 8,
+        width: 8,
+        images,
+        labels: (0..n).map(|i| (i % 3) as u8).collect(),
+        classes: vec!["a".into(), "b".into(), "c".into()],
+    };
+    let p = dir.join(name);
+    recompose_vision::data::save_file(&ds, &p).unwrap();
+    p
+}
+
+#[test]
+fn vision_train_resume_eval_and_corrupt_work_end_to_end() {
+    let d = tempfile::tempdir().unwrap();
+    let home = d.path();
+    let data = tiny_images(home, "tiny.safetensors", 3);
+    let data = data.to_str().unwrap();
+    let ckpt = home.join("m.safetensors");
+    let ckpt = ckpt.to_str().unwrap();
+    let train =
+        ["vision", "train", "--data", data, "--arch", "vgg", "--width", "4", "--experts", "2", "--method", "advmoe"];
+    let (_, err) = succeeds(
+        home,
+        &[&train[..], &["--epochs", "1", "--batch", "16", "--check-attack", "pgd2", "-o", ckpt]].concat(),
+    );
+    assert!(err.contains("epoch   1") && err.contains("routing entropy"), "{err}");
+    // Two epochs in total: the run resumes after the first.
+    let (_, err) = succeeds(
+        home,
+        &[&train[..], &["--epochs", "2", "--batch", "16", "--check-attack", "pgd2", "-o", ckpt, "--resume"]].concat(),
+    );
+    assert!(err.contains("resuming") && err.contains("epoch   2") && !err.contains("epoch   1 "), "{err}");
+    let json = home.join("r.json");
+    let (out, _) =
+        succeeds(home, &["vision", "eval", ckpt, "--data", data, "--attack", "pgd3", "--json", json.to_str().unwrap()]);
+    assert!(out.contains("accuracy") && out.contains("robust"), "{out}");
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(r["results"][0]["images"], 48);
+    let noisy = home.join("noisy.safetensors");
+    let (out, _) = succeeds(
+        home,
+        &[
+            "vision",
+            "corrupt",
+            "--data",
+            data,
+            "--corruption",
+            "gaussian_noise",
+            "--severity",
+            "5",
+            "-o",
+            noisy.to_str().unwrap(),
+        ],
+    );
+    assert!(out.contains("mean |change|"), "{out}");
+    let (out, _) = succeeds(home, &["vision", "eval", ckpt, "--data", noisy.to_str().unwrap()]);
+    assert!(out.contains("accuracy"), "{out}");
+    let (out, _) = succeeds(home, &["vision", "eval", ckpt, "--data", data, "--corruption", "contrast:2"]);
+    assert!(out.contains("contrast s2"), "{out}");
+}
+
+#[test]
+fn vision_bad_input_is_one_line() {
+    let d = tempfile::tempdir().unwrap();
+    let home = d.path();
+    let data = tiny_images(home, "tiny.safetensors", 3);
+    let gray = tiny_images(home, "gray.safetensors", 1);
+    let (data, gray) = (data.to_str().unwrap(), gray.to_str().unwrap());
+    let ckpt = home.join("m.safetensors");
+    let ckpt = ckpt.to_str().unwrap();
+    succeeds(
+        home,
+        &[
+            "vision",
+            "train",
+            "--data",
+            data,
+            "--width",
+            "4",
+            "--epochs",
+            "1",
+            "--batch",
+            "16",
+            "--check-attack",
+            "fgsm",
+            "-o",
+            ckpt,
+        ],
+    );
+
+    let e = fails(home, &["vision", "train", "--data", data, "--width", "4", "--epochs", "1", "-o", ckpt]);
+    assert!(e.contains("exists") && e.contains("--resume"), "{e}");
+    let out = home.join("x.safetensors");
+    let out = out.to_str().unwrap();
+    let e = fails(home, &["vision", "train", "--data", data, "--width", "4", "--method", "advmoe", "-o", out]);
+    assert!(e.contains("MoE"), "{e}");
+    let e = fails(home, &["vision", "train", "--data", data, "--width", "6", "--experts", "4", "-o", out]);
+    assert!(e.contains("divisible"), "{e}");
+    let e = fails(home, &["vision", "train", "--data", data, "--eps", "9/0", "-o", out]);
+    assert!(e.contains("9/0"), "{e}");
+    let e = fails(home, &["vision", "train", "--data", "mnist", "-o", out]);
+    assert!(e.contains("mnist") && e.contains("cifar10"), "{e}");
+    assert!(!Path::new(out).exists(), "a failed run left {out}");
+
+    let e = fails(home, &["vision", "eval", ckpt, "--data", data, "--attack", "cw"]);
+    assert!(e.contains("unknown attack"), "{e}");
+    let e = fails(home, &["vision", "eval", ckpt, "--data", gray]);
+    assert!(e.contains("the model takes"), "{e}");
+    let e = fails(home, &["vision", "eval", ckpt, "--data", data, "--corruption", "fog:3"]);
+    assert!(e.contains("fog"), "{e}");
+    let junk = home.join("junk.safetensors");
+    std::fs::write(&junk, b"\x10\0\0\0\0\0\0\0{not json}").unwrap();
+    let e = fails(home, &["vision", "eval", junk.to_str().unwrap(), "--data", data]);
+    assert!(e.contains("junk.safetensors"), "{e}");
+    let e = fails(home, &["vision", "eval", ckpt, "--data", junk.to_str().unwrap()]);
+    assert!(e.contains("junk.safetensors"), "{e}");
+    let e =
+        fails(home, &["vision", "corrupt", "--data", data, "--corruption", "contrast", "--severity", "7", "-o", out]);
+    assert!(e.contains("severity"), "{e}");
+    assert!(!Path::new(out).exists());
+}

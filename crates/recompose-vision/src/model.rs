@@ -151,7 +151,14 @@ impl Unit {
         Ok(if self.relu { y.relu()? } else { y })
     }
 
-    fn forward(&self, x: &Tensor, ctx: &Ctx, exec: Exec, routes: &mut Vec<Tensor>, st_features: bool) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        ctx: &Ctx,
+        exec: Exec,
+        routes: &mut Vec<Tensor>,
+        st_features: bool,
+    ) -> Result<Tensor> {
         let out = self.conv.out_channels();
         let Some((router, experts)) = &self.router else { return self.dense(x, ctx, 0, out) };
         let experts = *experts;
@@ -344,7 +351,17 @@ impl Model {
         let c = config.in_channels;
         let mean = Tensor::from_vec(config.mean.clone(), (1, c, 1, 1), &Device::Cpu)?.to_dtype(dtype)?;
         let std = Tensor::from_vec(config.std.clone(), (1, c, 1, 1), &Device::Cpu)?.to_dtype(dtype)?;
-        Ok(Model { config, body, head, params: b.params, buffers: b.buffers, order: b.order, mean, std, st_features: true })
+        Ok(Model {
+            config,
+            body,
+            head,
+            params: b.params,
+            buffers: b.buffers,
+            order: b.order,
+            mean,
+            std,
+            st_features: true,
+        })
     }
 
     pub fn dtype(&self) -> DType {

@@ -333,14 +333,16 @@ fn step_once(
     match cfg.method {
         Method::Standard => {
             let out = model.forward(x, &train(Track::All), Exec::Masked)?;
-            let loss = (cross_entropy(&out.logits, y)? + balance_loss(&out.routes, cfg.balance)?.to_dtype(out.logits.dtype())?)?;
+            let loss = (cross_entropy(&out.logits, y)?
+                + balance_loss(&out.routes, cfg.balance)?.to_dtype(out.logits.dtype())?)?;
             sgd(model, state, &loss, cfg, lr, None)?;
             Ok((scalar(&loss)?, out.logits, out.routes))
         }
         Method::PgdAt => {
             let adv = perturb(model, x, y, &cfg.train_attack, Objective::CrossEntropy, seed)?;
             let out = model.forward(&adv, &train(Track::All), Exec::Masked)?;
-            let loss = (cross_entropy(&out.logits, y)? + balance_loss(&out.routes, cfg.balance)?.to_dtype(out.logits.dtype())?)?;
+            let loss = (cross_entropy(&out.logits, y)?
+                + balance_loss(&out.routes, cfg.balance)?.to_dtype(out.logits.dtype())?)?;
             sgd(model, state, &loss, cfg, lr, None)?;
             Ok((scalar(&loss)?, out.logits, out.routes))
         }

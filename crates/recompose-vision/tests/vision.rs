@@ -162,12 +162,8 @@ fn gradients_of_a_tiny_moe_cnn_match_finite_differences() {
         let grads = loss.backward().unwrap();
         let h = 1e-6;
         let mut checked = 0;
-        let mut targets: Vec<(String, Var)> = m
-            .params
-            .iter()
-            .filter(|p| !p.name.contains("router"))
-            .map(|p| (p.name.clone(), p.var.clone()))
-            .collect();
+        let mut targets: Vec<(String, Var)> =
+            m.params.iter().filter(|p| !p.name.contains("router")).map(|p| (p.name.clone(), p.var.clone())).collect();
         targets.push(("input".into(), x.clone()));
         for (name, v) in targets {
             let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient"));
@@ -219,7 +215,8 @@ fn checkpoints_round_trip_and_bad_ones_are_refused() {
     m.save(&p, &[]).unwrap();
     let (back, _) = Model::load(&p, DType::F32).unwrap();
     let x = images(4, 3, 1, DType::F32);
-    let (a, b) = (m.forward(&x, &Ctx::eval(), Exec::Grouped).unwrap(), back.forward(&x, &Ctx::eval(), Exec::Grouped).unwrap());
+    let (a, b) =
+        (m.forward(&x, &Ctx::eval(), Exec::Grouped).unwrap(), back.forward(&x, &Ctx::eval(), Exec::Grouped).unwrap());
     assert_eq!(max_abs((a.logits - b.logits).unwrap()), 0.0);
     // Network order: the stem first, the head last (the RWS tools take "first K layers").
     let names: Vec<String> = m.tensors().unwrap().into_iter().map(|(n, _)| n).collect();

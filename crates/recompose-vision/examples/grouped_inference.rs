@@ -1,0 +1,88 @@
+//! Does skipping the unchosen experts make MoE CNN inference faster, not only cheaper on paper?
+//! Builds dense and 2-expert MoE versions of both networks at CIFAR size, checks that the
+//! expert-grouped path gives the masked path's logits, and times both against the dense model.
+//!
+//! Also times a training step and a PGD step (forward + backward).
+//!
+//!   cargo run --release -p recompose-vision --example grouped_inference [-- BATCH REPEATS]
+
+use candle_core::{DType, Device, Tensor};
+use recompose_vision::model::{Arch, Exec, Model, ModelConfig};
+use recompose_vision::nn::{cross_entropy, Ctx, Track};
+
+fn main() -> recompose_vision::Result<()> {
+    let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let (batch, repeats) = (args.first().copied().unwrap_or(256), args.get(1).copied().unwrap_or(5));
+    let x = Tensor::rand(0f32, 1f32, (batch, 3, 32, 32), &Device::Cpu)?;
+    println!("batch {batch}, median of {repeats} runs, {} threads", rayon::current_num_threads());
+    let y = Tensor::zeros(batch, DType::U32, &Device::Cpu)?;
+    println!(
+        "{:<7} {:<7} {:>8} {:>12} {:>13} {:>10} {:>15} {:>16}",
+        "arch", "model", "M MACs", "ms (masked)", "ms (grouped)", "images/s", "ms train step", "ms attack step"
+    );
+    for arch in [Arch::Vgg, Arch::Resnet] {
+        for experts in [1, 2] {
+            let cfg = ModelConfig {
+                arch,
+                width: 16,
+                experts,
+                router_width: 8,
+                in_channels: 3,
+                image_size: 32,
+                classes: 10,
+                mean: vec![0.5; 3],
+                std: vec![0.25; 3],
+            };
+            let m = Model::new(cfg, 0, DType::F32)?;
+            // One training-mode pass so batch norm has real running statistics.
+            m.forward(&x, &Ctx { train: true, track: Track::None }, Exec::Masked)?;
+            let time = |exec| -> recompose_vision::Result<f64> {
+                let mut t = vec![];
+                for _ in 0..repeats {
+                    let s = std::time::Instant::now();
+                    m.forward(&x, &Ctx::eval(), exec)?;
+                    t.push(s.elapsed().as_secs_f64() * 1e3);
+                }
+                t.sort_by(f64::total_cmp);
+                Ok(t[t.len() / 2])
+            };
+            let masked = time(Exec::Masked)?;
+            // A training step (forward + backward, all parameters) and a PGD step (input only).
+            let step = |train: bool| -> recompose_vision::Result<f64> {
+                let mut t = vec![];
+                for _ in 0..repeats {
+                    let s = std::time::Instant::now();
+                    let v = candle_core::Var::from_tensor(&x)?;
+                    let ctx = if train { Ctx { train: true, track: Track::All } } else { Ctx::eval() };
+                    let logits = m.forward(v.as_tensor(), &ctx, Exec::Masked)?.logits;
+                    cross_entropy(&logits, &y)?.backward()?;
+                    t.push(s.elapsed().as_secs_f64() * 1e3);
+                }
+                t.sort_by(f64::total_cmp);
+                Ok(t[t.len() / 2])
+            };
+            let (train_ms, attack_ms) = (step(true)?, step(false)?);
+            let (grouped, check) = if experts > 1 {
+                let a = m.forward(&x, &Ctx::eval(), Exec::Masked)?.logits;
+                let b = m.forward(&x, &Ctx::eval(), Exec::Grouped)?.logits;
+                let d = (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+                (time(Exec::Grouped)?, format!("  max |grouped - masked| {d:.1e}"))
+            } else {
+                (masked, String::new())
+            };
+            let name = if experts == 1 { "dense" } else { "moe-2" };
+            println!(
+                "{:<7} {:<7} {:>8.2} {:>12.1} {:>13.1} {:>10.0} {:>15.0} {:>16.0}{check}",
+                format!("{arch:?}").to_lowercase(),
+                name,
+                m.macs() as f64 / 1e6,
+                masked,
+                grouped,
+                batch as f64 / grouped * 1e3,
+                train_ms,
+                attack_ms
+            );
+        }
+    }
+    Ok(())
+}
