@@ -89,14 +89,8 @@ fn seeded_uniform(like: &Tensor, eps: f64, seed: u64) -> Result<Tensor> {
 }
 
 fn seeded_normal(like: &Tensor, std: f64, seed: u64) -> Result<Tensor> {
-    use rand::{Rng, SeedableRng};
+    use rand::SeedableRng;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let v: Vec<f32> = (0..like.elem_count())
-        .map(|_| {
-            let u1: f64 = 1.0 - rng.random::<f64>();
-            let u2: f64 = rng.random::<f64>();
-            (std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
-        })
-        .collect();
+    let v: Vec<f32> = (0..like.elem_count()).map(|_| (std * crate::corrupt::normal(&mut rng)) as f32).collect();
     Ok(Tensor::from_vec(v, like.dims(), like.device())?.to_dtype(like.dtype())?)
 }

@@ -269,13 +269,10 @@ fn flat<T: WithDType>(t: &Tensor) -> candle_core::Result<Vec<T>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use candle_core::Var;
 
     fn rand(shape: &[usize], seed: u64) -> Tensor {
-        use rand::{Rng, SeedableRng};
-        let mut r = rand::rngs::StdRng::seed_from_u64(seed);
-        let v: Vec<f64> = (0..shape.iter().product()).map(|_| r.random_range(-1.0..1.0)).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+        crate::test_tensor(shape, seed, 1.0)
     }
 
     /// The oracle is candle's own conv2d, forward and backward, for every pad/stride/kernel we use.

@@ -126,8 +126,8 @@ pub fn corrupt_dataset(ds: &Dataset, corruption: Corruption, severity: u8, seed:
     Ok(out)
 }
 
-/// Standard normal by Box-Muller.
-fn normal(rng: &mut impl Rng) -> f64 {
+/// Standard normal by Box-Muller (no rand_distr dependency for one distribution).
+pub(crate) fn normal(rng: &mut impl Rng) -> f64 {
     let u1 = 1.0 - rng.random::<f64>(); // in (0, 1], so ln is finite
     let u2 = rng.random::<f64>();
     (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()

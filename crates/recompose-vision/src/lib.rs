@@ -15,3 +15,12 @@ pub mod train;
 pub use corrupt::Corruption;
 pub use data::{Dataset, Split};
 pub use error::{Error, Result};
+
+/// Seeded uniform f64 tensors for the unit tests' oracles.
+#[cfg(test)]
+pub(crate) fn test_tensor(shape: &[usize], seed: u64, range: f64) -> candle_core::Tensor {
+    use rand::{Rng, SeedableRng};
+    let mut r = rand::rngs::StdRng::seed_from_u64(seed);
+    let v: Vec<f64> = (0..shape.iter().product()).map(|_| r.random_range(-range..range)).collect();
+    candle_core::Tensor::from_vec(v, shape, &candle_core::Device::Cpu).unwrap()
+}

@@ -4,7 +4,7 @@
 
 use crate::Result;
 use candle_core::{DType, Device, Tensor, Var, D};
-use rand::{rngs::StdRng, Rng};
+use rand::rngs::StdRng;
 use std::sync::Mutex;
 
 /// Which parameters a forward pass tracks for gradients. Untracked ones are detached, so their
@@ -62,14 +62,7 @@ impl<'a> Builder<'a> {
     }
 
     fn normal(&mut self, n: usize, std: f64) -> Vec<f64> {
-        (0..n)
-            .map(|_| {
-                // Box–Muller; 1 - u keeps the log finite.
-                let u1: f64 = 1.0 - self.rng.random::<f64>();
-                let u2: f64 = self.rng.random::<f64>();
-                std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-            })
-            .collect()
+        (0..n).map(|_| std * crate::corrupt::normal(self.rng)).collect()
     }
 
     pub fn param(&mut self, name: String, values: Vec<f64>, shape: &[usize], group: Group, decay: bool) -> Result<Var> {

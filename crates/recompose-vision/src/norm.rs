@@ -155,13 +155,10 @@ impl CustomOp3 for BatchNormTrain {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use candle_core::Var;
 
     fn rand(shape: &[usize], seed: u64) -> Tensor {
-        use rand::{Rng, SeedableRng};
-        let mut r = rand::rngs::StdRng::seed_from_u64(seed);
-        let v: Vec<f64> = (0..shape.iter().product()).map(|_| r.random_range(-2.0..2.0)).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+        crate::test_tensor(shape, seed, 2.0)
     }
 
     /// Oracle: the same formula written with candle ops (autograd through mean/var/broadcasts).
