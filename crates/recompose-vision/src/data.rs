@@ -51,7 +51,7 @@ impl Dataset {
             shuffle(&mut members, mix(seed, c as u64));
             idx.extend(members.into_iter().take(n));
         }
-        idx.sort_unstable();
+        shuffle(&mut idx, mix(seed, u64::MAX));
         self.subset(&idx)
     }
 
@@ -411,8 +411,10 @@ pub fn stratified_split(labels: &[u8], classes: usize, test_fraction: f64, seed:
         test.extend_from_slice(&members[..k]);
         train.extend_from_slice(&members[k..]);
     }
-    train.sort_unstable();
-    test.sort_unstable();
+    // Mixed order: the BIG-bench copy of CIFAR-10 is sorted by class, so any prefix of a sorted
+    // split (a held-out batch, `--limit N`) would hold one or two classes only.
+    shuffle(&mut train, mix(seed, u64::MAX));
+    shuffle(&mut test, mix(seed, u64::MAX - 1));
     (train, test)
 }
 
@@ -534,8 +536,13 @@ mod tests {
         let train = cifar10(&p, Split::Train).unwrap();
         // 2 per class: round(0.4) = 0 go to test.
         assert_eq!((train.len(), test.len()), (20, 0));
-        assert_eq!(train.labels, (0..20).map(|i| (i % 10) as u8).collect::<Vec<_>>());
-        let img = train.image(3);
+        let mut labels = train.labels.clone();
+        labels.sort_unstable();
+        assert_eq!(labels, (0..20).map(|i| (i / 2) as u8).collect::<Vec<_>>());
+        // The split shuffles: find example 3 by its blue channel (= example index).
+        let k = (0..20).find(|&k| train.image(k)[2048 + 32 + 2] == 3.0 / 255.0).unwrap();
+        assert_eq!(train.labels[k], 3);
+        let img = train.image(k);
         // Pixel (y=1, x=2): R = x*8, G = y*8, B = example index.
         assert_eq!(img[32 + 2], 16.0 / 255.0);
         assert_eq!(img[1024 + 32 + 2], 8.0 / 255.0);
@@ -548,6 +555,18 @@ mod tests {
         let two = serde_json::json!({"cat": 1, "dog": 1});
         assert!(parse_label(&two).unwrap_err().contains("exactly one"));
         assert_eq!(parse_label(&serde_json::json!("{'cat': 0, 'ship': 1}")).unwrap(), 8);
+    }
+
+    /// The BIG-bench CIFAR copy is sorted by class; a held-out batch taken from the front of the
+    /// split held airplanes and automobiles only.
+    #[test]
+    fn split_of_class_sorted_labels_mixes_classes_in_every_prefix() {
+        let sorted: Vec<u8> = (0..10_000).map(|i| (i / 1000) as u8).collect();
+        let (train, test) = stratified_split(&sorted, 10, 0.2, CIFAR_SPLIT_SEED);
+        for split in [&train, &test] {
+            let prefix: std::collections::HashSet<u8> = split[..256].iter().map(|&i| sorted[i]).collect();
+            assert_eq!(prefix.len(), 10, "the first 256 hold only classes {prefix:?}");
+        }
     }
 
     #[test]
@@ -568,6 +587,7 @@ mod tests {
 
         let uneven: Vec<u8> = (0..25).map(|i| (i % 2) as u8).collect();
         let (_, t) = stratified_split(&uneven, 2, 0.2, 0);
+        assert_eq!(t.len(), 5);
         assert_eq!(t.iter().filter(|&&i| uneven[i] == 0).count(), 3); // round(13 * 0.2)
         assert_eq!(t.iter().filter(|&&i| uneven[i] == 1).count(), 2); // round(12 * 0.2)
     }
