@@ -403,6 +403,9 @@ fn vision_bad_input_is_one_line() {
     assert!(e.contains("divisible"), "{e}");
     let e = fails(home, &["vision", "train", "--data", data, "--eps", "9/0", "-o", out]);
     assert!(e.contains("9/0"), "{e}");
+    let e =
+        fails(home, &["vision", "train", "--data", data, "-o", home.join("no/such/m.safetensors").to_str().unwrap()]);
+    assert!(e.contains("does not exist"), "{e}");
     let e = fails(home, &["vision", "train", "--data", "mnist", "-o", out]);
     assert!(e.contains("mnist") && e.contains("cifar10"), "{e}");
     assert!(!Path::new(out).exists(), "a failed run left {out}");

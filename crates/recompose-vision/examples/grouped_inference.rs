@@ -17,8 +17,16 @@ fn main() -> recompose_vision::Result<()> {
     println!("batch {batch}, median of {repeats} runs, {} threads", rayon::current_num_threads());
     let y = Tensor::zeros(batch, DType::U32, &Device::Cpu)?;
     println!(
-        "{:<7} {:<7} {:>8} {:>12} {:>13} {:>10} {:>15} {:>16}",
-        "arch", "model", "M MACs", "ms (masked)", "ms (grouped)", "images/s", "ms train step", "ms attack step"
+        "{:<7} {:<7} {:>8} {:>9} {:>12} {:>13} {:>10} {:>15} {:>16}",
+        "arch",
+        "model",
+        "M MACs",
+        "@28px",
+        "ms (masked)",
+        "ms (grouped)",
+        "images/s",
+        "ms train step",
+        "ms attack step"
     );
     for arch in [Arch::Vgg, Arch::Resnet] {
         for experts in [1, 2] {
@@ -33,6 +41,10 @@ fn main() -> recompose_vision::Result<()> {
                 mean: vec![0.5; 3],
                 std: vec![0.25; 3],
             };
+            // The Fashion-MNIST shape (1 x 28 x 28) has its own cost per image.
+            let fashion =
+                ModelConfig { in_channels: 1, image_size: 28, mean: vec![0.5], std: vec![0.25], ..cfg.clone() };
+            let fashion_macs = Model::new(fashion, 0, DType::F32)?.macs();
             let m = Model::new(cfg, 0, DType::F32)?;
             // One training-mode pass so batch norm has real running statistics.
             m.forward(&x, &Ctx { train: true, track: Track::None }, Exec::Masked)?;
@@ -72,10 +84,11 @@ fn main() -> recompose_vision::Result<()> {
             };
             let name = if experts == 1 { "dense" } else { "moe-2" };
             println!(
-                "{:<7} {:<7} {:>8.2} {:>12.1} {:>13.1} {:>10.0} {:>15.0} {:>16.0}{check}",
+                "{:<7} {:<7} {:>8.2} {:>9.2} {:>12.1} {:>13.1} {:>10.0} {:>15.0} {:>16.0}{check}",
                 format!("{arch:?}").to_lowercase(),
                 name,
                 m.macs() as f64 / 1e6,
+                fashion_macs as f64 / 1e6,
                 masked,
                 grouped,
                 batch as f64 / grouped * 1e3,

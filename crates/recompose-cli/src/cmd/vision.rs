@@ -42,6 +42,7 @@ pub struct TrainArgs {
     /// standard, pgd-at, trades or advmoe.
     #[arg(long, default_value = "standard")]
     method: String,
+    /// Epochs in total; may be raised on --resume (the cosine schedule then spans the new total).
     #[arg(long, default_value_t = 10)]
     epochs: usize,
     #[arg(long, default_value_t = 128)]
@@ -200,6 +201,10 @@ fn train_cmd(a: TrainArgs, quiet: bool) -> Result<()> {
     let log_path = sibling(&a.out, "log.jsonl");
     if !a.resume && a.out.exists() {
         bail!("{} exists; pass --resume to continue that run or choose another --out", a.out.display());
+    }
+    // Fail now rather than after the first epoch's work.
+    if let Some(dir) = a.out.parent().filter(|d| !d.as_os_str().is_empty() && !d.is_dir()) {
+        bail!("{}: the folder {} does not exist", a.out.display(), dir.display());
     }
     let mut data = data::open(&a.data, Split::Train)?;
     let test = data::open(&a.data, Split::Test).or_else(|_| data::open(&a.data, Split::Train))?;
