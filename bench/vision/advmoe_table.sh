@@ -3,11 +3,11 @@
 # MoE + AdvMoE, same epochs and data for every row, on CIFAR-10 and Fashion-MNIST, per seed.
 # Each run resumes where it stopped, so the script can be re-run after an interruption.
 #   bench/vision/advmoe_table.sh [target/release/recompose]
-# Env: EPOCHS (4), SEEDS ("0 1"), DATASETS ("cifar10 fashion-mnist"), PER_CLASS (800),
+# Env: EPOCHS (3), SEEDS ("0 1"), DATASETS ("cifar10 fashion-mnist"), PER_CLASS (800),
 #      WIDTH (16), ARCH (vgg), WORK (checkpoints; $RECOMPOSE_HOME/vision-table), OUT (results).
 set -euo pipefail
 R=${1:-target/release/recompose}
-EPOCHS=${EPOCHS:-4}
+EPOCHS=${EPOCHS:-3}
 SEEDS=${SEEDS:-"0 1"}
 DATASETS=${DATASETS:-"cifar10 fashion-mnist"}
 PER_CLASS=${PER_CLASS:-800}
@@ -16,8 +16,9 @@ ARCH=${ARCH:-vgg}
 WORK=${WORK:-${RECOMPOSE_HOME:-$HOME/.cache/recompose}/vision-table}
 OUT=${OUT:-bench/results/vision/table}
 mkdir -p "$WORK" "$OUT"
-for data in $DATASETS; do
-  for seed in $SEEDS; do
+# Seeds outermost: a cut-short run still has every data set at the first seed.
+for seed in $SEEDS; do
+  for data in $DATASETS; do
     for row in dense-at moe-at moe-advmoe; do
       case $row in
         dense-at) args=(--experts 1 --method pgd-at) ;;
