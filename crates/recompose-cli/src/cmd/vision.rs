@@ -45,11 +45,13 @@ pub struct TrainArgs {
     /// Epochs in total; may be raised on --resume (the cosine schedule then spans the new total).
     #[arg(long, default_value_t = 10)]
     epochs: usize,
+    /// Images per SGD step.
     #[arg(long, default_value_t = 128)]
     batch: usize,
     /// Peak learning rate (SGD, cosine decay to 0).
     #[arg(long, default_value_t = 0.05)]
     lr: f64,
+    /// L2 weight decay on conv and linear weights.
     #[arg(long, default_value_t = 5e-4)]
     weight_decay: f64,
     /// TRADES/AdvMoE robustness weight.
@@ -82,6 +84,7 @@ pub struct TrainArgs {
     /// Continue an interrupted run from OUT and OUT's .state file.
     #[arg(long)]
     resume: bool,
+    /// Seed of the initialisation, data order, augmentation and attacks.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Output checkpoint (.safetensors), rewritten after every epoch; the optimiser state goes
@@ -94,6 +97,7 @@ pub struct TrainArgs {
 pub struct EvalArgs {
     /// Checkpoint written by `vision train` (or patched by `rws apply` / `tv apply`).
     checkpoint: PathBuf,
+    /// Data set whose test split to use: fashion-mnist, cifar10, or a data file.
     #[arg(long)]
     data: String,
     /// none, fgsm or pgdK (e.g. pgd10).
@@ -111,9 +115,10 @@ pub struct EvalArgs {
     /// Re-estimate batch-norm statistics on this many training batches first (after a patch).
     #[arg(long, default_value_t = 0)]
     recalibrate_bn: usize,
-    /// Evaluate only the first N test images.
+    /// Evaluate only the first N test images (the splits are in a seeded mixed order).
     #[arg(long)]
     limit: Option<usize>,
+    /// Images per forward pass.
     #[arg(long, default_value_t = 256)]
     batch: usize,
     /// Also write the results as JSON.
@@ -123,6 +128,7 @@ pub struct EvalArgs {
 
 #[derive(ClapArgs, Debug)]
 pub struct CorruptArgs {
+    /// Data set: fashion-mnist, cifar10, or a data file.
     #[arg(long)]
     data: String,
     /// train or test.
@@ -134,6 +140,7 @@ pub struct CorruptArgs {
     /// 1 (mild) to 5 (severe).
     #[arg(long, default_value_t = 3)]
     severity: u8,
+    /// Seed of the random corruptions (noise); each image draws from (seed, index).
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Output data file (.safetensors).
