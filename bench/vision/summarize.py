@@ -66,7 +66,7 @@ def table(d):
             times[name] = float(secs)
     rows = {}
     for fn in sorted(os.listdir(d)):
-        m = re.match(r"(.+)-(\w+?\d+)-(dense-at|moe-at|moe-advmoe)-s(\d+)\.json$", fn)
+        m = re.match(r"(.+)-(\w+?\d+)-(dense-at|moe-at|moe-trades|moe-advmoe)-s(\d+)\.json$", fn)
         if not m:
             continue
         data, arch, row, seed = m.groups()
@@ -75,8 +75,8 @@ def table(d):
         key = (data, arch, row)
         rows.setdefault(key, []).append(
             (res["clean_acc"], res["robust_acc"], r["macs"], times.get(fn[:-5]), int(seed)))
-    order = {"dense-at": 0, "moe-at": 1, "moe-advmoe": 2}
-    label = {"dense-at": "dense + PGD-AT", "moe-at": "MoE + vanilla PGD-AT", "moe-advmoe": "MoE + AdvMoE"}
+    order = {"dense-at": 0, "moe-at": 1, "moe-trades": 2, "moe-advmoe": 3}
+    label = {"dense-at": "dense + PGD-AT", "moe-at": "MoE + vanilla PGD-AT", "moe-trades": "MoE + TRADES (joint)", "moe-advmoe": "MoE + AdvMoE"}
     print("| data | model | seeds | standard acc % | PGD-10 robust acc % | M multiply-adds / image | train time / run |")
     print("|---|---|---|---|---|---|---|")
     for key in sorted(rows, key=lambda k: (k[0], k[1], order[k[2]])):
@@ -87,6 +87,14 @@ def table(d):
         tt = f"{sum(t) / len(t) / 60:.1f} min" if t else "?"
         seeds = ",".join(str(x[4]) for x in sorted(v, key=lambda x: x[4]))
         print(f"| {key[0]} | {key[1]} {label[key[2]]} | {seeds} | {c:.2f} ± {cs:.2f} | {r:.2f} ± {rs:.2f} | {v[0][2] / 1e6:.2f} | {tt} |")
+    fpath = os.path.join(d, "failed.txt")
+    if os.path.exists(fpath):
+        print()
+        print("Runs the trainer stopped (not in the means above):")
+        print()
+        for line in open(fpath):
+            name, _, why = line.strip().partition(" ")
+            print(f"- `{name}`: {why.removeprefix('error: ')}")
 
 
 def acc(path):

@@ -182,7 +182,7 @@ impl Routing {
             if let Some(k) = c.iter().position(|&n| n == total) {
                 return Err(Error::Diverged(format!(
                     "routing collapsed: the router of MoE unit {l} sent every image of epoch {epoch} to expert {k}; \
-                     lower --lr or raise --beta"
+                     lower --lr or raise --balance"
                 )));
             }
             load.push(c.iter().map(|&n| n as f64 / total.max(1) as f64).collect());
@@ -445,4 +445,41 @@ fn sgd(
         p.var.set(&new)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn routes(rows: &[[f32; 2]]) -> Tensor {
+        let flat: Vec<f32> = rows.iter().flatten().copied().collect();
+        Tensor::from_vec(flat, (rows.len(), 2), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn routing_collapse_stops_the_run() {
+        let mut r = Routing::new();
+        r.add(&[routes(&[[0.9, 0.1], [0.6, 0.4]])]).unwrap();
+        r.add(&[routes(&[[0.7, 0.3]])]).unwrap();
+        let err = r.finish(3).unwrap_err().to_string();
+        assert!(err.contains("routing collapsed") && err.contains("unit 0") && err.contains("epoch 3"), "{err}");
+    }
+
+    #[test]
+    fn routing_load_and_entropy_are_per_unit() {
+        let mut r = Routing::new();
+        r.add(&[routes(&[[0.5, 0.5], [0.2, 0.8], [0.9, 0.1], [0.1, 0.9]])]).unwrap();
+        let (entropy, load) = r.finish(1).unwrap();
+        assert_eq!(load, vec![vec![0.5, 0.5]]);
+        let h = |p: f64| -(p * p.ln() + (1.0 - p) * (1.0 - p).ln());
+        let want = (h(0.5) + h(0.2) + h(0.9) + h(0.1)) / 4.0;
+        assert!((entropy[0] - want).abs() < 1e-6, "{} vs {want}", entropy[0]);
+    }
+
+    #[test]
+    fn non_finite_router_probability_stops_the_run() {
+        let mut r = Routing::new();
+        let err = r.add(&[routes(&[[f32::NAN, 0.5]])]).unwrap_err().to_string();
+        assert!(err.contains("non-finite"), "{err}");
+    }
 }
