@@ -99,48 +99,62 @@ fn f32_logits_match_transformers_gemma3() {
     check_logits("gemma3-270m");
 }
 
-/// The quantised path against llama.cpp: teacher-forced along llama.cpp's greedy path, our logits
-/// must stay within 1.0 of llama.cpp's top-5; our own greedy continuation must equal llama.cpp's or split first at a step whose
-/// llama.cpp top-2 gap is within twice the logit difference measured there (a near-tie the
-/// numeric difference explains).
+/// Teacher-forced along llama.cpp's greedy path: per step, the largest distance between our logit
+/// and llama.cpp's over llama.cpp's top-5 tokens.
+fn teacher_forced_diffs(model: &Model, prompt: &[u32], steps: &[Value]) -> Vec<f32> {
+    let want: Vec<u32> = steps.iter().map(|s| s["chosen"].as_u64().unwrap() as u32).collect();
+    let full: Vec<u32> = prompt.iter().chain(&want).copied().collect();
+    let mut cache = model.new_cache(1);
+    let (tokens, step) = step_for(&[full.clone()], &cache, 0);
+    let logits = model.forward(&tokens, &step, &mut cache, Logits::From(prompt.len() - 1)).unwrap();
+    let rows: Vec<Vec<f32>> = logits.squeeze(0).unwrap().to_vec2().unwrap();
+    steps
+        .iter()
+        .zip(&rows)
+        .map(|(s, row)| {
+            s["top"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| (row[p[0].as_u64().unwrap() as usize] - p[1].as_f64().unwrap() as f32).abs())
+                .fold(0f32, f32::max)
+        })
+        .collect()
+}
+
+/// The quantised path against llama.cpp. Teacher-forced along llama.cpp's greedy path, our
+/// quantised logits may be no further from llama.cpp's than our exact f32 path is (itself 1e-3
+/// from transformers, see above) plus a quantisation margin. Our own greedy continuation must
+/// equal llama.cpp's or split first at a step whose llama.cpp top-2 gap is within twice the logit
+/// difference measured there (a near-tie the numeric difference explains).
 fn check_greedy(asset: &str) {
     let f = open(asset);
     let model = Model::load(&f, WeightMode::Quantized).unwrap();
+    let exact = Model::load(&f, WeightMode::F32).unwrap();
     let tok = f.tokenizer().unwrap();
     let fx = fixture(&format!("llamacpp_greedy_{asset}.json"));
     for case in fx["prompts"].as_array().unwrap() {
         let prompt = ids(&case["ids"]);
         let steps = case["steps"].as_array().unwrap();
         let want: Vec<u32> = steps.iter().map(|s| s["chosen"].as_u64().unwrap() as u32).collect();
-        // Teacher forcing: one pass over prompt + llama.cpp's tokens.
-        let full: Vec<u32> = prompt.iter().chain(&want).copied().collect();
-        let mut cache = model.new_cache(1);
-        let (tokens, step) = step_for(&[full.clone()], &cache, 0);
-        let logits = model.forward(&tokens, &step, &mut cache, Logits::From(prompt.len() - 1)).unwrap();
-        let rows: Vec<Vec<f32>> = logits.squeeze(0).unwrap().to_vec2().unwrap();
-        let diffs: Vec<f32> = steps
-            .iter()
-            .zip(&rows)
-            .map(|(s, row)| {
-                s["top"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|p| (row[p[0].as_u64().unwrap() as usize] - p[1].as_f64().unwrap() as f32).abs())
-                    .fold(0f32, f32::max)
-            })
-            .collect();
-        let max_diff = diffs.iter().copied().fold(0f32, f32::max);
-        // Measured: our exact f32 path (1e-4 from transformers) is itself up to 0.56 from llama.cpp
-        // here, our quantised path up to 0.88; a wrong kernel or layout would be off by whole units.
-        assert!(max_diff <= 1.0, "{asset}: logits differ from llama.cpp's by {max_diff}");
+        let diffs = teacher_forced_diffs(&model, &prompt, steps);
+        let max = |d: &[f32]| d.iter().copied().fold(0f32, f32::max);
+        let (max_diff, exact_diff) = (max(&diffs), max(&teacher_forced_diffs(&exact, &prompt, steps)));
+        // The exact path's own distance to llama.cpp depends on the prompt and the machine: up to
+        // 0.56 (quantised 0.88) on the machine this test was written on, 1.19 (quantised 1.17, and
+        // 1.25 on the scalar kernels) on the fibonacci prompt on a later one, where a fixed bound
+        // of 1.0 failed. Quantisation adds a few tenths; a wrong kernel or layout, whole units.
+        assert!(
+            max_diff <= exact_diff + 0.5,
+            "{asset}: quantised logits differ from llama.cpp's by {max_diff}, the exact path's by {exact_diff}"
+        );
         let mut cache = model.new_cache(1);
         let opts = GenerateOptions { max_tokens: want.len(), ignore_eos: true, ..Default::default() };
         let (gens, _) = generate_batch(&model, &tok, &[prompt], &opts, &mut cache, |_, _| {}).unwrap();
         let got = &gens[0].tokens;
         let split = got.iter().zip(&want).position(|(a, b)| a != b);
         eprintln!(
-            "{asset}: {:?}: max |logit diff| vs llama.cpp {max_diff:.3}; {}",
+            "{asset}: {:?}: max |logit diff| vs llama.cpp {max_diff:.3} (exact path {exact_diff:.3}); {}",
             case["text"],
             match split {
                 None => "greedy continuation identical".to_string(),
