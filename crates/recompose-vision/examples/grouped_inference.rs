@@ -2,13 +2,15 @@
 //! Builds dense and 2-expert MoE versions of both networks at CIFAR size, checks that the
 //! expert-grouped path gives the masked path's logits, and times both against the dense model.
 //!
-//! Also times a training step and a PGD step (forward + backward).
+//! Also times a training step and a PGD step (forward + backward), and the fused CPU ops
+//! (im2col conv, training-mode batch norm) against candle's own ops on the VGG's layer shapes.
 //!
 //!   cargo run --release -p recompose-vision --example grouped_inference [-- BATCH REPEATS]
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 use recompose_vision::model::{Arch, Exec, Model, ModelConfig};
 use recompose_vision::nn::{cross_entropy, Ctx, Track};
+use recompose_vision::{conv, norm};
 
 fn main() -> recompose_vision::Result<()> {
     let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
@@ -96,6 +98,69 @@ fn main() -> recompose_vision::Result<()> {
                 attack_ms
             );
         }
+    }
+    fused_against_candle(batch.min(128), repeats)
+}
+
+/// Median milliseconds of `f` over `repeats` runs.
+fn median_ms(repeats: usize, mut f: impl FnMut() -> recompose_vision::Result<()>) -> recompose_vision::Result<f64> {
+    let mut t = vec![];
+    for _ in 0..repeats {
+        let s = std::time::Instant::now();
+        f()?;
+        t.push(s.elapsed().as_secs_f64() * 1e3);
+    }
+    t.sort_by(f64::total_cmp);
+    Ok(t[t.len() / 2])
+}
+
+/// Forward + backward (input and weight gradients) of one layer, fused op against candle's.
+fn fused_against_candle(batch: usize, repeats: usize) -> recompose_vision::Result<()> {
+    println!("\nbatch {batch}, forward + backward, median ms");
+    println!("{:<24} {:>10} {:>10} {:>8}", "layer", "candle", "fused", "speedup");
+    let row = |name: String, candle: f64, fused: f64| {
+        println!("{name:<24} {candle:>10.1} {fused:>10.1} {:>7.1}x", candle / fused)
+    };
+    // The VGG's 3x3 convs at width 16 on CIFAR (stride 1, pad 1).
+    for (cin, cout, hw) in [(3, 16, 32), (16, 16, 32), (32, 32, 16), (64, 64, 8)] {
+        let x = Var::from_tensor(&Tensor::rand(-1f32, 1f32, (batch, cin, hw, hw), &Device::Cpu)?)?;
+        let w = Var::from_tensor(&Tensor::rand(-0.1f32, 0.1f32, (cout, cin, 3, 3), &Device::Cpu)?)?;
+        let run = |fused: bool| {
+            median_ms(repeats, || {
+                let y = if fused {
+                    conv::conv2d(x.as_tensor(), w.as_tensor(), 1, 1)?
+                } else {
+                    x.as_tensor().conv2d(w.as_tensor(), 1, 1, 1, 1)?
+                };
+                y.sum_all()?.backward()?;
+                Ok(())
+            })
+        };
+        row(format!("conv {cin}->{cout} @{hw}x{hw}"), run(false)?, run(true)?);
+    }
+    for (c, hw) in [(16, 32), (64, 8)] {
+        let x = Var::from_tensor(&Tensor::rand(-1f32, 1f32, (batch, c, hw, hw), &Device::Cpu)?)?;
+        let g = Var::from_tensor(&Tensor::ones(c, DType::F32, &Device::Cpu)?)?;
+        let b = Var::from_tensor(&Tensor::zeros(c, DType::F32, &Device::Cpu)?)?;
+        let run = |fused: bool| {
+            median_ms(repeats, || {
+                let y = if fused {
+                    norm::batch_norm_train(x.as_tensor(), g.as_tensor(), b.as_tensor())?
+                } else {
+                    // The same formula in candle ops, autograd through mean/var and broadcasts.
+                    let xt = x.as_tensor();
+                    let centred = xt.broadcast_sub(&xt.mean_keepdim((0, 2, 3))?)?;
+                    let var = centred.sqr()?.mean_keepdim((0, 2, 3))?;
+                    centred
+                        .broadcast_div(&(var + norm::EPS)?.sqrt()?)?
+                        .broadcast_mul(&g.as_tensor().reshape((1, c, 1, 1))?)?
+                        .broadcast_add(&b.as_tensor().reshape((1, c, 1, 1))?)?
+                };
+                y.sum_all()?.backward()?;
+                Ok(())
+            })
+        };
+        row(format!("batch norm {c} @{hw}x{hw}"), run(false)?, run(true)?);
     }
     Ok(())
 }
