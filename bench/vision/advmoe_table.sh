@@ -5,7 +5,8 @@
 #   bench/vision/advmoe_table.sh [target/release/recompose]
 # Env: EPOCHS (3), SEEDS ("0 1"), DATASETS ("cifar10 fashion-mnist"), PER_CLASS (800),
 #      ROWS ("dense-at moe-at moe-advmoe"; moe-trades is the ablation: TRADES, trained jointly),
-#      WIDTH (16), ARCH (vgg), WORK (checkpoints; $RECOMPOSE_HOME/vision-table), OUT (results).
+#      WIDTH (16), ARCH (vgg), WORK (checkpoints; $RECOMPOSE_HOME/vision-table-${EPOCHS}ep, per
+#      budget, so a longer run never resumes a shorter one's schedule), OUT (results).
 set -euo pipefail
 R=${1:-target/release/recompose}
 EPOCHS=${EPOCHS:-3}
@@ -15,7 +16,7 @@ PER_CLASS=${PER_CLASS:-800}
 WIDTH=${WIDTH:-16}
 ARCH=${ARCH:-vgg}
 ROWS=${ROWS:-"dense-at moe-at moe-advmoe"}
-WORK=${WORK:-${RECOMPOSE_HOME:-$HOME/.cache/recompose}/vision-table}
+WORK=${WORK:-${RECOMPOSE_HOME:-$HOME/.cache/recompose}/vision-table-${EPOCHS}ep}
 OUT=${OUT:-bench/results/vision/table}
 mkdir -p "$WORK" "$OUT"
 # Seeds outermost: a cut-short run still has every data set at the first seed.
