@@ -50,30 +50,22 @@ fn main() -> recompose_vision::Result<()> {
             let m = Model::new(cfg, 0, DType::F32)?;
             // One training-mode pass so batch norm has real running statistics.
             m.forward(&x, &Ctx { train: true, track: Track::None }, Exec::Masked)?;
-            let time = |exec| -> recompose_vision::Result<f64> {
-                let mut t = vec![];
-                for _ in 0..repeats {
-                    let s = std::time::Instant::now();
+            let time = |exec| {
+                median_ms(repeats, || {
                     m.forward(&x, &Ctx::eval(), exec)?;
-                    t.push(s.elapsed().as_secs_f64() * 1e3);
-                }
-                t.sort_by(f64::total_cmp);
-                Ok(t[t.len() / 2])
+                    Ok(())
+                })
             };
             let masked = time(Exec::Masked)?;
             // A training step (forward + backward, all parameters) and a PGD step (input only).
-            let step = |train: bool| -> recompose_vision::Result<f64> {
-                let mut t = vec![];
-                for _ in 0..repeats {
-                    let s = std::time::Instant::now();
+            let step = |train: bool| {
+                median_ms(repeats, || {
                     let v = candle_core::Var::from_tensor(&x)?;
                     let ctx = if train { Ctx { train: true, track: Track::All } } else { Ctx::eval() };
                     let logits = m.forward(v.as_tensor(), &ctx, Exec::Masked)?.logits;
                     cross_entropy(&logits, &y)?.backward()?;
-                    t.push(s.elapsed().as_secs_f64() * 1e3);
-                }
-                t.sort_by(f64::total_cmp);
-                Ok(t[t.len() / 2])
+                    Ok(())
+                })
             };
             let (train_ms, attack_ms) = (step(true)?, step(false)?);
             let (grouped, check) = if experts > 1 {
@@ -147,14 +139,7 @@ fn fused_against_candle(batch: usize, repeats: usize) -> recompose_vision::Resul
                 let y = if fused {
                     norm::batch_norm_train(x.as_tensor(), g.as_tensor(), b.as_tensor())?
                 } else {
-                    // The same formula in candle ops, autograd through mean/var and broadcasts.
-                    let xt = x.as_tensor();
-                    let centred = xt.broadcast_sub(&xt.mean_keepdim((0, 2, 3))?)?;
-                    let var = centred.sqr()?.mean_keepdim((0, 2, 3))?;
-                    centred
-                        .broadcast_div(&(var + norm::EPS)?.sqrt()?)?
-                        .broadcast_mul(&g.as_tensor().reshape((1, c, 1, 1))?)?
-                        .broadcast_add(&b.as_tensor().reshape((1, c, 1, 1))?)?
+                    norm::batch_norm_train_candle_ops(x.as_tensor(), g.as_tensor(), b.as_tensor())?
                 };
                 y.sum_all()?.backward()?;
                 Ok(())
