@@ -7,8 +7,10 @@
 #
 # Idempotent: re-running only installs what is missing or at another version.
 # The venv lives at ${RECOMPOSE_HOME:-~/.cache/recompose}/peers-venv (override with PEERS_VENV).
-# llama-cpp-python is compiled from its sdist for this CPU (GGML_NATIVE=ON); that takes
-# ~10-20 minutes on 2 cores the first time. Set LLAMA_CMAKE_ARGS to change the CMake flags.
+# llama-cpp-python is compiled from its sdist with explicit SIMD flags (AVX2, AVX-512, VNNI) and AMX
+# off: a native build on a Xeon whose flags list AMX, which the VM does not let programs use, dies
+# with SIGILL. That takes ~10-20 minutes on 2 cores the first time. Set LLAMA_CMAKE_ARGS to change
+# the CMake flags.
 set -euo pipefail
 
 RECOMPOSE_HOME="${RECOMPOSE_HOME:-$HOME/.cache/recompose}"
@@ -31,6 +33,7 @@ GGUF_VERSION="0.19.0"
 SENTENCEPIECE_VERSION="0.2.2"
 PROTOBUF_VERSION="7.35.1"
 PSUTIL_VERSION="7.2.2"
+PEFT_VERSION="0.21.2"           # LoRA parity fixture and training benchmark
 LLAMA_CPP_PYTHON_VERSION="0.3.36"
 
 PYTHON="${PYTHON:-python3}"
@@ -53,13 +56,15 @@ PY="$VENV/bin/python"
     "gguf==$GGUF_VERSION" \
     "sentencepiece==$SENTENCEPIECE_VERSION" \
     "protobuf==$PROTOBUF_VERSION" \
-    "psutil==$PSUTIL_VERSION"
+    "psutil==$PSUTIL_VERSION" \
+    "peft==$PEFT_VERSION"
 
-# llama-cpp-python: always from source, native CPU flags, no GPU backends.
+# llama-cpp-python: always from source, explicit CPU flags, no GPU backends.
+SIMD_FLAGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX_VNNI=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
 have_llama="$("$PY" -c 'import importlib.metadata as m; print(m.version("llama_cpp_python"))' 2>/dev/null || true)"
 if [[ "$have_llama" != "$LLAMA_CPP_PYTHON_VERSION" ]]; then
     echo "building llama-cpp-python $LLAMA_CPP_PYTHON_VERSION from source (slow)" >&2
-    CMAKE_ARGS="${LLAMA_CMAKE_ARGS:--DGGML_NATIVE=ON -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF}" \
+    CMAKE_ARGS="${LLAMA_CMAKE_ARGS:-$SIMD_FLAGS -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF}" \
     CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" \
     FORCE_CMAKE=1 \
         "$PY" -m pip install --no-cache-dir --no-binary llama-cpp-python --verbose \
@@ -68,8 +73,8 @@ fi
 
 "$PY" - <<'PYEOF'
 import importlib.metadata as m
-for p in ["numpy", "torch", "transformers", "tokenizers", "huggingface_hub", "safetensors", "accelerate", "gguf", "sentencepiece", "protobuf", "psutil", "llama_cpp_python"]:
+for p in ["numpy", "torch", "transformers", "tokenizers", "huggingface_hub", "safetensors", "accelerate", "gguf", "sentencepiece", "protobuf", "psutil", "peft", "llama_cpp_python"]:
     print(f"{p}=={m.version(p)}")
-import llama_cpp, torch, transformers  # noqa: F401  (import check)
+import llama_cpp, torch, transformers, peft  # noqa: F401  (import check)
 PYEOF
 echo "peers venv ready: $PY" >&2

@@ -48,6 +48,14 @@ pub enum Activation {
     GeluTanh,
 }
 
+/// One layer's sizes: FFN channels, query heads, KV heads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayerDims {
+    pub intermediate: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+}
+
 /// The validated runtime configuration every model is built from.
 #[derive(Debug, Clone)]
 pub struct ModelConfig {
@@ -77,9 +85,36 @@ pub struct ModelConfig {
     pub sliding_window: Option<usize>,
     pub sliding_pattern: usize,
     pub final_logit_softcap: Option<f64>,
+    /// Per-layer sizes of a pruned or elastic sub-network whose layers differ (empty: every
+    /// layer has `intermediate_size`, `num_heads`, `num_kv_heads`, which are then the largest).
+    /// GGUF stores them as per-layer arrays of `feed_forward_length`, `attention.head_count`
+    /// and `attention.head_count_kv`; config.json as lists under the same keys as the scalars.
+    pub layer_dims: Vec<LayerDims>,
 }
 
 impl ModelConfig {
+    /// The sizes of layer `l`.
+    pub fn dims(&self, l: usize) -> LayerDims {
+        self.layer_dims.get(l).copied().unwrap_or(LayerDims {
+            intermediate: self.intermediate_size,
+            heads: self.num_heads,
+            kv_heads: self.num_kv_heads,
+        })
+    }
+
+    /// Sets per-layer sizes (uniform ones are stored as plain scalars); the scalars become the
+    /// largest values.
+    pub fn with_layer_dims(mut self, dims: Vec<LayerDims>) -> Result<Self> {
+        if dims.len() != self.num_layers {
+            return Err(Error::InvalidConfig(format!("{} layer sizes for {} layers", dims.len(), self.num_layers)));
+        }
+        self.intermediate_size = dims.iter().map(|d| d.intermediate).max().unwrap_or(0);
+        self.num_heads = dims.iter().map(|d| d.heads).max().unwrap_or(0);
+        self.num_kv_heads = dims.iter().map(|d| d.kv_heads).max().unwrap_or(0);
+        self.layer_dims = if dims.iter().all(|d| *d == dims[0]) { vec![] } else { dims };
+        self.validate()
+    }
+
     pub fn is_sliding(&self, layer: usize) -> bool {
         self.sliding_window.is_some() && self.sliding_pattern > 0 && (layer + 1) % self.sliding_pattern != 0
     }
@@ -108,6 +143,19 @@ impl ModelConfig {
         if self.max_position == 0 {
             return bad("context length must be positive".into());
         }
+        if !self.layer_dims.is_empty() {
+            if self.layer_dims.len() != self.num_layers {
+                return bad(format!("{} per-layer sizes for {} layers", self.layer_dims.len(), self.num_layers));
+            }
+            for (l, d) in self.layer_dims.iter().enumerate() {
+                if d.intermediate == 0 || d.heads == 0 || d.kv_heads == 0 || d.heads % d.kv_heads != 0 {
+                    return bad(format!(
+                        "layer {l}: {} FFN channels, {} heads, {} KV heads (all positive, heads a multiple of KV heads)",
+                        d.intermediate, d.heads, d.kv_heads
+                    ));
+                }
+            }
+        }
         Ok(self)
     }
 
@@ -130,9 +178,33 @@ impl ModelConfig {
         };
         let opt_f = |k: &str| g.get(&format!("{p}.{k}")).and_then(Value::as_f64);
         let opt_u = |k: &str| g.get(&format!("{p}.{k}")).and_then(Value::as_u64);
+        // A size that is either one number or one per layer (llama.cpp's convention for pruned
+        // models): (largest, per-layer list if an array).
+        let sizes = |k: &str| -> Result<Option<(usize, Option<Vec<usize>>)>> {
+            let key = format!("{p}.{k}");
+            let Some(v) = g.get(&key) else { return Ok(None) };
+            if let Some(n) = v.as_u64() {
+                return Ok(Some((n as usize, None)));
+            }
+            let bad = || Error::BadKey {
+                path: path.into(),
+                key: key.clone(),
+                what: "expected an unsigned integer or one per layer".into(),
+            };
+            let list: Vec<usize> = v
+                .as_array()
+                .ok_or_else(bad)?
+                .iter()
+                .map(|x| x.as_u64().map(|n| n as usize).ok_or_else(bad))
+                .collect::<Result<_>>()?;
+            Ok(Some((list.iter().copied().max().unwrap_or(0), Some(list))))
+        };
         let hidden = req("embedding_length")? as usize;
-        let heads = req("attention.head_count")? as usize;
-        let kv_heads = opt_u("attention.head_count_kv").unwrap_or(heads as u64) as usize;
+        let (heads, heads_list) = sizes("attention.head_count")?
+            .ok_or_else(|| Error::MissingKey { path: path.into(), key: format!("{p}.attention.head_count") })?;
+        let (kv_heads, kv_list) = sizes("attention.head_count_kv")?.unwrap_or((heads, heads_list.clone()));
+        let (ffn, ffn_list) = sizes("feed_forward_length")?
+            .ok_or_else(|| Error::MissingKey { path: path.into(), key: format!("{p}.feed_forward_length") })?;
         let head_dim = opt_u("attention.key_length")
             .or_else(|| opt_u("rope.dimension_count"))
             .map(|v| v as usize)
@@ -153,7 +225,7 @@ impl ModelConfig {
             arch,
             vocab_size: vocab,
             hidden_size: hidden,
-            intermediate_size: req("feed_forward_length")? as usize,
+            intermediate_size: ffn,
             num_layers: req("block_count")? as usize,
             num_heads: heads,
             num_kv_heads: kv_heads,
@@ -171,8 +243,15 @@ impl ModelConfig {
             sliding_window: if is_gemma { opt_u("attention.sliding_window").map(|v| v as usize) } else { None },
             sliding_pattern: if is_gemma { 6 } else { 0 },
             final_logit_softcap: opt_f("final_logit_softcapping"),
+            layer_dims: vec![],
         };
-        cfg.validate()
+        let cfg = cfg.validate()?;
+        if ffn_list.is_none() && heads_list.is_none() && kv_list.is_none() {
+            return Ok(cfg);
+        }
+        let dims = per_layer_dims(cfg.num_layers, (ffn, ffn_list), (heads, heads_list), (kv_heads, kv_list))
+            .map_err(|what| Error::BadKey { path: path.into(), key: format!("{p}.feed_forward_length"), what })?;
+        cfg.with_layer_dims(dims)
     }
 
     /// Reads an HF `config.json` text.
@@ -199,10 +278,10 @@ pub struct HfConfig {
     pub architectures: Vec<String>,
     pub vocab_size: usize,
     pub hidden_size: usize,
-    pub intermediate_size: usize,
+    pub intermediate_size: Sizes,
     pub num_hidden_layers: usize,
-    pub num_attention_heads: usize,
-    pub num_key_value_heads: Option<usize>,
+    pub num_attention_heads: Sizes,
+    pub num_key_value_heads: Option<Sizes>,
     pub head_dim: Option<usize>,
     pub rms_norm_eps: Option<f64>,
     pub rope_theta: Option<f64>,
@@ -222,6 +301,43 @@ pub struct HfConfig {
     pub text_config: Option<serde_json::Value>,
 }
 
+/// A size given once, or once per layer (pruned sub-networks).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Sizes {
+    One(usize),
+    PerLayer(Vec<usize>),
+}
+
+impl Sizes {
+    fn split(&self) -> (usize, Option<Vec<usize>>) {
+        match self {
+            Sizes::One(n) => (*n, None),
+            Sizes::PerLayer(v) => (v.iter().copied().max().unwrap_or(0), Some(v.clone())),
+        }
+    }
+}
+
+/// Per-layer sizes from (largest, optional list) pairs; a list must have one entry per layer.
+fn per_layer_dims(
+    layers: usize,
+    ffn: (usize, Option<Vec<usize>>),
+    heads: (usize, Option<Vec<usize>>),
+    kv: (usize, Option<Vec<usize>>),
+) -> std::result::Result<Vec<LayerDims>, String> {
+    for (what, list) in [("FFN sizes", &ffn.1), ("head counts", &heads.1), ("KV head counts", &kv.1)] {
+        if let Some(l) = list {
+            if l.len() != layers {
+                return Err(format!("{} {what} for {layers} layers", l.len()));
+            }
+        }
+    }
+    let at = |p: &(usize, Option<Vec<usize>>), l: usize| p.1.as_ref().map_or(p.0, |v| v[l]);
+    Ok((0..layers)
+        .map(|l| LayerDims { intermediate: at(&ffn, l), heads: at(&heads, l), kv_heads: at(&kv, l) })
+        .collect())
+}
+
 impl HfConfig {
     fn into_config(self) -> Result<ModelConfig> {
         let arch_name =
@@ -238,7 +354,12 @@ impl HfConfig {
         let rope_theta_local = self.rope_local_base_freq.or_else(|| theta_of(rp_local)).unwrap_or(10_000.0);
         let scaling = self.rope_scaling.as_ref().or(rp_global);
         let rope_scaling = parse_hf_rope_scaling(scaling)?;
-        let head_dim = self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1));
+        let (ffn, heads, kv) = (
+            self.intermediate_size.split(),
+            self.num_attention_heads.split(),
+            self.num_key_value_heads.as_ref().unwrap_or(&self.num_attention_heads).split(),
+        );
+        let head_dim = self.head_dim.unwrap_or(self.hidden_size / heads.0.max(1));
         let act = self.hidden_activation.as_deref().or(self.hidden_act.as_deref()).unwrap_or("silu");
         let activation = match act {
             "silu" | "swish" => Activation::Silu,
@@ -259,14 +380,14 @@ impl HfConfig {
                 }
             }
         };
-        ModelConfig {
+        let cfg = ModelConfig {
             arch,
             vocab_size: self.vocab_size,
             hidden_size: self.hidden_size,
-            intermediate_size: self.intermediate_size,
+            intermediate_size: ffn.0,
             num_layers: self.num_hidden_layers,
-            num_heads: self.num_attention_heads,
-            num_kv_heads: self.num_key_value_heads.unwrap_or(self.num_attention_heads),
+            num_heads: heads.0,
+            num_kv_heads: kv.0,
             head_dim,
             rms_eps: self.rms_norm_eps.unwrap_or(if is_gemma { 1e-6 } else { 1e-5 }),
             rope_theta,
@@ -281,8 +402,16 @@ impl HfConfig {
             sliding_window: if is_gemma { self.sliding_window } else { None },
             sliding_pattern,
             final_logit_softcap: self.final_logit_softcapping,
+            layer_dims: vec![],
         }
-        .validate()
+        .validate()?;
+        if ffn.1.is_none() && heads.1.is_none() && kv.1.is_none() {
+            return Ok(cfg);
+        }
+        let layers = cfg.num_layers;
+        cfg.with_layer_dims(
+            per_layer_dims(layers, ffn, heads, kv).map_err(|e| Error::InvalidConfig(format!("config.json: {e}")))?,
+        )
     }
 }
 

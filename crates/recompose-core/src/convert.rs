@@ -49,14 +49,17 @@ pub fn permute_qk(w: &Tensor, heads: usize, to_gguf: bool) -> Result<Tensor> {
     Ok(t.transpose(1, 2)?.contiguous()?.reshape((out, inp))?)
 }
 
-fn qk_heads(cfg: &ModelConfig, hf: &str) -> Option<usize> {
+/// Rotary heads of a Llama Q or K weight (per layer: pruned models may differ), else None.
+pub fn qk_heads(cfg: &ModelConfig, hf: &str) -> Option<usize> {
     if cfg.arch != Arch::Llama {
         return None;
     }
-    if hf.ends_with("self_attn.q_proj.weight") {
-        Some(cfg.num_heads)
-    } else if hf.ends_with("self_attn.k_proj.weight") {
-        Some(cfg.num_kv_heads)
+    let layer = hf.strip_prefix("model.layers.")?.split('.').next()?.parse::<usize>().ok()?;
+    let d = cfg.dims(layer);
+    if hf.ends_with("self_attn.q_proj.weight") || hf.ends_with("self_attn.q_proj.lora_B.weight") {
+        Some(d.heads)
+    } else if hf.ends_with("self_attn.k_proj.weight") || hf.ends_with("self_attn.k_proj.lora_B.weight") {
+        Some(d.kv_heads)
     } else {
         None
     }
@@ -189,13 +192,21 @@ pub fn hf_config_json(c: &ModelConfig, tok: &crate::Tokenizer, dt: DType) -> Str
         DType::BF16 => "bfloat16",
         _ => "float32",
     };
+    // Per-layer sizes (pruned sub-networks) as lists under the scalar keys.
+    let per_layer = |f: fn(&crate::config::LayerDims) -> usize, uniform: usize| -> serde_json::Value {
+        if c.layer_dims.is_empty() {
+            uniform.into()
+        } else {
+            c.layer_dims.iter().map(f).collect::<Vec<_>>().into()
+        }
+    };
     let mut v = serde_json::json!({
         "vocab_size": c.vocab_size,
         "hidden_size": c.hidden_size,
-        "intermediate_size": c.intermediate_size,
+        "intermediate_size": per_layer(|d| d.intermediate, c.intermediate_size),
         "num_hidden_layers": c.num_layers,
-        "num_attention_heads": c.num_heads,
-        "num_key_value_heads": c.num_kv_heads,
+        "num_attention_heads": per_layer(|d| d.heads, c.num_heads),
+        "num_key_value_heads": per_layer(|d| d.kv_heads, c.num_kv_heads),
         "head_dim": c.head_dim,
         "rms_norm_eps": c.rms_eps,
         "rope_theta": c.rope_theta,
@@ -294,14 +305,22 @@ fn to_gguf_file(file: &ModelFile, out: &Path, dtype: OutDType, progress: &mut dy
 pub fn gguf_metadata(c: &ModelConfig, tok: &crate::Tokenizer) -> Result<Vec<(String, Value)>> {
     let a = c.arch.gguf_name();
     let k = |s: &str| format!("{a}.{s}");
+    // Per-layer sizes (pruned sub-networks) as arrays, llama.cpp's convention.
+    let per_layer = |f: fn(&crate::config::LayerDims) -> usize, uniform: usize| -> Value {
+        if c.layer_dims.is_empty() {
+            Value::U32(uniform as u32)
+        } else {
+            Value::Array(c.layer_dims.iter().map(|d| Value::U32(f(d) as u32)).collect())
+        }
+    };
     let mut m: Vec<(String, Value)> = vec![
         ("general.architecture".into(), Value::String(a.into())),
         (k("context_length"), Value::U32(c.max_position as u32)),
         (k("embedding_length"), Value::U32(c.hidden_size as u32)),
         (k("block_count"), Value::U32(c.num_layers as u32)),
-        (k("feed_forward_length"), Value::U32(c.intermediate_size as u32)),
-        (k("attention.head_count"), Value::U32(c.num_heads as u32)),
-        (k("attention.head_count_kv"), Value::U32(c.num_kv_heads as u32)),
+        (k("feed_forward_length"), per_layer(|d| d.intermediate, c.intermediate_size)),
+        (k("attention.head_count"), per_layer(|d| d.heads, c.num_heads)),
+        (k("attention.head_count_kv"), per_layer(|d| d.kv_heads, c.num_kv_heads)),
         (k("attention.key_length"), Value::U32(c.head_dim as u32)),
         (k("attention.value_length"), Value::U32(c.head_dim as u32)),
         (k("rope.dimension_count"), Value::U32(c.head_dim as u32)),

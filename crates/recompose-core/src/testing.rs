@@ -133,3 +133,48 @@ pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> Result<()> {
     }
     write_gguf(path, &meta, &ts)
 }
+
+/// Copies a GGUF model cut to per-layer prefixes: layer `l` keeps its first `dims[l].0` KV heads
+/// (with their query-head groups) and its first `dims[l].1` FFN channels; the sizes go into the
+/// metadata as per-layer arrays. The reference for elastic (prefix) execution.
+pub fn write_prefix_gguf(file: &crate::weights::ModelFile, out: &Path, dims: &[(usize, usize)]) -> Result<()> {
+    let crate::weights::Source::Gguf(g) = &file.source else {
+        return Err(crate::Error::Unsupported("write_prefix_gguf takes a GGUF model".into()));
+    };
+    let c = &file.config;
+    let group = c.num_heads / c.num_kv_heads;
+    let hd = c.head_dim;
+    let a = c.arch.gguf_name();
+    let mut meta: Vec<(String, Value)> = g.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let arr = |f: &dyn Fn(usize) -> usize| Value::Array((0..c.num_layers).map(|l| Value::U32(f(l) as u32)).collect());
+    for (k, v) in [
+        ("feed_forward_length", arr(&|l| dims[l].1)),
+        ("attention.head_count", arr(&|l| dims[l].0 * group)),
+        ("attention.head_count_kv", arr(&|l| dims[l].0)),
+    ] {
+        let key = format!("{a}.{k}");
+        meta.retain(|(m, _)| *m != key);
+        meta.push((key, v));
+    }
+    let mut ts = vec![];
+    for info in g.tensors() {
+        let mut t = g.dequantize(&info.name)?;
+        if let Some(rest) = info.name.strip_prefix("blk.") {
+            let (l, what) = rest.split_once('.').unwrap_or((rest, ""));
+            let l: usize = l.parse().map_err(|_| crate::Error::Unsupported(format!("tensor {}", info.name)))?;
+            let (kv, ffn) = dims[l];
+            t = match what {
+                "attn_q.weight" => t.narrow(0, 0, kv * group * hd)?,
+                "attn_k.weight" | "attn_v.weight" => t.narrow(0, 0, kv * hd)?,
+                "attn_output.weight" => t.narrow(1, 0, kv * group * hd)?,
+                "ffn_gate.weight" | "ffn_up.weight" => t.narrow(0, 0, ffn)?,
+                "ffn_down.weight" => t.narrow(1, 0, ffn)?,
+                _ => t,
+            };
+        }
+        // A fresh tensor: quantize reads the storage from its start, ignoring a narrow's offset.
+        let t = Tensor::from_vec(t.flatten_all()?.to_vec1::<f32>()?, t.dims(), &Device::Cpu)?;
+        ts.push((info.name.clone(), QTensor::quantize(&t, GgmlDType::F32)?));
+    }
+    write_gguf(out, &meta, &ts)
+}

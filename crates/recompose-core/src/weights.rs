@@ -275,10 +275,12 @@ impl ModelFile {
 /// Checks every block tensor's shape against the config up front, so a file that lies fails at
 /// open with the tensor named, not deep inside a forward pass.
 fn check_gguf_shapes(g: &GgufFile, c: &ModelConfig) -> Result<()> {
-    let (h, i, q, kv) = (c.hidden_size, c.intermediate_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+    let h = c.hidden_size;
     let mut expect: Vec<(String, Vec<usize>)> =
         vec![("token_embd.weight".into(), vec![c.vocab_size, h]), ("output_norm.weight".into(), vec![h])];
     for l in 0..c.num_layers {
+        let d = c.dims(l);
+        let (i, q, kv) = (d.intermediate, d.heads * c.head_dim, d.kv_heads * c.head_dim);
         let b = |s: &str| format!("blk.{l}.{s}");
         expect.extend([
             (b("attn_norm.weight"), vec![h]),

@@ -5,7 +5,7 @@
 //! and, once the prompt is in, nothing grows.
 
 use crate::spec::{Aggregate, Prefill, RowBudget};
-use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Tensor};
+use candle_core::{CpuStorage, DType, InplaceOp1, Layout, Tensor};
 use recompose_llm::kv::{CacheLayout, KvCache, KvView, Step, MASKED};
 use recompose_llm::{Error, Result};
 
@@ -111,7 +111,7 @@ impl BoundedCache {
         let (b, h) = (self.batch, self.layout.kv_heads);
         for slots in self.layers.iter_mut().flatten() {
             let move_to = |t: &Tensor| -> Result<Tensor> {
-                let z = Tensor::zeros((b, h, new_cap, d), DType::F32, &Device::Cpu)?;
+                let z = Tensor::zeros((b, h, new_cap, d), DType::F32, &self.layout.device)?;
                 if keep > 0 {
                     z.slice_set(&t.narrow(2, 0, keep)?.contiguous()?, 2, 0)?;
                 }
@@ -139,8 +139,8 @@ impl BoundedCache {
             _ => 0,
         };
         Ok(LayerSlots {
-            k: Tensor::zeros((b, h, self.cap, d), DType::F32, &Device::Cpu)?,
-            v: Tensor::zeros((b, h, self.cap, d), DType::F32, &Device::Cpu)?,
+            k: Tensor::zeros((b, h, self.cap, d), DType::F32, &self.layout.device)?,
+            v: Tensor::zeros((b, h, self.cap, d), DType::F32, &self.layout.device)?,
             pos: vec![-1; self.rows() * self.cap],
             score: vec![0.0; self.rows() * self.cap],
             sink_keys: vec![0.0; b * h * sinks * d],
@@ -181,7 +181,7 @@ impl BoundedCache {
                 }
             }
         }
-        Ok(if needed { Some(Tensor::from_vec(m, (self.batch, heads, t, l), &Device::Cpu)?) } else { None })
+        Ok(if needed { Some(Tensor::from_vec(m, (self.batch, heads, t, l), &self.layout.device)?) } else { None })
     }
 
     /// Keeps each (layer, row, head)'s budget and compacts survivors into `[0, max_keep)`.
@@ -277,7 +277,7 @@ impl BoundedCache {
             return Ok(());
         }
         let (b, d) = (self.batch, self.layout.head_dim);
-        let keys = Tensor::from_vec(slots.sink_keys.clone(), (b, heads, sinks, d), &Device::Cpu)?;
+        let keys = Tensor::from_vec(slots.sink_keys.clone(), (b, heads, sinks, d), &self.layout.device)?;
         let at: Vec<usize> = shift.iter().flat_map(|&s| std::iter::repeat_n(s, sinks)).collect();
         let moved: Vec<f32> = self.layout.ropes[li].apply_at(&keys, &at)?.flatten_all()?.to_vec1()?;
         // Sink j sits wherever position j is held (a short first prompt puts it past slot j).

@@ -332,13 +332,7 @@ impl KvSpec {
     pub fn build(&self, layout: &CacheLayout, prompt_lens: &[usize]) -> Box<dyn KvCache> {
         match BoundedCache::from_spec(layout, self, prompt_lens) {
             Some(c) => Box::new(c),
-            None => Box::new(FullCache::new(
-                layout.num_layers,
-                prompt_lens.len(),
-                layout.kv_heads,
-                layout.head_dim,
-                layout.max_len,
-            )),
+            None => Box::new(FullCache::new(layout.num_layers, prompt_lens.len(), layout.max_len).on(&layout.device)),
         }
     }
 }

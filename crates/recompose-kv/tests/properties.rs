@@ -24,6 +24,7 @@ fn layout(layers: usize, kv_heads: usize, group: usize, window: Option<usize>) -
         // The last layer slides when a window is given, like Gemma's local layers.
         windows: (0..layers).map(|l| if l + 1 == layers { window } else { None }).collect(),
         ropes: vec![rope; layers],
+        device: candle_core::Device::Cpu,
     }
 }
 

@@ -10,6 +10,9 @@ pub enum Error {
     ContextOverflow { tokens: usize, context: usize },
     #[error("{0}")]
     InvalidInput(String),
+    /// A gradient was asked of something that has none (a quantised weight).
+    #[error("{0}")]
+    NoGradient(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

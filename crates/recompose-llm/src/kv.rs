@@ -22,6 +22,8 @@ pub struct CacheLayout {
     pub windows: Vec<Option<usize>>,
     /// Per layer: the rotary embedding its keys were rotated with (for re-positioning keys).
     pub ropes: Vec<Arc<Rope>>,
+    /// Where keys and values live.
+    pub device: Device,
 }
 
 /// One forward step over a batch: each row's new tokens start at `start[b]` (its position) and
@@ -109,8 +111,6 @@ pub const MASKED: f32 = -1e30;
 pub struct FullCache {
     num_layers: usize,
     batch: usize,
-    kv_heads: usize,
-    head_dim: usize,
     max_len: usize,
     cap: usize,
     layers: Vec<Option<(Tensor, Tensor)>>,
@@ -121,15 +121,14 @@ pub struct FullCache {
     step: Option<Step>,
     mask_global: Option<Tensor>,
     mask_window: Option<(usize, Option<Tensor>)>,
+    device: Device,
 }
 
 impl FullCache {
-    pub fn new(num_layers: usize, batch: usize, kv_heads: usize, head_dim: usize, max_len: usize) -> Self {
+    pub fn new(num_layers: usize, batch: usize, max_len: usize) -> Self {
         Self {
             num_layers,
             batch,
-            kv_heads,
-            head_dim,
             max_len,
             cap: 0,
             layers: (0..num_layers).map(|_| None).collect(),
@@ -139,7 +138,14 @@ impl FullCache {
             step: None,
             mask_global: None,
             mask_window: None,
+            device: Device::Cpu,
         }
+    }
+
+    /// Keeps keys and values (and builds masks) on `device`.
+    pub fn on(mut self, device: &Device) -> Self {
+        self.device = device.clone();
+        self
     }
 
     fn grow(&mut self, need: usize) -> Result<()> {
@@ -150,8 +156,8 @@ impl FullCache {
         for l in self.layers.iter_mut() {
             if let Some((k, v)) = l.take() {
                 let grow = |t: &Tensor| -> Result<Tensor> {
-                    let z =
-                        Tensor::zeros((self.batch, self.kv_heads, new_cap, self.head_dim), DType::F32, &Device::Cpu)?;
+                    let (b, h, _, d) = t.dims4()?;
+                    let z = Tensor::zeros((b, h, new_cap, d), t.dtype(), t.device())?;
                     z.slice_set(&t.narrow(2, 0, self.cursor)?.contiguous()?, 2, 0)?;
                     Ok(z)
                 };
@@ -184,7 +190,7 @@ impl FullCache {
         if !needed {
             return Ok(None);
         }
-        Ok(Some(Tensor::from_vec(m, (step.batch(), 1, step.t, l), &Device::Cpu)?))
+        Ok(Some(Tensor::from_vec(m, (step.batch(), 1, step.t, l), &self.device)?))
     }
 }
 
@@ -214,10 +220,12 @@ impl KvCache for FullCache {
         let cap = self.cap;
         let entry =
             self.layers.get_mut(layer).ok_or_else(|| Error::InvalidInput(format!("layer {layer} out of range")))?;
+        // Sized from the layer's own keys: pruned models may have fewer KV heads in some layers.
         let (ck, cv) = match entry {
             Some(kv) => &*kv,
             None => {
-                let z = || Tensor::zeros((self.batch, self.kv_heads, cap, self.head_dim), DType::F32, &Device::Cpu);
+                let (b, h, _, d) = k.dims4()?;
+                let z = || Tensor::zeros((b, h, cap, d), k.dtype(), k.device());
                 &*entry.insert((z()?, z()?))
             }
         };
@@ -253,10 +261,96 @@ impl KvCache for FullCache {
         self.batch
     }
     fn resident_bytes(&self) -> usize {
-        let per_layer = 2 * self.batch * self.kv_heads * self.cap * self.head_dim * 4;
-        per_layer * self.layers.iter().filter(|l| l.is_some()).count()
+        self.layers.iter().flatten().map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes()).sum()
     }
     fn describe(&self) -> String {
         format!("full ({} layers, {} slots used)", self.num_layers, self.cursor)
+    }
+}
+
+/// Attention within the step only: each query sees the step's own keys up to its position (and
+/// inside its layer's window). Nothing is kept between steps, and keys and values stay in the
+/// autograd graph (no copy into storage), so gradients flow through attention: training, and the
+/// scoring of whole sequences whose tokens all arrive at once.
+pub struct StepCache {
+    batch: usize,
+    step: Option<Step>,
+    masks: Vec<(Option<usize>, Option<Tensor>)>,
+    dtype: DType,
+    device: Device,
+}
+
+impl StepCache {
+    pub fn new(batch: usize, dtype: DType, device: &Device) -> Self {
+        Self { batch, step: None, masks: vec![], dtype, device: device.clone() }
+    }
+
+    fn mask(&self, step: &Step, window: Option<usize>) -> Result<Option<Tensor>> {
+        let t = step.t;
+        if t <= 1 {
+            return Ok(None);
+        }
+        let mut m = vec![0f32; step.batch() * t * t];
+        for b in 0..step.batch() {
+            for i in 0..t {
+                for j in 0..t {
+                    let visible = j <= i && window.is_none_or(|w| i - j < w) && (j < step.lens[b] || j == 0);
+                    if !visible {
+                        m[(b * t + i) * t + j] = MASKED;
+                    }
+                }
+            }
+        }
+        Ok(Some(Tensor::from_vec(m, (step.batch(), 1, t, t), &self.device)?.to_dtype(self.dtype)?))
+    }
+}
+
+impl KvCache for StepCache {
+    fn begin_step(&mut self, step: &Step) -> Result<()> {
+        if step.batch() != self.batch || step.start.len() != self.batch {
+            return Err(Error::InvalidInput(format!("step has {} rows, cache has {}", step.batch(), self.batch)));
+        }
+        if let Some(b) = (0..self.batch).find(|&b| step.lens[b] > step.t) {
+            return Err(Error::InvalidInput(format!(
+                "row {b} has {} tokens in a {}-column step",
+                step.lens[b], step.t
+            )));
+        }
+        self.step = Some(step.clone());
+        self.masks.clear();
+        Ok(())
+    }
+
+    fn update(&mut self, _layer: usize, k: &Tensor, v: &Tensor, window: Option<usize>) -> Result<KvView> {
+        let Some(step) = self.step.clone() else {
+            return Err(Error::InvalidInput("update outside a step".into()));
+        };
+        let mask = match self.masks.iter().find(|(w, _)| *w == window) {
+            Some((_, m)) => m.clone(),
+            None => {
+                let m = self.mask(&step, window)?;
+                self.masks.push((window, m.clone()));
+                m
+            }
+        };
+        Ok(KvView { k: k.clone(), v: v.clone(), mask })
+    }
+
+    fn end_step(&mut self) -> Result<()> {
+        self.step = None;
+        Ok(())
+    }
+
+    fn seq_len(&self, _b: usize) -> usize {
+        0
+    }
+    fn batch_size(&self) -> usize {
+        self.batch
+    }
+    fn resident_bytes(&self) -> usize {
+        0
+    }
+    fn describe(&self) -> String {
+        "step (attention within the step, nothing kept)".into()
     }
 }

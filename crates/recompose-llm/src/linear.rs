@@ -1,29 +1,112 @@
-//! Linear layers over two weight forms: dense f32 (the exact reference path, and any GGML type
-//! our kernels do not take) and packed 4/8-bit blocks (the fast path, `kernels::quant`), plus the
-//! lossless rewrites that bring Q5_0 and Q4_K weights onto the packed kernels.
-//! Input `(..., in)`, output `(..., out)`.
+//! Linear layers over two weight forms: dense (the exact reference path, trainable, and any GGML
+//! type our kernels do not take) and packed 4/8-bit blocks (the fast path, `kernels::quant`),
+//! optionally with a LoRA branch; plus the lossless rewrites that bring Q5_0 and Q4_K weights onto
+//! the packed kernels. Input `(..., in)`, output `(..., out)`.
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::kernels::quant::{self, PackedWeight};
+use crate::lora::LoraBranch;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use std::sync::Arc;
 
-pub enum Linear {
+pub enum Weight {
+    /// f32 (or f64 in tests); a candle `Var` when trainable.
     Dense(Tensor),
     Packed(Arc<PackedWeight>),
 }
 
+pub struct Linear {
+    /// The HF tensor name of the weight, for errors.
+    pub name: String,
+    pub weight: Weight,
+    pub lora: Option<LoraBranch>,
+}
+
 impl Linear {
+    pub fn dense(name: impl Into<String>, w: Tensor) -> Self {
+        Self { name: name.into(), weight: Weight::Dense(w), lora: None }
+    }
+
+    pub fn packed(name: impl Into<String>, w: Arc<PackedWeight>) -> Self {
+        Self { name: name.into(), weight: Weight::Packed(w), lora: None }
+    }
+
+    /// (out, in).
+    pub fn dims(&self) -> (usize, usize) {
+        match &self.weight {
+            Weight::Dense(w) => {
+                let d = w.dims();
+                (d[0], d.get(1).copied().unwrap_or(0))
+            }
+            Weight::Packed(p) => (p.rows(), p.cols()),
+        }
+    }
+
+    /// The dense weight, if this layer has one.
+    pub fn dense_weight(&self) -> Option<&Tensor> {
+        match &self.weight {
+            Weight::Dense(w) => Some(w),
+            Weight::Packed(_) => None,
+        }
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_t(x, None)
+    }
+
+    /// With `dropout_seed`, the LoRA branch drops its input (training).
+    pub fn forward_t(&self, x: &Tensor, dropout_seed: Option<u64>) -> Result<Tensor> {
+        self.forward_prefix(x, None, None, dropout_seed)
+    }
+
+    /// The layer restricted to its first `rows` outputs and/or first `cols` inputs (elastic
+    /// sub-networks: a prefix of heads or channels); `x` then has `cols` features.
+    pub fn forward_prefix(
+        &self,
+        x: &Tensor,
+        rows: Option<usize>,
+        cols: Option<usize>,
+        dropout_seed: Option<u64>,
+    ) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let (&k, lead) = dims.split_last().ok_or_else(|| candle_core::Error::Msg("linear on a scalar".into()))?;
         let n: usize = lead.iter().product();
         let x2 = x.reshape((n, k))?;
-        let y = match self {
-            Linear::Dense(w) => x2.matmul(&w.t()?)?,
-            Linear::Packed(w) => x2.contiguous()?.apply_op1_no_bwd(&PackedMatmul(w.clone()))?,
+        let (out_full, in_full) = self.dims();
+        let (out, inp) = (rows.unwrap_or(out_full), cols.unwrap_or(in_full));
+        if k != inp || out > out_full || inp > in_full {
+            return Err(Error::InvalidInput(format!(
+                "{}: input of width {k} for a {out_full}x{in_full} weight used as {out}x{inp}",
+                self.name
+            )));
+        }
+        let mut y = match &self.weight {
+            Weight::Dense(w) => {
+                let w = if out < out_full { w.narrow(0, 0, out)? } else { w.clone() };
+                let w = if inp < in_full { w.narrow(1, 0, inp)? } else { w };
+                crate::grad::frozen_linear(&x2, &w)?
+            }
+            Weight::Packed(w) => {
+                if x2.track_op() {
+                    return Err(Error::NoGradient(format!(
+                        "{} is a quantised weight: gradients need the f32 weights (load with WeightMode::F32)",
+                        self.name
+                    )));
+                }
+                // A prefix of a packed weight runs the whole weight: inputs padded with zeros,
+                // outputs narrowed (exact; the saving needs tiles cut to the prefix).
+                let xin = if inp < in_full { x2.pad_with_zeros(1, 0, in_full - inp)? } else { x2.clone() };
+                let y = xin.contiguous()?.apply_op1_no_bwd(&PackedMatmul(w.clone()))?;
+                if out < out_full {
+                    y.narrow(1, 0, out)?
+                } else {
+                    y
+                }
+            }
         };
-        let out = y.dim(1)?;
+        if let Some(l) = &self.lora {
+            y = (y + l.forward(&x2, out, inp, dropout_seed)?)?;
+        }
         let mut shape = lead.to_vec();
         shape.push(out);
         Ok(y.reshape(shape)?)

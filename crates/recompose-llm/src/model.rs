@@ -4,13 +4,14 @@
 //! `KvCache`, the MLP is an `Ffn`. Owns no sampling and no cache policy.
 
 use crate::error::{Error, Result};
-use crate::ffn::{DenseFfn, Ffn};
+use crate::ffn::{DenseFfn, Ffn, FfnContext};
+use crate::grad;
 use crate::kernels::quant::PackedWeight;
 use crate::kv::{CacheLayout, FullCache, KvCache, KvView, Step};
 use crate::linear::Linear;
 use crate::rope::Rope;
 use candle_core::quantized::GgmlDType;
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 use recompose_core::config::{Arch, ModelConfig};
 use recompose_core::weights::ModelFile;
 use std::sync::Arc;
@@ -25,8 +26,50 @@ pub enum WeightMode {
     /// Quantised blocks as stored (fast path); f32 for unquantised files.
     #[default]
     Quantized,
-    /// Everything dequantised to f32 (the exact reference path).
+    /// Everything dequantised to f32 (the exact reference path, and the trainable one).
     F32,
+}
+
+/// Which weights load as trainable candle `Var`s (the rest stay frozen tensors).
+#[derive(Default)]
+pub enum Trainable {
+    #[default]
+    None,
+    All,
+    /// Those whose HF name the predicate accepts.
+    Matching(Box<dyn Fn(&str) -> bool + Send + Sync>),
+}
+
+impl Trainable {
+    fn includes(&self, name: &str) -> bool {
+        match self {
+            Trainable::None => false,
+            Trainable::All => true,
+            Trainable::Matching(f) => f(name),
+        }
+    }
+}
+
+/// How a model is loaded: weight form, device, float type, what is trainable. One loading path
+/// serves inference and training, as candle's `VarBuilder` does.
+pub struct LoadOptions {
+    pub mode: WeightMode,
+    pub device: Device,
+    /// F32, or F64 (finite-difference tests); the quantised path is f32 only.
+    pub dtype: DType,
+    pub trainable: Trainable,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self { mode: WeightMode::Quantized, device: Device::Cpu, dtype: DType::F32, trainable: Trainable::None }
+    }
+}
+
+impl LoadOptions {
+    pub fn new(mode: WeightMode) -> Self {
+        Self { mode, ..Default::default() }
+    }
 }
 
 enum Embedding {
@@ -34,18 +77,20 @@ enum Embedding {
     Packed(Arc<PackedWeight>),
 }
 
-struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
+pub(crate) struct Attention {
+    pub(crate) q: Linear,
+    pub(crate) k: Linear,
+    pub(crate) v: Linear,
+    pub(crate) o: Linear,
     q_norm: Option<Tensor>,
     k_norm: Option<Tensor>,
+    heads: usize,
+    kv_heads: usize,
 }
 
 pub struct Block {
     attn_norm: Tensor,
-    attn: Attention,
+    pub(crate) attn: Attention,
     post_attn_norm: Option<Tensor>,
     ffn_norm: Tensor,
     post_ffn_norm: Option<Tensor>,
@@ -63,113 +108,216 @@ pub enum Logits {
     From(usize),
 }
 
+/// Decisions made before the backbone runs, handed to the layers' seams. The default runs the
+/// whole dense model.
+#[derive(Debug, Clone, Default)]
+pub struct Plan {
+    /// The expert of every token (`B x T`, row-major) per layer, or one list for all layers.
+    pub routes: Option<Vec<Vec<u32>>>,
+    /// Per layer, per sequence: the active FFN channels (a prefix).
+    pub ffn_widths: Option<Vec<Vec<usize>>>,
+    /// Per layer: the active KV heads (a prefix, with their query-head groups).
+    pub kv_heads: Option<Vec<usize>>,
+    /// Set while training: the seed of this step's dropout masks.
+    pub dropout_seed: Option<u64>,
+}
+
+impl Plan {
+    fn route(&self, layer: usize) -> Option<&[u32]> {
+        let r = self.routes.as_ref()?;
+        r.get(if r.len() == 1 { 0 } else { layer }).map(Vec::as_slice)
+    }
+
+    fn check(&self, c: &ModelConfig, batch: usize, t: usize) -> Result<()> {
+        let bad = |m: String| Err(Error::InvalidInput(m));
+        if let Some(r) = &self.routes {
+            if r.len() != 1 && r.len() != c.num_layers {
+                return bad(format!("routes for {} layers, the model has {}", r.len(), c.num_layers));
+            }
+            if let Some(l) = r.iter().find(|l| l.len() != batch * t) {
+                return bad(format!("{} routes for a {batch} x {t} step", l.len()));
+            }
+        }
+        if let Some(w) = &self.ffn_widths {
+            if w.len() != c.num_layers {
+                return bad(format!("FFN widths for {} layers, the model has {}", w.len(), c.num_layers));
+            }
+        }
+        if let Some(h) = &self.kv_heads {
+            if h.len() != c.num_layers {
+                return bad(format!("KV heads for {} layers, the model has {}", h.len(), c.num_layers));
+            }
+            for (l, &n) in h.iter().enumerate() {
+                if n == 0 || n > c.dims(l).kv_heads {
+                    return bad(format!("layer {l}: {n} active KV heads, it has {}", c.dims(l).kv_heads));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What a layer's FFN handed back besides its output.
+#[derive(Default)]
+pub struct FfnSide {
+    pub aux_loss: Option<Tensor>,
+    pub usage: Option<Vec<u64>>,
+}
+
+/// A forward pass's logits and the FFNs' side outputs, one entry per layer.
+pub struct Output {
+    pub logits: Tensor,
+    pub ffn: Vec<FfnSide>,
+}
+
 pub struct Model {
     pub config: ModelConfig,
     embed: Embedding,
     pub layers: Vec<Block>,
-    norm: Tensor,
-    lm_head: Linear,
+    pub(crate) norm: Tensor,
+    pub(crate) lm_head: Linear,
     rope_global: Arc<Rope>,
     rope_local: Arc<Rope>,
     pub mode: WeightMode,
+    pub(crate) device: Device,
+    pub(crate) dtype: DType,
+    /// Trainable parameters by name (weights loaded as `Var`s, LoRA factors), in load order.
+    pub(crate) params: Vec<(String, Var)>,
 }
 
-fn load_linear(file: &ModelFile, name: &str, shape: [usize; 2], mode: WeightMode) -> Result<Linear> {
-    if mode == WeightMode::Quantized {
-        if let Some(m) = file.quantized(name)? {
-            let dtype = m.info.dtype;
-            if m.info.shape != shape {
-                return Err(recompose_core::Error::BadTensor {
-                    path: file.path.clone(),
-                    tensor: name.into(),
-                    what: format!("shape {:?}, expected {:?}", m.info.shape, shape),
-                }
-                .into());
-            }
-            let packed = match dtype {
-                GgmlDType::Q5_0 => crate::linear::q5_0_as_q8_0(m.bytes())
-                    .and_then(|b| PackedWeight::from_ggml(GgmlDType::Q8_0, &b, shape[0], shape[1])),
-                GgmlDType::Q4K => crate::linear::q4_k_as_q4_1(m.bytes())
-                    .and_then(|b| PackedWeight::from_ggml(GgmlDType::Q4_1, &b, shape[0], shape[1])),
-                _ => PackedWeight::from_ggml(dtype, m.bytes(), shape[0], shape[1]),
-            };
-            if let Some(p) = packed {
-                return Ok(Linear::Packed(Arc::new(p)));
-            }
-            // Other types (Q6_K, Q2_K, ...) run dequantised: candle's K-quant matmul is several
-            // times slower than f32 on these CPUs (measured: gemma3 decode 12 vs 63 tok/s).
-        }
+/// Reads weights by HF name, as frozen tensors or trainable `Var`s.
+struct Loader<'a> {
+    file: &'a ModelFile,
+    opts: &'a LoadOptions,
+    params: Vec<(String, Var)>,
+}
+
+impl Loader<'_> {
+    fn packed_allowed(&self, name: &str) -> bool {
+        self.opts.mode == WeightMode::Quantized
+            && self.opts.device.is_cpu()
+            && self.opts.dtype == DType::F32
+            && !self.opts.trainable.includes(name)
     }
-    Ok(Linear::Dense(file.f32(name, &shape)?))
+
+    fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self.file.f32(name, shape)?.to_dtype(self.opts.dtype)?.to_device(&self.opts.device)?;
+        if !self.opts.trainable.includes(name) {
+            return Ok(t);
+        }
+        if self.opts.mode == WeightMode::Quantized && self.file.quantized(name)?.is_some() {
+            return Err(Error::NoGradient(format!(
+                "{name} is quantised: trainable weights need the f32 path (WeightMode::F32)"
+            )));
+        }
+        let v = Var::from_tensor(&t)?;
+        self.params.push((name.to_string(), v.clone()));
+        Ok(v.as_tensor().clone())
+    }
+
+    fn linear(&mut self, name: &str, shape: [usize; 2]) -> Result<Linear> {
+        if self.packed_allowed(name) {
+            if let Some(m) = self.file.quantized(name)? {
+                let dtype = m.info.dtype;
+                if m.info.shape != shape {
+                    return Err(recompose_core::Error::BadTensor {
+                        path: self.file.path.clone(),
+                        tensor: name.into(),
+                        what: format!("shape {:?}, expected {:?}", m.info.shape, shape),
+                    }
+                    .into());
+                }
+                let packed = match dtype {
+                    GgmlDType::Q5_0 => crate::linear::q5_0_as_q8_0(m.bytes())
+                        .and_then(|b| PackedWeight::from_ggml(GgmlDType::Q8_0, &b, shape[0], shape[1])),
+                    GgmlDType::Q4K => crate::linear::q4_k_as_q4_1(m.bytes())
+                        .and_then(|b| PackedWeight::from_ggml(GgmlDType::Q4_1, &b, shape[0], shape[1])),
+                    _ => PackedWeight::from_ggml(dtype, m.bytes(), shape[0], shape[1]),
+                };
+                if let Some(p) = packed {
+                    return Ok(Linear::packed(name, Arc::new(p)));
+                }
+                // Other types (Q6_K, Q2_K, ...) run dequantised: candle's K-quant matmul is several
+                // times slower than f32 on these CPUs (measured: gemma3 decode 12 vs 63 tok/s).
+            }
+        }
+        Ok(Linear::dense(name, self.tensor(name, &shape)?))
+    }
 }
 
 impl Model {
     pub fn load(file: &ModelFile, mode: WeightMode) -> Result<Self> {
+        Self::load_with(file, LoadOptions::new(mode))
+    }
+
+    pub fn load_with(file: &ModelFile, opts: LoadOptions) -> Result<Self> {
+        if !matches!(opts.dtype, DType::F32 | DType::F64) {
+            return Err(Error::InvalidInput(format!("models compute in f32 or f64, not {:?}", opts.dtype)));
+        }
         let c = file.config.clone();
-        let (h, i) = (c.hidden_size, c.intermediate_size);
-        let (qd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        let h = c.hidden_size;
+        let mut ld = Loader { file, opts: &opts, params: vec![] };
         let emb_name = "model.embed_tokens.weight";
-        let packed_embed = match (mode, file.quantized(emb_name)?) {
-            (WeightMode::Quantized, Some(m)) => {
-                PackedWeight::from_ggml(m.info.dtype, m.bytes(), c.vocab_size, h).map(Arc::new)
-            }
+        let packed_embed = match (ld.packed_allowed(emb_name), file.quantized(emb_name)?) {
+            (true, Some(m)) => PackedWeight::from_ggml(m.info.dtype, m.bytes(), c.vocab_size, h).map(Arc::new),
             _ => None,
         };
         let (embed, tied_head) = match packed_embed {
-            Some(p) => (Embedding::Packed(p.clone()), Linear::Packed(p)),
+            Some(p) => (Embedding::Packed(p.clone()), Linear::packed(emb_name, p)),
             None => {
-                let t = file.f32(emb_name, &[c.vocab_size, h])?;
-                let head = if mode == WeightMode::Quantized && file.quantized(emb_name)?.is_some() {
-                    load_linear(file, emb_name, [c.vocab_size, h], mode)?
+                let t = ld.tensor(emb_name, &[c.vocab_size, h])?;
+                let head = if ld.packed_allowed(emb_name) && file.quantized(emb_name)?.is_some() {
+                    ld.linear(emb_name, [c.vocab_size, h])?
                 } else {
-                    Linear::Dense(t.clone())
+                    Linear::dense(emb_name, t.clone())
                 };
                 (Embedding::Dense(t), head)
             }
         };
-        let lm_head = if file.has("lm_head.weight") {
-            load_linear(file, "lm_head.weight", [c.vocab_size, h], mode)?
-        } else {
-            tied_head
-        };
+        let lm_head =
+            if file.has("lm_head.weight") { ld.linear("lm_head.weight", [c.vocab_size, h])? } else { tied_head };
         let gemma = c.arch == Arch::Gemma3;
         let mut layers = Vec::with_capacity(c.num_layers);
         for l in 0..c.num_layers {
+            let dims = c.dims(l);
+            let (qd, kvd, i) = (dims.heads * c.head_dim, dims.kv_heads * c.head_dim, dims.intermediate);
             let p = |s: &str| format!("model.layers.{l}.{s}");
-            let norm = |s: &str, n: usize| file.f32(&p(s), &[n]);
             let attn = Attention {
-                q: load_linear(file, &p("self_attn.q_proj.weight"), [qd, h], mode)?,
-                k: load_linear(file, &p("self_attn.k_proj.weight"), [kvd, h], mode)?,
-                v: load_linear(file, &p("self_attn.v_proj.weight"), [kvd, h], mode)?,
-                o: load_linear(file, &p("self_attn.o_proj.weight"), [h, qd], mode)?,
-                q_norm: if gemma { Some(norm("self_attn.q_norm.weight", c.head_dim)?) } else { None },
-                k_norm: if gemma { Some(norm("self_attn.k_norm.weight", c.head_dim)?) } else { None },
+                q: ld.linear(&p("self_attn.q_proj.weight"), [qd, h])?,
+                k: ld.linear(&p("self_attn.k_proj.weight"), [kvd, h])?,
+                v: ld.linear(&p("self_attn.v_proj.weight"), [kvd, h])?,
+                o: ld.linear(&p("self_attn.o_proj.weight"), [h, qd])?,
+                q_norm: if gemma { Some(ld.tensor(&p("self_attn.q_norm.weight"), &[c.head_dim])?) } else { None },
+                k_norm: if gemma { Some(ld.tensor(&p("self_attn.k_norm.weight"), &[c.head_dim])?) } else { None },
+                heads: dims.heads,
+                kv_heads: dims.kv_heads,
             };
             let ffn = DenseFfn {
-                gate: load_linear(file, &p("mlp.gate_proj.weight"), [i, h], mode)?,
-                up: load_linear(file, &p("mlp.up_proj.weight"), [i, h], mode)?,
-                down: load_linear(file, &p("mlp.down_proj.weight"), [h, i], mode)?,
+                gate: ld.linear(&p("mlp.gate_proj.weight"), [i, h])?,
+                up: ld.linear(&p("mlp.up_proj.weight"), [i, h])?,
+                down: ld.linear(&p("mlp.down_proj.weight"), [h, i])?,
                 activation: c.activation,
             };
             let (ffn_norm_name, post_attn, post_ffn) = if gemma {
                 (
                     "pre_feedforward_layernorm.weight",
-                    Some(norm("post_attention_layernorm.weight", h)?),
-                    Some(norm("post_feedforward_layernorm.weight", h)?),
+                    Some(ld.tensor(&p("post_attention_layernorm.weight"), &[h])?),
+                    Some(ld.tensor(&p("post_feedforward_layernorm.weight"), &[h])?),
                 )
             } else {
                 ("post_attention_layernorm.weight", None, None)
             };
             layers.push(Block {
-                attn_norm: norm("input_layernorm.weight", h)?,
+                attn_norm: ld.tensor(&p("input_layernorm.weight"), &[h])?,
                 attn,
                 post_attn_norm: post_attn,
-                ffn_norm: norm(ffn_norm_name, h)?,
+                ffn_norm: ld.tensor(&p(ffn_norm_name), &[h])?,
                 post_ffn_norm: post_ffn,
                 ffn: Box::new(ffn),
             });
         }
-        let norm = file.f32("model.norm.weight", &[h])?;
+        let norm = ld.tensor("model.norm.weight", &[h])?;
+        let params = ld.params;
         let rope_global = Arc::new(Rope::new(c.head_dim, c.rope_theta, &c.rope_scaling, c.rope_style));
         let rope_local = Arc::new(Rope::new(
             c.head_dim,
@@ -177,13 +325,33 @@ impl Model {
             &recompose_core::config::RopeScaling::None,
             c.rope_style,
         ));
-        Ok(Self { config: c, embed, layers, norm, lm_head, rope_global, rope_local, mode })
+        Ok(Self {
+            config: c,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            rope_global,
+            rope_local,
+            mode: opts.mode,
+            device: opts.device,
+            dtype: opts.dtype,
+            params,
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     /// A full cache sized for this model.
     pub fn new_cache(&self, batch: usize) -> FullCache {
         let c = &self.config;
-        FullCache::new(c.num_layers, batch, c.num_kv_heads, c.head_dim, c.max_position)
+        FullCache::new(c.num_layers, batch, c.max_position).on(&self.device)
     }
 
     /// The facts a cache policy is built from.
@@ -199,10 +367,11 @@ impl Model {
             ropes: (0..c.num_layers)
                 .map(|l| if c.is_sliding(l) { self.rope_local.clone() } else { self.rope_global.clone() })
                 .collect(),
+            device: self.device.clone(),
         }
     }
 
-    fn embed(&self, tokens: &[u32]) -> Result<Tensor> {
+    pub(crate) fn embed(&self, tokens: &[u32]) -> Result<Tensor> {
         let h = self.config.hidden_size;
         let v = self.config.vocab_size;
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= v) {
@@ -210,7 +379,7 @@ impl Model {
         }
         let x = match &self.embed {
             Embedding::Dense(t) => {
-                let ids = Tensor::from_vec(tokens.to_vec(), tokens.len(), &Device::Cpu)?;
+                let ids = Tensor::from_vec(tokens.to_vec(), tokens.len(), &self.device)?;
                 t.index_select(&ids, 0)?
             }
             Embedding::Packed(p) => {
@@ -218,7 +387,7 @@ impl Model {
                 for (i, &t) in tokens.iter().enumerate() {
                     p.dequantize_row(t as usize, &mut out[i * h..(i + 1) * h]);
                 }
-                Tensor::from_vec(out, (tokens.len(), h), &Device::Cpu)?
+                Tensor::from_vec(out, (tokens.len(), h), &self.device)?
             }
         };
         Ok(match self.config.embed_scale {
@@ -230,7 +399,7 @@ impl Model {
     /// Runs one step. `tokens` holds `B x step.t` ids row-major (padding columns may hold any
     /// valid id). Returns logits as asked.
     pub fn forward(&self, tokens: &[u32], step: &Step, cache: &mut dyn KvCache, logits: Logits) -> Result<Tensor> {
-        self.forward_caches(tokens, step, &mut [cache], logits)
+        Ok(self.forward_with(tokens, step, &mut [cache], logits, &Plan::default())?.logits)
     }
 
     /// One step over rows that each own a cache of batch 1 — the requests of a server, which
@@ -250,17 +419,20 @@ impl Model {
                 step.batch()
             )));
         }
-        self.forward_caches(tokens, step, caches, logits)
+        Ok(self.forward_with(tokens, step, caches, logits, &Plan::default())?.logits)
     }
 
-    /// `caches`: one cache for every row, or one per row.
-    fn forward_caches(
+    /// The general step: `caches` holds one cache for every row, or one per row; `plan` sets
+    /// the layers' seams (routes, widths, active heads). Returns the logits and the FFNs' side
+    /// outputs.
+    pub fn forward_with(
         &self,
         tokens: &[u32],
         step: &Step,
         caches: &mut [&mut dyn KvCache],
         logits: Logits,
-    ) -> Result<Tensor> {
+        plan: &Plan,
+    ) -> Result<Output> {
         let c = &self.config;
         let (b, t) = (step.batch(), step.t);
         if tokens.len() != b * t || step.start.len() != b {
@@ -270,35 +442,73 @@ impl Model {
         if end > c.max_position {
             return Err(Error::ContextOverflow { tokens: end, context: c.max_position });
         }
-        let eps = c.rms_eps as f32;
+        plan.check(c, b, t)?;
         let mut x = self.embed(tokens)?.reshape((b, t, c.hidden_size))?;
         for_each_cache(caches, step, |cache, s| cache.begin_step(s))?;
-        for (li, layer) in self.layers.iter().enumerate() {
-            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
-            let mut a = self.attention(li, &layer.attn, &h, step, caches)?;
-            if let Some(n) = &layer.post_attn_norm {
-                a = candle_nn::ops::rms_norm(&a, n, eps)?;
-            }
-            x = (x + a)?;
-            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
-            let mut f = layer.ffn.forward(&h.reshape((b * t, c.hidden_size))?)?.reshape((b, t, c.hidden_size))?;
-            if let Some(n) = &layer.post_ffn_norm {
-                f = candle_nn::ops::rms_norm(&f, n, eps)?;
-            }
-            x = (x + f)?;
+        let mut side = Vec::with_capacity(self.layers.len());
+        for li in 0..self.layers.len() {
+            let (y, s) = self.block(li, &x, step, caches, plan)?;
+            x = y;
+            side.push(s);
         }
         for_each_cache(caches, step, |cache, _| cache.end_step())?;
+        Ok(Output { logits: self.head(&x, step, logits)?, ffn: side })
+    }
+
+    /// One decoder block on `x (B, T, hidden)`.
+    pub(crate) fn block(
+        &self,
+        li: usize,
+        x: &Tensor,
+        step: &Step,
+        caches: &mut [&mut dyn KvCache],
+        plan: &Plan,
+    ) -> Result<(Tensor, FfnSide)> {
+        let c = &self.config;
+        let eps = c.rms_eps;
+        let (b, t, hid) = x.dims3()?;
+        let layer = &self.layers[li];
+        let seed = plan.dropout_seed.map(|s| crate::lora::mix(s ^ crate::lora::mix(li as u64 + 1)));
+        let h = grad::rms_norm(x, &layer.attn_norm, eps)?;
+        let mut a = self.attention(li, &layer.attn, &h, step, caches, plan, seed)?;
+        if let Some(n) = &layer.post_attn_norm {
+            a = grad::rms_norm(&a, n, eps)?;
+        }
+        let x = (x + a)?;
+        let h = grad::rms_norm(&x, &layer.ffn_norm, eps)?;
+        let ctx = FfnContext {
+            layer: li,
+            batch: b,
+            t,
+            start: &step.start,
+            lens: &step.lens,
+            route: plan.route(li),
+            width: plan.ffn_widths.as_ref().map(|w| w[li].as_slice()),
+            dropout_seed: seed.map(|s| s ^ 0xf0f0),
+        };
+        let out = layer.ffn.forward(&h.reshape((b * t, hid))?, &ctx)?;
+        let mut f = out.y.reshape((b, t, hid))?;
+        if let Some(n) = &layer.post_ffn_norm {
+            f = grad::rms_norm(&f, n, eps)?;
+        }
+        Ok(((x + f)?, FfnSide { aux_loss: out.aux_loss, usage: out.usage }))
+    }
+
+    /// Final norm and LM head on the columns `logits` asks for.
+    fn head(&self, x: &Tensor, step: &Step, logits: Logits) -> Result<Tensor> {
+        let c = &self.config;
+        let (b, t) = (step.batch(), step.t);
         let x = match logits {
-            Logits::All => x,
-            Logits::From(c) if c < t => x.narrow(1, c, t - c)?,
-            Logits::From(c) => return Err(Error::InvalidInput(format!("logits from column {c} of a {t}-column step"))),
+            Logits::All => x.clone(),
+            Logits::From(f) if f < t => x.narrow(1, f, t - f)?,
+            Logits::From(f) => return Err(Error::InvalidInput(format!("logits from column {f} of a {t}-column step"))),
             Logits::Last => {
                 let idx: Vec<u32> = (0..b).map(|r| (r * t + step.lens[r].max(1) - 1) as u32).collect();
-                let idx = Tensor::from_vec(idx, b, &Device::Cpu)?;
+                let idx = Tensor::from_vec(idx, b, &self.device)?;
                 x.reshape((b * t, c.hidden_size))?.index_select(&idx, 0)?
             }
         };
-        let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
+        let x = grad::rms_norm(&x, &self.norm, c.rms_eps)?;
         let mut out = self.lm_head.forward(&x)?;
         if let Some(cap) = c.final_logit_softcap {
             out = ((out / cap)?.tanh()? * cap)?;
@@ -306,6 +516,7 @@ impl Model {
         Ok(out)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         li: usize,
@@ -313,21 +524,36 @@ impl Model {
         x: &Tensor,
         step: &Step,
         caches: &mut [&mut dyn KvCache],
+        plan: &Plan,
+        seed: Option<u64>,
     ) -> Result<Tensor> {
         let c = &self.config;
         let (b, t, _) = x.dims3()?;
-        let (hq, hkv, d) = (c.num_heads, c.num_kv_heads, c.head_dim);
-        let g = hq / hkv;
-        let q = at.q.forward(x)?.reshape((b, t, hq, d))?.transpose(1, 2)?.contiguous()?;
-        let k = at.k.forward(x)?.reshape((b, t, hkv, d))?.transpose(1, 2)?.contiguous()?;
-        let v = at.v.forward(x)?.reshape((b, t, hkv, d))?.transpose(1, 2)?.contiguous()?;
-        let eps = c.rms_eps as f32;
+        let d = c.head_dim;
+        let g = at.heads / at.kv_heads;
+        // An elastic sub-network runs a prefix of the KV heads and their query groups.
+        let hkv = plan.kv_heads.as_ref().map_or(at.kv_heads, |h| h[li]);
+        let hq = hkv * g;
+        let s = |k: u64| seed.map(|s| crate::lora::mix(s ^ k));
+        let q =
+            at.q.forward_prefix(x, Some(hq * d), None, s(11))?.reshape((b, t, hq, d))?.transpose(1, 2)?.contiguous()?;
+        let k =
+            at.k.forward_prefix(x, Some(hkv * d), None, s(12))?
+                .reshape((b, t, hkv, d))?
+                .transpose(1, 2)?
+                .contiguous()?;
+        let v =
+            at.v.forward_prefix(x, Some(hkv * d), None, s(13))?
+                .reshape((b, t, hkv, d))?
+                .transpose(1, 2)?
+                .contiguous()?;
+        let eps = c.rms_eps;
         let q = match &at.q_norm {
-            Some(n) => candle_nn::ops::rms_norm(&q, n, eps)?,
+            Some(n) => grad::rms_norm(&q, n, eps)?,
             None => q,
         };
         let k = match &at.k_norm {
-            Some(n) => candle_nn::ops::rms_norm(&k, n, eps)?,
+            Some(n) => grad::rms_norm(&k, n, eps)?,
             None => k,
         };
         let sliding = c.is_sliding(li);
@@ -350,21 +576,24 @@ impl Model {
             Tensor::cat(&outs, 0)?
         };
         let out = out.reshape((b, hq, t, d))?.transpose(1, 2)?.reshape((b, t, hq * d))?;
-        at.o.forward(&out)
+        at.o.forward_prefix(&out, None, Some(hq * d), s(14))
     }
 
     /// Attention of queries `(B, Hkv, G*T, D)` over a cache view; `(B, Hkv, G*T, D)` out.
     fn attend(&self, li: usize, q: &Tensor, view: &KvView, step: &Step, cache: &mut dyn KvCache) -> Result<Tensor> {
         let c = &self.config;
-        let (b, hkv, _, _) = q.dims4()?;
-        let (hq, t) = (c.num_heads, step.t);
-        let g = hq / hkv;
+        let (b, hkv, gt, _) = q.dims4()?;
+        let t = step.t;
+        let g = gt / t.max(1);
+        let hq = hkv * g;
         let l = view.k.dim(2)?;
         let wants_mass = cache.wants_probs();
-        let out = if t <= FUSED_ATTENTION_MAX_T {
+        let tracked = q.track_op() || view.k.track_op() || view.v.track_op();
+        let fused = t <= FUSED_ATTENTION_MAX_T && !tracked && q.device().is_cpu() && q.dtype() == DType::F32;
+        let out = if fused {
             let lens = wants_mass.then_some(step.lens.as_slice());
             let (out, mass) = crate::attention::fused_attention(
-                &q,
+                q,
                 &view.k,
                 &view.v,
                 view.mask.as_ref(),
@@ -380,22 +609,24 @@ impl Model {
             let scores = (q.matmul(&view.k.t()?)? * c.attn_scale)?;
             let scores = match &view.mask {
                 Some(m) => {
+                    let m = if m.dtype() == scores.dtype() { m.clone() } else { m.to_dtype(scores.dtype())? };
                     scores.reshape((b, hkv, g, t, l))?.broadcast_add(&m.unsqueeze(2)?)?.reshape((b, hkv, g * t, l))?
                 }
                 None => scores,
             };
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            let probs = grad::softmax_last_dim(&scores)?;
             if wants_mass {
                 // Sum over each row's real query columns only, as a matmul with a 0/1 row
                 // (a strided sum over the query axis is several times slower).
                 let valid: Vec<f32> = (0..b * t).map(|i| if i % t < step.lens[i / t] { 1.0 } else { 0.0 }).collect();
-                let valid = Tensor::from_vec(valid, (b, 1, 1, t), &Device::Cpu)?.broadcast_as((b, hq, 1, t))?;
-                let mass = valid.contiguous()?.matmul(&probs.reshape((b, hq, t, l))?)?.squeeze(2)?;
+                let valid = Tensor::from_vec(valid, (b, 1, 1, t), q.device())?
+                    .to_dtype(probs.dtype())?
+                    .broadcast_as((b, hq, 1, t))?;
+                let mass = valid.contiguous()?.matmul(&probs.detach().reshape((b, hq, t, l))?)?.squeeze(2)?;
                 cache.observe(li, &mass)?;
             }
             probs.matmul(&view.v.contiguous()?)? // (b, hkv, g*t, d)
         };
-
         Ok(out)
     }
 }

@@ -2,7 +2,7 @@
 //! rotation of a `(B, H, T, D)` tensor at per-row positions, in either pairing convention.
 
 use crate::error::Result;
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use recompose_core::config::{RopeScaling, RopeStyle};
 use std::sync::RwLock;
 
@@ -89,12 +89,8 @@ impl Rope {
                 c.extend_from_slice(&tab.1[p * half..(p + 1) * half]);
                 s.extend_from_slice(&tab.2[p * half..(p + 1) * half]);
             }
-            (Tensor::from_vec(c, (b, t, half), &Device::Cpu)?, Tensor::from_vec(s, (b, t, half), &Device::Cpu)?)
+            (Tensor::from_vec(c, (b, t, half), x.device())?, Tensor::from_vec(s, (b, t, half), x.device())?)
         };
-        let x = x.contiguous()?;
-        Ok(match self.style {
-            RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(&x, &cos, &sin)?,
-            RopeStyle::Neox => candle_nn::rotary_emb::rope(&x, &cos, &sin)?,
-        })
+        Ok(crate::grad::rope(x, &cos, &sin, self.style == RopeStyle::Interleaved)?)
     }
 }

@@ -1,0 +1,954 @@
+//! Differentiable building blocks of the decoder: RMSNorm, softmax, RoPE, SwiGLU/GeGLU, the frozen
+//! linear (input gradient only) and the fused LM-head cross-entropy. Each is a CPU op with a
+//! closed-form backward (f32 and f64) plus a plain candle composition, which is its test oracle
+//! and the path on other devices. The model calls these only when a gradient is wanted (some
+//! input is tracked); inference keeps candle's fused forward-only kernels.
+//!
+//! Reductions that cross rows (the weight gradient of RMSNorm, the LM head's) run in fixed chunks
+//! summed in order, so a result never depends on how rayon split the work: training is
+//! bit-for-bit repeatable.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, Tensor, WithDType, D};
+use rayon::prelude::*;
+use recompose_core::config::Activation;
+use std::sync::Mutex;
+
+type CResult<T> = candle_core::Result<T>;
+
+/// Rows per partial sum of a cross-row reduction: a constant, so the summation order (and the
+/// result's bits) are the same for any thread count.
+const REDUCE_ROWS: usize = 64;
+
+fn wants_grad(ts: &[&Tensor]) -> bool {
+    ts.iter().any(|t| t.track_op())
+}
+
+/// Whether the CPU op of this module can take `t`.
+fn cpu_float(t: &Tensor) -> bool {
+    t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
+}
+
+fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, what: &str) -> CResult<&'a [T]> {
+    let v = T::cpu_storage_as_slice(s)?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => candle_core::bail!("{what}: expects a contiguous tensor"),
+    }
+}
+
+fn values<T: WithDType>(t: &Tensor) -> CResult<Vec<T>> {
+    t.flatten_all()?.to_vec1::<T>()
+}
+
+/// Runs `f` on the f32 or f64 data of a CPU op; other dtypes are refused.
+macro_rules! float_dispatch {
+    ($name:expr, $s:expr, |$t:ident| $body:expr) => {
+        match $s {
+            CpuStorage::F32(_) => {
+                type $t = f32;
+                $body
+            }
+            CpuStorage::F64(_) => {
+                type $t = f64;
+                $body
+            }
+            other => candle_core::bail!("{}: expects f32 or f64, got {:?}", $name, other.dtype()),
+        }
+    };
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm
+
+/// `x / sqrt(mean(x^2) + eps) * w` over the last dimension.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> CResult<Tensor> {
+    if !wants_grad(&[x, w]) && x.dtype() != DType::F64 {
+        return candle_nn::ops::rms_norm(x, w, eps as f32);
+    }
+    if cpu_float(x) && x.dtype() == w.dtype() {
+        return x.contiguous()?.apply_op2(&w.contiguous()?, RmsNorm { eps });
+    }
+    rms_norm_composed(x, w, eps)
+}
+
+/// RMSNorm in candle ops (autograd through every step).
+pub fn rms_norm_composed(x: &Tensor, w: &Tensor, eps: f64) -> CResult<Tensor> {
+    let r = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    x.broadcast_mul(&r)?.broadcast_mul(w)
+}
+
+struct RmsNorm {
+    eps: f64,
+}
+
+fn inv_rms<T: WithDType>(row: &[T], eps: f64) -> f64 {
+    let ss: f64 = row.iter().map(|v| v.to_f64() * v.to_f64()).sum();
+    1.0 / (ss / row.len() as f64 + eps).sqrt()
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "rms-norm"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let h = l1.dims().last().copied().unwrap_or(0);
+        if l2.dims() != [h] {
+            candle_core::bail!("rms-norm: weight {:?} for rows of {h}", l2.dims());
+        }
+        let eps = self.eps;
+        let out = float_dispatch!("rms-norm", s1, |T| {
+            let (x, w) = (slice::<T>(s1, l1, "rms-norm")?, slice::<T>(s2, l2, "rms-norm")?);
+            let mut y = vec![T::from_f64(0.0); x.len()];
+            y.par_chunks_mut(h.max(1)).zip(x.par_chunks(h.max(1))).for_each(|(yo, xi)| {
+                let r = inv_rms(xi, eps);
+                for ((o, v), g) in yo.iter_mut().zip(xi).zip(w) {
+                    *o = T::from_f64(v.to_f64() * r * g.to_f64());
+                }
+            });
+            T::to_cpu_storage_owned(y)
+        });
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, dy: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let h = x.dim(D::Minus1)?;
+        let (need_x, need_w) = (x.track_op(), w.track_op());
+        macro_rules! run {
+            ($t:ty) => {{
+                let (xv, wv, gv) = (values::<$t>(x)?, values::<$t>(w)?, values::<$t>(&dy.contiguous()?)?);
+                let (dx, dw) = rms_norm_backward(&xv, &wv, &gv, h, self.eps, need_x, need_w);
+                (Tensor::from_vec(dx, x.shape(), x.device())?, Tensor::from_vec(dw, h, w.device())?)
+            }};
+        }
+        let (dx, dw) = match x.dtype() {
+            DType::F32 => run!(f32),
+            DType::F64 => run!(f64),
+            d => candle_core::bail!("rms-norm backward: {d:?}"),
+        };
+        Ok((need_x.then_some(dx), need_w.then_some(dw)))
+    }
+}
+
+/// dx = r (g - x r^2 mean(g x)) with g = dy w; dw = sum over rows of dy x r.
+fn rms_norm_backward<T: WithDType>(
+    x: &[T],
+    w: &[T],
+    dy: &[T],
+    h: usize,
+    eps: f64,
+    need_x: bool,
+    need_w: bool,
+) -> (Vec<T>, Vec<T>) {
+    let mut dx = vec![T::from_f64(0.0); if need_x { x.len() } else { 0 }];
+    if need_x {
+        dx.par_chunks_mut(h).zip(x.par_chunks(h)).zip(dy.par_chunks(h)).for_each(|((o, xi), gi)| {
+            let r = inv_rms(xi, eps);
+            let dot: f64 = xi.iter().zip(gi).zip(w).map(|((v, g), ww)| v.to_f64() * g.to_f64() * ww.to_f64()).sum();
+            let c = dot / h as f64 * r * r;
+            for (((o, v), g), ww) in o.iter_mut().zip(xi).zip(gi).zip(w) {
+                *o = T::from_f64(r * (g.to_f64() * ww.to_f64() - v.to_f64() * c));
+            }
+        });
+    }
+    let mut dw = vec![T::from_f64(0.0); h];
+    if need_w {
+        let partials: Vec<Vec<f64>> = x
+            .par_chunks(h * REDUCE_ROWS)
+            .zip(dy.par_chunks(h * REDUCE_ROWS))
+            .map(|(xs, gs)| {
+                let mut acc = vec![0f64; h];
+                for (xi, gi) in xs.chunks(h).zip(gs.chunks(h)) {
+                    let r = inv_rms(xi, eps);
+                    for ((a, v), g) in acc.iter_mut().zip(xi).zip(gi) {
+                        *a += g.to_f64() * v.to_f64() * r;
+                    }
+                }
+                acc
+            })
+            .collect();
+        let mut acc = vec![0f64; h];
+        for p in partials {
+            acc.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+        }
+        dw = acc.into_iter().map(T::from_f64).collect();
+    }
+    (dx, dw)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Softmax
+
+/// Softmax over the last dimension.
+pub fn softmax_last_dim(x: &Tensor) -> CResult<Tensor> {
+    if !x.track_op() {
+        return candle_nn::ops::softmax_last_dim(x);
+    }
+    if cpu_float(x) {
+        return x.contiguous()?.apply_op1(Softmax);
+    }
+    candle_nn::ops::softmax(x, D::Minus1)
+}
+
+struct Softmax;
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let n = l.dims().last().copied().unwrap_or(1).max(1);
+        let out = float_dispatch!("softmax", s, |T| {
+            let x = slice::<T>(s, l, "softmax")?;
+            let mut y = vec![T::from_f64(0.0); x.len()];
+            y.par_chunks_mut(n).zip(x.par_chunks(n)).for_each(|(yo, xi)| {
+                let max = xi.iter().map(|v| v.to_f64()).fold(f64::NEG_INFINITY, f64::max);
+                let mut sum = 0f64;
+                for (o, v) in yo.iter_mut().zip(xi) {
+                    let e = (v.to_f64() - max).exp();
+                    sum += e;
+                    *o = T::from_f64(e);
+                }
+                let inv = 1.0 / sum;
+                yo.iter_mut().for_each(|o| *o = T::from_f64(o.to_f64() * inv));
+            });
+            T::to_cpu_storage_owned(y)
+        });
+        Ok((out, l.shape().clone()))
+    }
+
+    /// dx = y (dy - sum(dy y)).
+    fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> CResult<Option<Tensor>> {
+        let n = y.dim(D::Minus1)?.max(1);
+        macro_rules! run {
+            ($t:ty) => {{
+                let (yv, gv) = (values::<$t>(y)?, values::<$t>(&dy.contiguous()?)?);
+                let mut dx = vec![<$t>::from_f64(0.0); yv.len()];
+                dx.par_chunks_mut(n).zip(yv.par_chunks(n)).zip(gv.par_chunks(n)).for_each(|((o, yi), gi)| {
+                    let dot: f64 = yi.iter().zip(gi).map(|(a, b)| a.to_f64() * b.to_f64()).sum();
+                    for ((o, a), b) in o.iter_mut().zip(yi).zip(gi) {
+                        *o = <$t>::from_f64(a.to_f64() * (b.to_f64() - dot));
+                    }
+                });
+                Tensor::from_vec(dx, y.shape(), y.device())?
+            }};
+        }
+        Ok(Some(match y.dtype() {
+            DType::F32 => run!(f32),
+            DType::F64 => run!(f64),
+            d => candle_core::bail!("softmax backward: {d:?}"),
+        }))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// RoPE
+
+/// Rotates `x (B, H, T, D)` by angles whose cos/sin are `(B, T, D/2)` (or `(T, D/2)`), pairing
+/// adjacent dimensions (`interleaved`) or the two halves (NEOX), like candle's `rope_i` / `rope`.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool) -> CResult<Tensor> {
+    let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
+    if !x.track_op() {
+        return if interleaved {
+            candle_nn::rotary_emb::rope_i(&x.contiguous()?, &cos, &sin)
+        } else {
+            candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)
+        };
+    }
+    if cpu_float(x) {
+        return x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rope { interleaved });
+    }
+    rope_composed(x, &cos, &sin, interleaved)
+}
+
+/// RoPE in candle ops: `x * cos + rotate(x) * sin` with the pairing made explicit.
+pub fn rope_composed(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool) -> CResult<Tensor> {
+    let (b, h, t, d) = x.dims4()?;
+    let half = d / 2;
+    // cos/sin as (B or 1, 1, T, D/2).
+    let per_row = |c: &Tensor| -> CResult<Tensor> {
+        match c.rank() {
+            2 => c.reshape((1, 1, t, half)),
+            _ => c.reshape((b, 1, t, half)),
+        }
+    };
+    let (c, s) = (per_row(cos)?, per_row(sin)?);
+    if interleaved {
+        let xs = x.reshape((b, h, t, half, 2))?;
+        let (x0, x1) = (xs.narrow(4, 0, 1)?.squeeze(4)?, xs.narrow(4, 1, 1)?.squeeze(4)?);
+        let y0 = (x0.broadcast_mul(&c)? - x1.broadcast_mul(&s)?)?;
+        let y1 = (x0.broadcast_mul(&s)? + x1.broadcast_mul(&c)?)?;
+        Tensor::stack(&[y0, y1], 4)?.reshape((b, h, t, d))
+    } else {
+        let (x0, x1) = (x.narrow(3, 0, half)?, x.narrow(3, half, half)?);
+        let y0 = (x0.broadcast_mul(&c)? - x1.broadcast_mul(&s)?)?;
+        let y1 = (x0.broadcast_mul(&s)? + x1.broadcast_mul(&c)?)?;
+        Tensor::cat(&[y0, y1], 3)
+    }
+}
+
+struct Rope {
+    interleaved: bool,
+}
+
+/// The rotation itself; `sign` -1 rotates backwards (the transpose, used by the backward pass).
+fn rotate<T: WithDType>(
+    x: &[T],
+    cos: &[T],
+    sin: &[T],
+    dims: (usize, usize, usize, usize),
+    per_row: bool,
+    interleaved: bool,
+    sign: f64,
+) -> Vec<T> {
+    let (_, h, t, d) = dims;
+    let half = d / 2;
+    let mut y = vec![T::from_f64(0.0); x.len()];
+    y.par_chunks_mut(t * d).zip(x.par_chunks(t * d)).enumerate().for_each(|(bh, (yo, xi))| {
+        let row = if per_row { bh / h } else { 0 };
+        for ti in 0..t {
+            let at = (row * t + ti) * half;
+            let (cs, ss) = (&cos[at..at + half], &sin[at..at + half]);
+            let (xr, yr) = (&xi[ti * d..(ti + 1) * d], &mut yo[ti * d..(ti + 1) * d]);
+            for i in 0..half {
+                let (c, s) = (cs[i].to_f64(), sign * ss[i].to_f64());
+                let (a, bidx) = if interleaved { (2 * i, 2 * i + 1) } else { (i, i + half) };
+                let (x0, x1) = (xr[a].to_f64(), xr[bidx].to_f64());
+                yr[a] = T::from_f64(x0 * c - x1 * s);
+                yr[bidx] = T::from_f64(x0 * s + x1 * c);
+            }
+        }
+    });
+    y
+}
+
+fn rope_shapes(x: &Layout, cos: &Layout) -> CResult<((usize, usize, usize, usize), bool)> {
+    let dims = x.shape().dims4()?;
+    let (b, _, t, d) = dims;
+    let per_row = match cos.dims() {
+        [tt, hh] if *tt == t && *hh == d / 2 => false,
+        [bb, tt, hh] if *bb == b && *tt == t && *hh == d / 2 => true,
+        other => candle_core::bail!("rope: cos/sin {other:?} for x {:?}", x.dims()),
+    };
+    Ok((dims, per_row))
+}
+
+impl CustomOp3 for Rope {
+    fn name(&self) -> &'static str {
+        "rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let (dims, per_row) = rope_shapes(l1, l2)?;
+        let out = float_dispatch!("rope", s1, |T| {
+            let (x, c, s) = (slice::<T>(s1, l1, "rope")?, slice::<T>(s2, l2, "rope")?, slice::<T>(s3, l3, "rope")?);
+            T::to_cpu_storage_owned(rotate(x, c, s, dims, per_row, self.interleaved, 1.0))
+        });
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dims = x.dims4()?;
+        let per_row = cos.rank() == 3;
+        macro_rules! run {
+            ($t:ty) => {{
+                let (g, c, s) = (values::<$t>(&dy.contiguous()?)?, values::<$t>(cos)?, values::<$t>(sin)?);
+                Tensor::from_vec(rotate(&g, &c, &s, dims, per_row, self.interleaved, -1.0), x.shape(), x.device())?
+            }};
+        }
+        let dx = match x.dtype() {
+            DType::F32 => run!(f32),
+            DType::F64 => run!(f64),
+            d => candle_core::bail!("rope backward: {d:?}"),
+        };
+        Ok((Some(dx), None, None))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gated activation
+
+/// `act(g) * u`, SiLU (Llama) or tanh-GELU (Gemma).
+pub fn gated(g: &Tensor, u: &Tensor, act: Activation) -> CResult<Tensor> {
+    if !wants_grad(&[g, u]) || !cpu_float(g) || g.dtype() != u.dtype() {
+        return gated_composed(g, u, act);
+    }
+    g.contiguous()?.apply_op2(&u.contiguous()?, Gated { act })
+}
+
+/// The gated activation in candle ops.
+pub fn gated_composed(g: &Tensor, u: &Tensor, act: Activation) -> CResult<Tensor> {
+    let a = match act {
+        Activation::Silu => candle_nn::ops::silu(g)?,
+        Activation::GeluTanh => g.gelu()?,
+    };
+    a * u
+}
+
+struct Gated {
+    act: Activation,
+}
+
+const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
+
+/// (act(x), act'(x)).
+fn act_and_grad(act: Activation, x: f64) -> (f64, f64) {
+    match act {
+        Activation::Silu => {
+            let s = 1.0 / (1.0 + (-x).exp());
+            (x * s, s * (1.0 + x * (1.0 - s)))
+        }
+        Activation::GeluTanh => {
+            let inner = SQRT_2_OVER_PI * (x + 0.044715 * x * x * x);
+            let th = inner.tanh();
+            let dinner = SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * x * x);
+            (0.5 * x * (1.0 + th), 0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * dinner)
+        }
+    }
+}
+
+impl CustomOp2 for Gated {
+    fn name(&self) -> &'static str {
+        "gated-activation"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
+        if l1.dims() != l2.dims() {
+            candle_core::bail!("gated activation: {:?} vs {:?}", l1.dims(), l2.dims());
+        }
+        let act = self.act;
+        let out = float_dispatch!("gated activation", s1, |T| {
+            let (g, u) = (slice::<T>(s1, l1, "gated")?, slice::<T>(s2, l2, "gated")?);
+            let mut y = vec![T::from_f64(0.0); g.len()];
+            y.par_chunks_mut(4096).zip(g.par_chunks(4096)).zip(u.par_chunks(4096)).for_each(|((o, gs), us)| {
+                for ((o, a), b) in o.iter_mut().zip(gs).zip(us) {
+                    *o = T::from_f64(act_and_grad(act, a.to_f64()).0 * b.to_f64());
+                }
+            });
+            T::to_cpu_storage_owned(y)
+        });
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(&self, g: &Tensor, u: &Tensor, _res: &Tensor, dy: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let act = self.act;
+        macro_rules! run {
+            ($t:ty) => {{
+                let (gv, uv, dv) = (values::<$t>(g)?, values::<$t>(u)?, values::<$t>(&dy.contiguous()?)?);
+                let mut dg = vec![<$t>::from_f64(0.0); gv.len()];
+                let mut du = vec![<$t>::from_f64(0.0); gv.len()];
+                dg.par_chunks_mut(4096)
+                    .zip(du.par_chunks_mut(4096))
+                    .zip(gv.par_chunks(4096).zip(uv.par_chunks(4096)).zip(dv.par_chunks(4096)))
+                    .for_each(|((dgo, duo), ((gs, us), ds))| {
+                        for i in 0..gs.len() {
+                            let (a, da) = act_and_grad(act, gs[i].to_f64());
+                            let d = ds[i].to_f64();
+                            dgo[i] = <$t>::from_f64(d * us[i].to_f64() * da);
+                            duo[i] = <$t>::from_f64(d * a);
+                        }
+                    });
+                (Tensor::from_vec(dg, g.shape(), g.device())?, Tensor::from_vec(du, u.shape(), u.device())?)
+            }};
+        }
+        let (dg, du) = match g.dtype() {
+            DType::F32 => run!(f32),
+            DType::F64 => run!(f64),
+            d => candle_core::bail!("gated activation backward: {d:?}"),
+        };
+        Ok((g.track_op().then_some(dg), u.track_op().then_some(du)))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Frozen linear
+
+/// `x (N, in) @ w^T` where `w (out, in)` is frozen: only the input's gradient is computed.
+/// (candle's matmul backward also computes the weight's, which for a frozen weight costs a
+/// second matmul of the forward's size for nothing.)
+pub fn frozen_linear(x: &Tensor, w: &Tensor) -> CResult<Tensor> {
+    if !x.track_op() || w.track_op() {
+        return x.matmul(&w.t()?);
+    }
+    x.apply_op1(FrozenLinear { w: w.clone() })
+}
+
+struct FrozenLinear {
+    w: Tensor,
+}
+
+impl FrozenLinear {
+    fn dims(&self, l: &Layout) -> CResult<(usize, usize, usize, Layout)> {
+        let (n, k) = l.shape().dims2()?;
+        let (out, wk) = self.w.dims2()?;
+        if k != wk {
+            candle_core::bail!("frozen linear: input width {k}, weight {:?}", self.w.dims());
+        }
+        Ok((n, k, out, self.w.layout().transpose(0, 1)?))
+    }
+}
+
+impl CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let (n, k, out, wt) = self.dims(l)?;
+        let (ws, _) = self.w.storage_and_layout();
+        let Storage::Cpu(w) = &*ws else { candle_core::bail!("frozen linear: weight is not on the CPU") };
+        Ok((s.matmul(w, (1, n, out, k), l, &wt)?, Shape::from((n, out))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> CResult<(candle_core::CudaStorage, Shape)> {
+        let (n, k, out, wt) = self.dims(l)?;
+        let (ws, _) = self.w.storage_and_layout();
+        let Storage::Cuda(w) = &*ws else { candle_core::bail!("frozen linear: weight is not on the GPU") };
+        Ok((s.matmul(w, (1, n, out, k), l, &wt)?, Shape::from((n, out))))
+    }
+
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, dy: &Tensor) -> CResult<Option<Tensor>> {
+        Ok(Some(dy.matmul(&self.w)?))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// LM head + cross-entropy
+
+/// Target id that takes no loss (padding, prompt tokens of a chat row).
+pub const IGNORE: u32 = u32::MAX;
+
+/// `scale * sum_i NLL(softmax(x_i W^T), targets_i)` over rows whose target is not [`IGNORE`],
+/// as a scalar, without ever holding all `N x vocab` logits: rows go through in chunks, and each
+/// chunk's gradient is computed while its logits are at hand (the loss is the graph's end, so the
+/// upstream gradient is a scalar that only scales them). `w (vocab, hidden)` may be frozen or
+/// trainable (tied embeddings).
+pub fn linear_cross_entropy(x: &Tensor, w: &Tensor, targets: &[u32], scale: f64) -> CResult<Tensor> {
+    let (n, _) = x.dims2()?;
+    let v = w.dim(0)?;
+    if targets.len() != n {
+        candle_core::bail!("cross-entropy: {} targets for {n} rows", targets.len());
+    }
+    if let Some(bad) = targets.iter().find(|&&t| t != IGNORE && t as usize >= v) {
+        candle_core::bail!("cross-entropy: target {bad} outside the vocabulary of {v}");
+    }
+    let op = LinearCe {
+        x: x.detach(),
+        w: w.detach(),
+        targets: targets.to_vec(),
+        scale,
+        need_x: x.track_op(),
+        need_w: w.track_op(),
+        grads: Mutex::new(None),
+    };
+    x.apply_op2_arc(w, std::sync::Arc::new(Box::new(op)))
+}
+
+/// The same loss in candle ops: logits, log-softmax, gather (the oracle).
+pub fn linear_cross_entropy_composed(x: &Tensor, w: &Tensor, targets: &[u32], scale: f64) -> CResult<Tensor> {
+    cross_entropy(&x.matmul(&w.t()?)?, targets, scale)
+}
+
+/// `scale * sum NLL` of `logits (N, vocab)` against targets, in candle ops.
+pub fn cross_entropy(logits: &Tensor, targets: &[u32], scale: f64) -> CResult<Tensor> {
+    let x = logits;
+    let lp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    let keep: Vec<u32> = (0..targets.len() as u32).filter(|&i| targets[i as usize] != IGNORE).collect();
+    if keep.is_empty() {
+        return Tensor::zeros((), x.dtype(), x.device());
+    }
+    let rows = Tensor::new(keep.as_slice(), x.device())?;
+    let ids: Vec<u32> = keep.iter().map(|&i| targets[i as usize]).collect();
+    let ids = Tensor::new(ids.as_slice(), x.device())?.unsqueeze(1)?;
+    let picked = lp.index_select(&rows, 0)?.gather(&ids, 1)?;
+    picked.sum_all()?.neg()? * scale
+}
+
+struct LinearCe {
+    x: Tensor,
+    w: Tensor,
+    targets: Vec<u32>,
+    scale: f64,
+    need_x: bool,
+    need_w: bool,
+    /// (dx, dw) for an upstream gradient of 1, filled by the forward pass.
+    grads: Mutex<Option<(Option<Tensor>, Option<Tensor>)>>,
+}
+
+/// Rows per chunk of logits: about 32 MB of f32 logits at a 49k vocabulary.
+fn ce_chunk(vocab: usize) -> usize {
+    ((8 << 20) / vocab.max(1)).clamp(16, 1024)
+}
+
+impl LinearCe {
+    /// Loss (already scaled) and the gradients for an upstream gradient of 1.
+    fn run(&self) -> CResult<(f64, Option<Tensor>, Option<Tensor>)> {
+        let (n, h) = self.x.dims2()?;
+        let v = self.w.dim(0)?;
+        let dev = self.x.device().clone();
+        let dtype = self.x.dtype();
+        let chunk = ce_chunk(v);
+        let mut loss = 0f64;
+        let mut dxs = vec![];
+        let mut dw: Option<Tensor> = None;
+        let wt = self.w.t()?;
+        for start in (0..n).step_by(chunk) {
+            let rows = chunk.min(n - start);
+            let xc = self.x.narrow(0, start, rows)?;
+            let tgt = &self.targets[start..start + rows];
+            if tgt.iter().all(|&t| t == IGNORE) {
+                if self.need_x {
+                    dxs.push(Tensor::zeros((rows, h), dtype, &dev)?);
+                }
+                continue;
+            }
+            let logits = xc.matmul(&wt)?;
+            let (l, dlogits) = ce_rows(&logits, tgt, self.scale)?;
+            loss += l;
+            if self.need_x {
+                dxs.push(dlogits.matmul(&self.w)?);
+            }
+            if self.need_w {
+                let g = dlogits.t()?.matmul(&xc)?;
+                dw = Some(match dw {
+                    Some(acc) => (acc + g)?,
+                    None => g,
+                });
+            }
+        }
+        let dx = if self.need_x { Some(Tensor::cat(&dxs, 0)?) } else { None };
+        let dw = match (self.need_w, dw) {
+            (true, None) => Some(self.w.zeros_like()?),
+            (_, d) => d,
+        };
+        Ok((loss, dx, dw))
+    }
+}
+
+/// For one chunk of logits: the scaled NLL sum and scale * (softmax - onehot) on kept rows.
+fn ce_rows(logits: &Tensor, targets: &[u32], scale: f64) -> CResult<(f64, Tensor)> {
+    let (rows, v) = logits.dims2()?;
+    if !cpu_float(logits) {
+        // Other devices: the same arithmetic in candle ops.
+        let lse = logits.max_keepdim(1)?;
+        let z = logits.broadcast_sub(&lse)?;
+        let sum = z.exp()?.sum_keepdim(1)?;
+        let lsm = z.broadcast_sub(&sum.log()?)?;
+        let keep: Vec<f32> = targets.iter().map(|&t| if t == IGNORE { 0.0 } else { 1.0 }).collect();
+        let keep = Tensor::from_vec(keep, (rows, 1), logits.device())?.to_dtype(logits.dtype())?;
+        let ids: Vec<u32> = targets.iter().map(|&t| if t == IGNORE { 0 } else { t }).collect();
+        let ids = Tensor::from_vec(ids, (rows, 1), logits.device())?;
+        let onehot = Tensor::zeros((rows, v), logits.dtype(), logits.device())?.scatter_add(
+            &ids,
+            &Tensor::ones((rows, 1), logits.dtype(), logits.device())?,
+            1,
+        )?;
+        let nll = (lsm.gather(&ids, 1)?.neg()? * &keep)?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let d = ((lsm.exp()? - onehot)?.broadcast_mul(&keep)? * scale)?;
+        return Ok((nll * scale, d));
+    }
+    macro_rules! run {
+        ($t:ty) => {{
+            let z = values::<$t>(logits)?;
+            let mut d = vec![<$t>::from_f64(0.0); z.len()];
+            let nll: Vec<f64> = d
+                .par_chunks_mut(v)
+                .zip(z.par_chunks(v))
+                .zip(targets.par_iter())
+                .map(|((o, zr), &t)| {
+                    if t == IGNORE {
+                        return 0.0;
+                    }
+                    let max = zr.iter().map(|a| a.to_f64()).fold(f64::NEG_INFINITY, f64::max);
+                    let sum: f64 = zr.iter().map(|a| (a.to_f64() - max).exp()).sum();
+                    let lse = max + sum.ln();
+                    for (o, a) in o.iter_mut().zip(zr) {
+                        *o = <$t>::from_f64(scale * (a.to_f64() - lse).exp());
+                    }
+                    o[t as usize] = <$t>::from_f64(o[t as usize].to_f64() - scale);
+                    lse - zr[t as usize].to_f64()
+                })
+                .collect();
+            (nll.iter().sum::<f64>() * scale, Tensor::from_vec(d, (rows, v), logits.device())?)
+        }};
+    }
+    Ok(match logits.dtype() {
+        DType::F32 => run!(f32),
+        DType::F64 => run!(f64),
+        d => candle_core::bail!("cross-entropy: {d:?}"),
+    })
+}
+
+impl CustomOp2 for LinearCe {
+    fn name(&self) -> &'static str {
+        "linear-cross-entropy"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let (loss, dx, dw) = self.run()?;
+        if let Ok(mut g) = self.grads.lock() {
+            *g = Some((dx, dw));
+        }
+        let out = match s1 {
+            CpuStorage::F64(_) => CpuStorage::F64(vec![loss]),
+            _ => CpuStorage::F32(vec![loss as f32]),
+        };
+        Ok((out, Shape::from(())))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> CResult<(candle_core::CudaStorage, Shape)> {
+        let (loss, dx, dw) = self.run()?;
+        if let Ok(mut g) = self.grads.lock() {
+            *g = Some((dx, dw));
+        }
+        let t = Tensor::new(loss, self.x.device())?.to_dtype(s1.dtype())?;
+        let (st, _) = t.storage_and_layout();
+        let Storage::Cuda(c) = &*st else { candle_core::bail!("cross-entropy: loss is not on the GPU") };
+        Ok((c.try_clone(t.layout())?, Shape::from(())))
+    }
+
+    fn bwd(&self, _x: &Tensor, _w: &Tensor, _res: &Tensor, g: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw) = self
+            .grads
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("cross-entropy gradients poisoned".into()))?
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("cross-entropy: backward ran twice".into()))?;
+        let scale = |t: Option<Tensor>| -> CResult<Option<Tensor>> {
+            match t {
+                Some(t) => Ok(Some(t.broadcast_mul(&g.to_dtype(t.dtype())?)?)),
+                None => Ok(None),
+            }
+        };
+        Ok((scale(dx)?, scale(dw)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn rand(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
+        let n: usize = shape.iter().product();
+        let v: Vec<f64> = (0..n)
+            .map(|i| {
+                ((crate::lora::mix(seed ^ crate::lora::mix(i as u64)) >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    /// Forward value and input gradients of `f` (under a fixed random projection of its output)
+    /// for the fused op and its composition must agree.
+    fn check_against_composed(
+        inputs: &[Tensor],
+        fused: impl Fn(&[Tensor]) -> Tensor,
+        composed: impl Fn(&[Tensor]) -> Tensor,
+        tol: f64,
+    ) {
+        let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let (a, b) = (fused(&ts), composed(&ts));
+        assert!(max_diff(&a, &b) < tol, "forward: {}", max_diff(&a, &b));
+        let proj = rand(a.dims(), 99, a.dtype());
+        let ga = (&a * &proj).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (&b * &proj).unwrap().sum_all().unwrap().backward().unwrap();
+        for (i, v) in vars.iter().enumerate() {
+            let (x, y) = (ga.get(v.as_tensor()), gb.get(v.as_tensor()));
+            match (x, y) {
+                (Some(x), Some(y)) => {
+                    assert!(max_diff(x, y) < tol, "input {i}: gradient differs by {}", max_diff(x, y))
+                }
+                (None, None) => {}
+                _ => panic!("input {i}: gradient present in one version only"),
+            }
+        }
+    }
+
+    /// Central differences of `sum(f(inputs) * proj)` at a few coordinates of each input (f64).
+    fn check_finite_differences(inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Tensor) {
+        let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let out = f(&ts);
+        let proj = rand(out.dims(), 7, DType::F64);
+        let loss = |ts: &[Tensor]| -> f64 { (f(ts) * &proj).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap() };
+        let g = (out * &proj).unwrap().sum_all().unwrap().backward().unwrap();
+        let eps = 1e-5;
+        for (i, v) in vars.iter().enumerate() {
+            let grad: Vec<f64> = g.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let base: Vec<f64> = inputs[i].flatten_all().unwrap().to_vec1().unwrap();
+            for k in [0, base.len() / 3, base.len() - 1] {
+                let at = |d: f64| {
+                    let mut p = base.clone();
+                    p[k] += d;
+                    let mut ts: Vec<Tensor> = inputs.to_vec();
+                    ts[i] = Tensor::from_vec(p, inputs[i].shape(), &Device::Cpu).unwrap();
+                    loss(&ts)
+                };
+                let fd = (at(eps) - at(-eps)) / (2.0 * eps);
+                let err = (fd - grad[k]).abs() / fd.abs().max(grad[k].abs()).max(1e-6);
+                assert!(err < 1e-6, "input {i} [{k}]: autograd {} vs finite difference {fd}", grad[k]);
+            }
+        }
+    }
+
+    #[test]
+    fn rms_norm_matches_composition_and_finite_differences() {
+        for dtype in [DType::F32, DType::F64] {
+            let x = rand(&[3, 5, 16], 1, dtype);
+            let w = rand(&[16], 2, dtype);
+            let tol = if dtype == DType::F32 { 1e-5 } else { 1e-12 };
+            check_against_composed(
+                &[x, w],
+                |t| rms_norm(&t[0], &t[1], 1e-5).unwrap(),
+                |t| rms_norm_composed(&t[0], &t[1], 1e-5).unwrap(),
+                tol,
+            );
+        }
+        let (x, w) = (rand(&[4, 8], 3, DType::F64), rand(&[8], 4, DType::F64));
+        check_finite_differences(&[x, w], |t| rms_norm(&t[0], &t[1], 1e-5).unwrap());
+    }
+
+    #[test]
+    fn softmax_matches_composition_and_finite_differences() {
+        let x = (rand(&[2, 3, 7], 5, DType::F64) * 4.0).unwrap();
+        check_against_composed(
+            &[x.clone()],
+            |t| softmax_last_dim(&t[0]).unwrap(),
+            |t| candle_nn::ops::softmax(&t[0], D::Minus1).unwrap(),
+            1e-12,
+        );
+        check_finite_differences(&[x], |t| softmax_last_dim(&t[0]).unwrap());
+    }
+
+    #[test]
+    fn rope_matches_candle_and_composition_in_both_pairings() {
+        for interleaved in [true, false] {
+            let x = rand(&[2, 3, 5, 8], 6, DType::F32);
+            let angles: Vec<f32> = (0..2 * 5 * 4).map(|i| i as f32 * 0.37).collect();
+            let cos = Tensor::from_vec(angles.iter().map(|a| a.cos()).collect(), (2, 5, 4), &Device::Cpu).unwrap();
+            let sin = Tensor::from_vec(angles.iter().map(|a| a.sin()).collect(), (2, 5, 4), &Device::Cpu).unwrap();
+            // Untracked: candle's kernel; tracked: ours; both equal the composition.
+            let plain = rope(&x, &cos, &sin, interleaved).unwrap();
+            assert!(max_diff(&plain, &rope_composed(&x, &cos, &sin, interleaved).unwrap()) < 1e-6);
+            let (c2, s2) = (cos.clone(), sin.clone());
+            check_against_composed(
+                &[x.clone()],
+                |t| rope(&t[0], &cos, &sin, interleaved).unwrap(),
+                |t| rope_composed(&t[0], &c2, &s2, interleaved).unwrap(),
+                1e-6,
+            );
+            let (c, s) = (cos.to_dtype(DType::F64).unwrap(), sin.to_dtype(DType::F64).unwrap());
+            check_finite_differences(&[x.to_dtype(DType::F64).unwrap()], |t| rope(&t[0], &c, &s, interleaved).unwrap());
+        }
+    }
+
+    #[test]
+    fn gated_activations_match_composition_and_finite_differences() {
+        for act in [Activation::Silu, Activation::GeluTanh] {
+            let (g, u) = ((rand(&[6, 10], 8, DType::F64) * 3.0).unwrap(), rand(&[6, 10], 9, DType::F64));
+            // candle's GELU backward rounds its constants (0.797885, ...): 1e-7 apart from the exact one.
+            check_against_composed(
+                &[g.clone(), u.clone()],
+                |t| gated(&t[0], &t[1], act).unwrap(),
+                |t| gated_composed(&t[0], &t[1], act).unwrap(),
+                1e-6,
+            );
+            check_finite_differences(&[g, u], |t| gated(&t[0], &t[1], act).unwrap());
+        }
+    }
+
+    #[test]
+    fn frozen_linear_gives_the_input_gradient_only() {
+        let x = Var::from_tensor(&rand(&[5, 6], 10, DType::F64)).unwrap();
+        let w = rand(&[4, 6], 11, DType::F64);
+        let y = frozen_linear(x.as_tensor(), &w).unwrap();
+        let want = x.as_tensor().matmul(&w.t().unwrap()).unwrap();
+        assert!(max_diff(&y, &want) < 1e-12);
+        let g = y.sum_all().unwrap().backward().unwrap();
+        let gw = Tensor::ones((5, 4), DType::F64, &Device::Cpu).unwrap().matmul(&w).unwrap();
+        assert!(max_diff(g.get(x.as_tensor()).unwrap(), &gw) < 1e-12);
+        assert!(g.get(&w).is_none());
+    }
+
+    #[test]
+    fn fused_cross_entropy_matches_composition_with_ignored_rows_and_chunks() {
+        // 40 rows over a vocabulary large enough that the rows go through in several chunks.
+        let (n, h, v) = (40, 6, 600_000);
+        assert!(ce_chunk(v) < n);
+        let x = rand(&[n, h], 12, DType::F64);
+        let w = (rand(&[v, h], 13, DType::F64) * 0.5).unwrap();
+        let targets: Vec<u32> =
+            (0..n as u32).map(|i| if i % 7 == 3 { IGNORE } else { (i * 7919) % v as u32 }).collect();
+        let (t1, t2) = (targets.clone(), targets.clone());
+        check_against_composed(
+            &[x, w],
+            |t| linear_cross_entropy(&t[0], &t[1], &t1, 0.1).unwrap(),
+            |t| linear_cross_entropy_composed(&t[0], &t[1], &t2, 0.1).unwrap(),
+            1e-10,
+        );
+    }
+
+    #[test]
+    fn fused_cross_entropy_finite_differences() {
+        let x = rand(&[5, 4], 14, DType::F64);
+        let w = rand(&[9, 4], 15, DType::F64);
+        let targets = vec![1, IGNORE, 8, 0, 3];
+        check_finite_differences(&[x, w], |t| linear_cross_entropy(&t[0], &t[1], &targets, 0.5).unwrap());
+    }
+
+    #[test]
+    fn weight_gradients_do_not_depend_on_the_thread_count() {
+        let x = Var::from_tensor(&rand(&[300, 32], 16, DType::F32)).unwrap();
+        let w = Var::from_tensor(&rand(&[32], 17, DType::F32)).unwrap();
+        let grad = || {
+            let y = rms_norm(x.as_tensor(), w.as_tensor(), 1e-5).unwrap();
+            let g = (y * rand(&[300, 32], 18, DType::F32)).unwrap().sum_all().unwrap().backward().unwrap();
+            g.get(w.as_tensor()).unwrap().to_vec1::<f32>().unwrap()
+        };
+        let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap().install(grad);
+        let three = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap().install(grad);
+        assert_eq!(one, three);
+    }
+}
