@@ -406,7 +406,7 @@ impl KvCache for BoundedCache {
             Rule::H2o { .. } => self.mask(&slots.pos, &step, window, heads)?,
         };
         let l = fill + t;
-        Ok(KvView { k: slots.k.narrow(2, 0, l)?, v: slots.v.narrow(2, 0, l)?, mask })
+        Ok(KvView { k: slots.k.narrow(2, 0, l)?, v: slots.v.narrow(2, 0, l)?, mask, causal: None })
     }
 
     fn wants_probs(&self) -> bool {

@@ -186,7 +186,7 @@ impl KvCache for MaskOracle {
             }
         }
         let mask = Tensor::from_vec(m, (b_, h_, t, l), &Device::Cpu)?;
-        Ok(KvView { k: view_k, v: vv, mask: Some(mask) })
+        Ok(KvView { k: view_k, v: vv, mask: Some(mask), causal: None })
     }
 
     fn wants_probs(&self) -> bool {

@@ -68,6 +68,15 @@ pub struct KvView {
     pub k: Tensor,
     pub v: Tensor,
     pub mask: Option<Tensor>,
+    /// Set when the view holds exactly the step's own keys and the mask is plain causal masking
+    /// (within this window, if any): attention may then skip the masked half instead of adding
+    /// the mask.
+    pub causal: Option<Causal>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Causal {
+    pub window: Option<usize>,
 }
 
 pub trait KvCache: Send {
@@ -242,7 +251,7 @@ impl KvCache for FullCache {
                 self.mask_window.as_ref().and_then(|(_, m)| m.clone())
             }
         };
-        Ok(KvView { k, v, mask })
+        Ok(KvView { k, v, mask, causal: None })
     }
 
     fn end_step(&mut self) -> Result<()> {
@@ -333,7 +342,7 @@ impl KvCache for StepCache {
                 m
             }
         };
-        Ok(KvView { k: k.clone(), v: v.clone(), mask })
+        Ok(KvView { k: k.clone(), v: v.clone(), mask, causal: Some(Causal { window }) })
     }
 
     fn end_step(&mut self) -> Result<()> {

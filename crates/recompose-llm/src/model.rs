@@ -590,7 +590,10 @@ impl Model {
         let wants_mass = cache.wants_probs();
         let tracked = q.track_op() || view.k.track_op() || view.v.track_op();
         let fused = t <= FUSED_ATTENTION_MAX_T && !tracked && q.device().is_cpu() && q.dtype() == DType::F32;
-        let out = if fused {
+        let out = if let (Some(causal), false) = (view.causal, wants_mass) {
+            // The step's own keys under a causal mask: the blocked kernel (with a backward).
+            grad::causal_attention(q, &view.k, &view.v, c.attn_scale, causal.window)?
+        } else if fused {
             let lens = wants_mass.then_some(step.lens.as_slice());
             let (out, mass) = crate::attention::fused_attention(
                 q,
