@@ -84,7 +84,17 @@ impl Linear {
             Weight::Dense(w) => {
                 let w = if out < out_full { w.narrow(0, 0, out)? } else { w.clone() };
                 let w = if inp < in_full { w.narrow(1, 0, inp)? } else { w };
-                crate::grad::frozen_linear(&x2, &w)?
+                match &self.lora {
+                    // Without dropout the branch fuses with the base matmul.
+                    Some(l) if !l.drops(dropout_seed) => {
+                        let (a, b) = l.prefix(out, inp)?;
+                        let y = crate::grad::lora_linear(&x2, &w, &a, &b, l.scale)?;
+                        let mut shape = lead.to_vec();
+                        shape.push(out);
+                        return Ok(y.reshape(shape)?);
+                    }
+                    _ => crate::grad::frozen_linear(&x2, &w)?,
+                }
             }
             Weight::Packed(w) => {
                 if x2.track_op() {

@@ -117,8 +117,7 @@ impl LoraBranch {
     /// `scale * B (A dropout(x))` for `x (N, inp)`, restricted to the first `out` outputs and
     /// `inp` inputs (elastic prefixes).
     pub fn forward(&self, x: &Tensor, out: usize, inp: usize, dropout_seed: Option<u64>) -> Result<Tensor> {
-        let a = if inp < self.a.dim(1)? { self.a.narrow(1, 0, inp)? } else { self.a.clone() };
-        let b = if out < self.b.dim(0)? { self.b.narrow(0, 0, out)? } else { self.b.clone() };
+        let (a, b) = self.prefix(out, inp)?;
         let x = match dropout_seed {
             Some(seed) if self.dropout > 0.0 => {
                 let (n, k) = x.dims2()?;
@@ -126,8 +125,20 @@ impl LoraBranch {
             }
             _ => x.clone(),
         };
-        let h = x.matmul(&a.t()?)?;
-        Ok((h.matmul(&b.t()?)? * self.scale)?)
+        let h = (x.matmul(&a.t()?)? * self.scale)?;
+        Ok(h.matmul(&b.t()?)?)
+    }
+
+    /// `A` and `B` cut to the first `out` outputs and `inp` inputs.
+    pub fn prefix(&self, out: usize, inp: usize) -> Result<(Tensor, Tensor)> {
+        let a = if inp < self.a.dim(1)? { self.a.narrow(1, 0, inp)? } else { self.a.clone() };
+        let b = if out < self.b.dim(0)? { self.b.narrow(0, 0, out)? } else { self.b.clone() };
+        Ok((a, b))
+    }
+
+    /// Whether a forward pass with this seed drops features.
+    pub fn drops(&self, dropout_seed: Option<u64>) -> bool {
+        dropout_seed.is_some() && self.dropout > 0.0
     }
 }
 

@@ -7,7 +7,7 @@
 //! KV head's query groups run in order in one task, so key and value gradients are summed in a
 //! fixed order.
 
-use super::{cpu_float, slice, values, CResult, Real};
+use super::{cpu_float, dot, max_of, slice, sum_of, values, vectorized, CResult, Real};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, WithDType, D};
 use rayon::prelude::*;
@@ -141,6 +141,7 @@ fn geom(q: &[usize], k: &[usize], v: &[usize], window: Option<usize>) -> CResult
 }
 
 /// Forward of one (row, KV head): writes `o (G*T, D)` and each query's log-sum-exp.
+#[inline(always)]
 fn forward_task<T: Real>(gm: &Geom, scale: T, q: &[T], k: &[T], v: &[T], o: &mut [T], lse: &mut [f64]) {
     let (t, d) = (gm.t, gm.d);
     let mut s = vec![T::from_f64(0.0); BQ * t];
@@ -155,22 +156,15 @@ fn forward_task<T: Real>(gm: &Geom, scale: T, q: &[T], k: &[T], v: &[T], o: &mut
                 let ti = q0 + i;
                 let (lo, hi) = (gm.first(ti) - k0, ti - k0 + 1);
                 let row = &mut s[i * kl..(i + 1) * kl];
-                let mut max = T::from_f64(f64::NEG_INFINITY);
-                for x in &mut row[lo..hi] {
-                    *x *= scale;
-                    if *x > max {
-                        max = *x;
-                    }
-                }
-                let mut sum = 0f64;
-                for x in &mut row[lo..hi] {
-                    *x = (*x - max).expo();
-                    sum += x.to_f64();
-                }
+                let live = &mut row[lo..hi];
+                live.iter_mut().for_each(|x| *x *= scale);
+                let max = max_of(live);
+                live.iter_mut().for_each(|x| *x = (*x - max).expo());
+                let sum = sum_of(live);
                 let inv = T::from_f64(1.0 / sum);
+                live.iter_mut().for_each(|x| *x *= inv);
                 let (head, rest) = row.split_at_mut(lo);
                 head.iter_mut().chain(&mut rest[hi - lo..]).for_each(|x| *x = T::from_f64(0.0));
-                row[lo..hi].iter_mut().for_each(|x| *x *= inv);
                 lse[gi * t + ti] = max.to_f64() + sum.ln();
             }
             mm(bq, d, kl, &mut o[(gi * t + q0) * d..], false, &s, (kl, 1), &v[k0 * d..], (d, 1));
@@ -180,6 +174,7 @@ fn forward_task<T: Real>(gm: &Geom, scale: T, q: &[T], k: &[T], v: &[T], o: &mut
 
 /// Backward of one (row, KV head): dq `(G*T, D)`, dk and dv `(T, D)`.
 #[allow(clippy::too_many_arguments)]
+#[inline(always)]
 fn backward_task<T: Real>(
     gm: &Geom,
     scale: T,
@@ -206,7 +201,7 @@ fn backward_task<T: Real>(
                 let (lo, hi) = (gm.first(ti) - k0, ti - k0 + 1);
                 let l = T::from_f64(lse[gi * t + ti]);
                 // D = rowsum(dO * O) = rowsum(dP * P).
-                let dsum: T = (0..d).fold(zero, |a, c| a + gb[i * d + c] * ob[i * d + c]);
+                let dsum = T::from_f64(dot(&gb[i * d..(i + 1) * d], &ob[i * d..(i + 1) * d]));
                 let (pr, dr) = (&mut p[i * kl..(i + 1) * kl], &mut dp[i * kl..(i + 1) * kl]);
                 for j in 0..kl {
                     if j < lo || j >= hi {
@@ -234,7 +229,7 @@ impl CausalAttention {
         let mut lse = vec![0f64; gm.b * gm.h * gt];
         let scale = T::from_f64(self.scale);
         o.par_chunks_mut(gt * gm.d).zip(lse.par_chunks_mut(gt)).enumerate().for_each(|(bh, (o, l))| {
-            forward_task(&gm, scale, &q[bh * gt * gm.d..], &k[bh * td..], &v[bh * td..], o, l)
+            vectorized(|| forward_task(&gm, scale, &q[bh * gt * gm.d..], &k[bh * td..], &v[bh * td..], o, l))
         });
         if let Ok(mut slot) = self.lse.lock() {
             *slot = Some(lse);
@@ -269,7 +264,7 @@ impl CausalAttention {
             |(bh, (dq, (dk, dv)))| {
                 let (qo, ko) = (bh * gt * gm.d, bh * td);
                 let inputs = (&qv[qo..], &kv[ko..], &vv[ko..], &ov[qo..], &gv[qo..]);
-                backward_task(&gm, scale, inputs, &lse[bh * gt..], dq, dk, dv)
+                vectorized(|| backward_task(&gm, scale, inputs, &lse[bh * gt..], dq, dk, dv))
             },
         );
         let dev = q.device();

@@ -2,7 +2,7 @@
 //! chunk's gradient is taken while its logits are at hand, so the `N x vocab` matrix never
 //! exists whole (32 MB at a time instead of 400 MB for a batch of 2048 tokens).
 
-use super::{cpu_float, values, CResult, Real};
+use super::{cpu_float, max_of, sum_of, values, vectorized, CResult, Real};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 use std::sync::Mutex;
@@ -158,16 +158,17 @@ fn ce_rows_cpu<T: Real>(logits: &Tensor, targets: &[u32], scale: f64, v: usize) 
             if t == IGNORE {
                 return 0.0;
             }
-            let max = zr.iter().copied().fold(zr[0], |a, b| if b > a { b } else { a });
-            let mut sum = 0f64;
-            for (o, a) in o.iter_mut().zip(zr) {
-                *o = (*a - max).expo();
-                sum += o.to_f64();
-            }
-            let k = T::from_f64(scale / sum);
-            o.iter_mut().for_each(|x| *x *= k);
-            o[t as usize] -= s;
-            max.to_f64() + sum.ln() - zr[t as usize].to_f64()
+            vectorized(|| {
+                let max = max_of(zr);
+                for (o, &a) in o.iter_mut().zip(zr) {
+                    *o = (a - max).expo();
+                }
+                let sum = sum_of(o);
+                let k = T::from_f64(scale / sum);
+                o.iter_mut().for_each(|x| *x *= k);
+                o[t as usize] -= s;
+                max.to_f64() + sum.ln() - zr[t as usize].to_f64()
+            })
         })
         .collect();
     Ok((nll.iter().sum::<f64>() * scale, Tensor::from_vec(d, (logits.dim(0)?, v), logits.device())?))

@@ -12,12 +12,38 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, Tensor, WithDType, D};
 use rayon::prelude::*;
 use recompose_core::config::Activation;
+use std::sync::Mutex;
 
 pub(crate) type CResult<T> = candle_core::Result<T>;
 
 /// Rows per partial sum of a cross-row reduction: a constant, so the summation order (and the
 /// result's bits) are the same for any thread count.
 pub(crate) const REDUCE_ROWS: usize = 64;
+
+/// Runs `f` inside a function compiled for AVX-512 (or AVX2 and FMA) when the CPU has it, so
+/// the element loops it inlines vectorise wide; the baseline build targets plain x86-64.
+#[inline(always)]
+pub(crate) fn vectorized<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use crate::kernels::quant::{level, Level};
+        #[target_feature(enable = "avx512f,avx2,fma")]
+        unsafe fn wide<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn narrow<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        match level() {
+            // SAFETY: `level()` detected these features on this CPU.
+            Level::Avx512Vnni => return unsafe { wide(f) },
+            Level::Avx2 => return unsafe { narrow(f) },
+            Level::Scalar => {}
+        }
+    }
+    f()
+}
 
 pub(crate) fn wants_grad(ts: &[&Tensor]) -> bool {
     ts.iter().any(|t| t.track_op())
@@ -67,12 +93,15 @@ impl Real for f32 {
     /// branch-free so the loops vectorise.
     #[inline(always)]
     fn expo(self) -> f32 {
-        let x = self.clamp(-87.0, 88.0);
-        let n = (x * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
+        let x = self.max(-87.0).min(88.0);
+        // t = 1.5 * 2^23 + round(x log2 e): its low mantissa bits hold n as an integer.
+        let t = x * std::f32::consts::LOG2_E + 12_582_912.0;
+        let n = t - 12_582_912.0;
         let r = x - n * 0.693_145_75 - n * 1.428_606_8e-6;
         let p =
             1.0 + r * (1.0 + r * (0.5 + r * (0.166_666_67 + r * (0.041_666_5 + r * (0.008_333_36 + r * 0.001_392_5)))));
-        p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+        let two_n = t.to_bits().wrapping_sub(0x4B40_0000).wrapping_add(127) << 23;
+        p * f32::from_bits(two_n)
     }
 }
 
@@ -80,6 +109,52 @@ impl Real for f64 {
     fn expo(self) -> f64 {
         self.exp()
     }
+}
+
+/// `sum(a * b)` in 16 independent lanes (so it vectorises), finished in f64.
+#[inline(always)]
+pub(crate) fn dot<T: Real>(a: &[T], b: &[T]) -> f64 {
+    let mut acc = [T::from_f64(0.0); 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f64 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| (*x * *y).to_f64()).sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..16 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().map(|v| v.to_f64()).sum::<f64>() + tail
+}
+
+/// `sum(a)` in 16 lanes, finished in f64.
+#[inline(always)]
+pub(crate) fn sum_of<T: Real>(a: &[T]) -> f64 {
+    let mut acc = [T::from_f64(0.0); 16];
+    let c = a.chunks_exact(16);
+    let tail: f64 = c.remainder().iter().map(|v| v.to_f64()).sum();
+    for x in c {
+        for i in 0..16 {
+            acc[i] += x[i];
+        }
+    }
+    acc.iter().map(|v| v.to_f64()).sum::<f64>() + tail
+}
+
+/// The largest element, in 16 lanes.
+#[inline(always)]
+pub(crate) fn max_of<T: Real>(a: &[T]) -> T {
+    let first = a.first().copied().unwrap_or(T::from_f64(f64::NEG_INFINITY));
+    let mut acc = [first; 16];
+    let c = a.chunks_exact(16);
+    let mut m = c.remainder().iter().copied().fold(first, |x, y| if y > x { y } else { x });
+    for x in c {
+        for i in 0..16 {
+            acc[i] = if x[i] > acc[i] { x[i] } else { acc[i] };
+        }
+    }
+    for v in acc {
+        m = if v > m { v } else { m };
+    }
+    m
 }
 
 mod attention;
@@ -114,9 +189,9 @@ struct RmsNorm {
     eps: f64,
 }
 
-fn inv_rms<T: WithDType>(row: &[T], eps: f64) -> f64 {
-    let ss: f64 = row.iter().map(|v| v.to_f64() * v.to_f64()).sum();
-    1.0 / (ss / row.len() as f64 + eps).sqrt()
+#[inline(always)]
+fn inv_rms<T: Real>(row: &[T], eps: f64) -> f64 {
+    1.0 / (dot(row, row) / row.len() as f64 + eps).sqrt()
 }
 
 impl CustomOp2 for RmsNorm {
@@ -133,11 +208,15 @@ impl CustomOp2 for RmsNorm {
         let out = float_dispatch!("rms-norm", s1, |T| {
             let (x, w) = (slice::<T>(s1, l1, "rms-norm")?, slice::<T>(s2, l2, "rms-norm")?);
             let mut y = vec![T::from_f64(0.0); x.len()];
-            y.par_chunks_mut(h.max(1)).zip(x.par_chunks(h.max(1))).for_each(|(yo, xi)| {
-                let r = inv_rms(xi, eps);
-                for ((o, v), g) in yo.iter_mut().zip(xi).zip(w) {
-                    *o = T::from_f64(v.to_f64() * r * g.to_f64());
-                }
+            y.par_chunks_mut(h.max(1) * 16).zip(x.par_chunks(h.max(1) * 16)).for_each(|(yo, xs)| {
+                vectorized(|| {
+                    for (yo, xi) in yo.chunks_mut(h.max(1)).zip(xs.chunks(h.max(1))) {
+                        let r = T::from_f64(inv_rms(xi, eps));
+                        for ((o, &v), &g) in yo.iter_mut().zip(xi).zip(w) {
+                            *o = v * r * g;
+                        }
+                    }
+                })
             });
             T::to_cpu_storage_owned(y)
         });
@@ -164,7 +243,7 @@ impl CustomOp2 for RmsNorm {
 }
 
 /// dx = r (g - x r^2 mean(g x)) with g = dy w; dw = sum over rows of dy x r.
-fn rms_norm_backward<T: WithDType>(
+fn rms_norm_backward<T: Real>(
     x: &[T],
     w: &[T],
     dy: &[T],
@@ -175,13 +254,19 @@ fn rms_norm_backward<T: WithDType>(
 ) -> (Vec<T>, Vec<T>) {
     let mut dx = vec![T::from_f64(0.0); if need_x { x.len() } else { 0 }];
     if need_x {
-        dx.par_chunks_mut(h).zip(x.par_chunks(h)).zip(dy.par_chunks(h)).for_each(|((o, xi), gi)| {
-            let r = inv_rms(xi, eps);
-            let dot: f64 = xi.iter().zip(gi).zip(w).map(|((v, g), ww)| v.to_f64() * g.to_f64() * ww.to_f64()).sum();
-            let c = dot / h as f64 * r * r;
-            for (((o, v), g), ww) in o.iter_mut().zip(xi).zip(gi).zip(w) {
-                *o = T::from_f64(r * (g.to_f64() * ww.to_f64() - v.to_f64() * c));
-            }
+        dx.par_chunks_mut(h * 16).zip(x.par_chunks(h * 16)).zip(dy.par_chunks(h * 16)).for_each(|((o, xs), gs)| {
+            vectorized(|| {
+                let mut gw = vec![T::from_f64(0.0); h];
+                for ((o, xi), gi) in o.chunks_mut(h).zip(xs.chunks(h)).zip(gs.chunks(h)) {
+                    let r = inv_rms(xi, eps);
+                    gw.iter_mut().zip(gi).zip(w).for_each(|((a, &g), &ww)| *a = g * ww);
+                    let c = T::from_f64(dot(xi, &gw) / h as f64 * r * r);
+                    let r = T::from_f64(r);
+                    for ((o, &v), &g) in o.iter_mut().zip(xi).zip(&gw) {
+                        *o = r * (g - v * c);
+                    }
+                }
+            })
         });
     }
     let mut dw = vec![T::from_f64(0.0); h];
@@ -190,14 +275,16 @@ fn rms_norm_backward<T: WithDType>(
             .par_chunks(h * REDUCE_ROWS)
             .zip(dy.par_chunks(h * REDUCE_ROWS))
             .map(|(xs, gs)| {
-                let mut acc = vec![0f64; h];
-                for (xi, gi) in xs.chunks(h).zip(gs.chunks(h)) {
-                    let r = inv_rms(xi, eps);
-                    for ((a, v), g) in acc.iter_mut().zip(xi).zip(gi) {
-                        *a += g.to_f64() * v.to_f64() * r;
+                vectorized(|| {
+                    let mut acc = vec![0f64; h];
+                    for (xi, gi) in xs.chunks(h).zip(gs.chunks(h)) {
+                        let r = inv_rms(xi, eps);
+                        for ((a, &v), &g) in acc.iter_mut().zip(xi).zip(gi) {
+                            *a += (g * v).to_f64() * r;
+                        }
                     }
-                }
-                acc
+                    acc
+                })
             })
             .collect();
         let mut acc = vec![0f64; h];
@@ -326,7 +413,7 @@ struct Rope {
 }
 
 /// The rotation itself; `sign` -1 rotates backwards (the transpose, used by the backward pass).
-fn rotate<T: WithDType>(
+fn rotate<T: Real>(
     x: &[T],
     cos: &[T],
     sin: &[T],
@@ -337,21 +424,32 @@ fn rotate<T: WithDType>(
 ) -> Vec<T> {
     let (_, h, t, d) = dims;
     let half = d / 2;
+    let sign = T::from_f64(sign);
     let mut y = vec![T::from_f64(0.0); x.len()];
     y.par_chunks_mut(t * d).zip(x.par_chunks(t * d)).enumerate().for_each(|(bh, (yo, xi))| {
         let row = if per_row { bh / h } else { 0 };
-        for ti in 0..t {
-            let at = (row * t + ti) * half;
-            let (cs, ss) = (&cos[at..at + half], &sin[at..at + half]);
-            let (xr, yr) = (&xi[ti * d..(ti + 1) * d], &mut yo[ti * d..(ti + 1) * d]);
-            for i in 0..half {
-                let (c, s) = (cs[i].to_f64(), sign * ss[i].to_f64());
-                let (a, bidx) = if interleaved { (2 * i, 2 * i + 1) } else { (i, i + half) };
-                let (x0, x1) = (xr[a].to_f64(), xr[bidx].to_f64());
-                yr[a] = T::from_f64(x0 * c - x1 * s);
-                yr[bidx] = T::from_f64(x0 * s + x1 * c);
+        vectorized(|| {
+            for ti in 0..t {
+                let at = (row * t + ti) * half;
+                let (cs, ss) = (&cos[at..at + half], &sin[at..at + half]);
+                let (xr, yr) = (&xi[ti * d..(ti + 1) * d], &mut yo[ti * d..(ti + 1) * d]);
+                if interleaved {
+                    for i in 0..half {
+                        let (c, s, x0, x1) = (cs[i], sign * ss[i], xr[2 * i], xr[2 * i + 1]);
+                        yr[2 * i] = x0 * c - x1 * s;
+                        yr[2 * i + 1] = x0 * s + x1 * c;
+                    }
+                } else {
+                    let (y0, y1) = yr.split_at_mut(half);
+                    let (x0, x1) = xr.split_at(half);
+                    for i in 0..half {
+                        let (c, s) = (cs[i], sign * ss[i]);
+                        y0[i] = x0[i] * c - x1[i] * s;
+                        y1[i] = x0[i] * s + x1[i] * c;
+                    }
+                }
             }
-        }
+        })
     });
     y
 }
@@ -440,20 +538,65 @@ struct Gated {
 
 const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
 
-/// (act(x), act'(x)).
-fn act_and_grad(act: Activation, x: f64) -> (f64, f64) {
+/// (act(x), act'(x)) in the element type, with the fast exp for f32.
+#[inline(always)]
+fn act_and_grad<T: Real>(act: Activation, x: T) -> (T, T) {
+    let c = |v: f64| T::from_f64(v);
     match act {
         Activation::Silu => {
-            let s = 1.0 / (1.0 + (-x).exp());
-            (x * s, s * (1.0 + x * (1.0 - s)))
+            let s = c(1.0) / (c(1.0) + (c(0.0) - x).expo());
+            (x * s, s * (c(1.0) + x * (c(1.0) - s)))
         }
         Activation::GeluTanh => {
-            let inner = SQRT_2_OVER_PI * (x + 0.044715 * x * x * x);
-            let th = inner.tanh();
-            let dinner = SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * x * x);
-            (0.5 * x * (1.0 + th), 0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * dinner)
+            let inner = c(SQRT_2_OVER_PI) * (x + c(0.044715) * x * x * x);
+            let th = c(1.0) - c(2.0) / ((inner + inner).expo() + c(1.0));
+            let dinner = c(SQRT_2_OVER_PI) * (c(1.0) + c(3.0 * 0.044715) * x * x);
+            (c(0.5) * x * (c(1.0) + th), c(0.5) * (c(1.0) + th) + c(0.5) * x * (c(1.0) - th * th) * dinner)
         }
     }
+}
+
+fn gated_forward<T: Real>(act: Activation, g: &[T], u: &[T]) -> Vec<T> {
+    let mut y = vec![T::from_f64(0.0); g.len()];
+    y.par_chunks_mut(4096).zip(g.par_chunks(4096)).zip(u.par_chunks(4096)).for_each(|((o, gs), us)| {
+        vectorized(|| match act {
+            Activation::Silu => {
+                for ((o, &a), &b) in o.iter_mut().zip(gs).zip(us) {
+                    *o = act_and_grad(Activation::Silu, a).0 * b;
+                }
+            }
+            Activation::GeluTanh => {
+                for ((o, &a), &b) in o.iter_mut().zip(gs).zip(us) {
+                    *o = act_and_grad(Activation::GeluTanh, a).0 * b;
+                }
+            }
+        })
+    });
+    y
+}
+
+#[inline(always)]
+fn gated_grad_chunk<T: Real>(act: Activation, dg: &mut [T], du: &mut [T], g: &[T], u: &[T], dy: &[T]) {
+    for i in 0..g.len().min(dg.len()).min(du.len()).min(u.len()).min(dy.len()) {
+        let (a, da) = act_and_grad(act, g[i]);
+        dg[i] = dy[i] * u[i] * da;
+        du[i] = dy[i] * a;
+    }
+}
+
+fn gated_backward<T: Real>(act: Activation, g: &[T], u: &[T], dy: &[T]) -> (Vec<T>, Vec<T>) {
+    let mut dg = vec![T::from_f64(0.0); g.len()];
+    let mut du = vec![T::from_f64(0.0); g.len()];
+    dg.par_chunks_mut(4096)
+        .zip(du.par_chunks_mut(4096))
+        .zip(g.par_chunks(4096).zip(u.par_chunks(4096)).zip(dy.par_chunks(4096)))
+        .for_each(|((dgo, duo), ((gs, us), ds))| {
+            vectorized(|| match act {
+                Activation::Silu => gated_grad_chunk(Activation::Silu, dgo, duo, gs, us, ds),
+                Activation::GeluTanh => gated_grad_chunk(Activation::GeluTanh, dgo, duo, gs, us, ds),
+            })
+        });
+    (dg, du)
 }
 
 impl CustomOp2 for Gated {
@@ -468,13 +611,7 @@ impl CustomOp2 for Gated {
         let act = self.act;
         let out = float_dispatch!("gated activation", s1, |T| {
             let (g, u) = (slice::<T>(s1, l1, "gated")?, slice::<T>(s2, l2, "gated")?);
-            let mut y = vec![T::from_f64(0.0); g.len()];
-            y.par_chunks_mut(4096).zip(g.par_chunks(4096)).zip(u.par_chunks(4096)).for_each(|((o, gs), us)| {
-                for ((o, a), b) in o.iter_mut().zip(gs).zip(us) {
-                    *o = T::from_f64(act_and_grad(act, a.to_f64()).0 * b.to_f64());
-                }
-            });
-            T::to_cpu_storage_owned(y)
+            T::to_cpu_storage_owned(gated_forward(act, g, u))
         });
         Ok((out, l1.shape().clone()))
     }
@@ -484,19 +621,7 @@ impl CustomOp2 for Gated {
         macro_rules! run {
             ($t:ty) => {{
                 let (gv, uv, dv) = (values::<$t>(g)?, values::<$t>(u)?, values::<$t>(&dy.contiguous()?)?);
-                let mut dg = vec![<$t>::from_f64(0.0); gv.len()];
-                let mut du = vec![<$t>::from_f64(0.0); gv.len()];
-                dg.par_chunks_mut(4096)
-                    .zip(du.par_chunks_mut(4096))
-                    .zip(gv.par_chunks(4096).zip(uv.par_chunks(4096)).zip(dv.par_chunks(4096)))
-                    .for_each(|((dgo, duo), ((gs, us), ds))| {
-                        for i in 0..gs.len() {
-                            let (a, da) = act_and_grad(act, gs[i].to_f64());
-                            let d = ds[i].to_f64();
-                            dgo[i] = <$t>::from_f64(d * us[i].to_f64() * da);
-                            duo[i] = <$t>::from_f64(d * a);
-                        }
-                    });
+                let (dg, du) = gated_backward(act, &gv, &uv, &dv);
                 (Tensor::from_vec(dg, g.shape(), g.device())?, Tensor::from_vec(du, u.shape(), u.device())?)
             }};
         }
@@ -559,6 +684,95 @@ impl CustomOp1 for FrozenLinear {
 
     fn bwd(&self, _x: &Tensor, _res: &Tensor, dy: &Tensor) -> CResult<Option<Tensor>> {
         Ok(Some(dy.matmul(&self.w)?))
+    }
+}
+
+/// `x W^T + scale (x A^T) B^T` for a frozen `W (out, in)` with LoRA factors `A (r, in)`,
+/// `B (out, r)`: one op instead of the six a composition puts in the graph (two matmuls, two
+/// transposes, a scale and an add), and no weight gradient for `W`.
+pub fn lora_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> CResult<Tensor> {
+    if w.track_op() || !cpu_float(x) || !wants_grad(&[x, a, b]) || x.dtype() != w.dtype() {
+        let base = frozen_linear(x, w)?;
+        return base + (x.matmul(&a.t()?)? * scale)?.matmul(&b.t()?)?;
+    }
+    let op = LoraLinear { w: w.clone(), scale, h: Mutex::new(None) };
+    x.contiguous()?.apply_op3_arc(&a.contiguous()?, &b.contiguous()?, std::sync::Arc::new(Box::new(op)))
+}
+
+struct LoraLinear {
+    w: Tensor,
+    scale: f64,
+    /// `x A^T`, kept for B's gradient.
+    h: Mutex<Option<Tensor>>,
+}
+
+impl CustomOp3 for LoraLinear {
+    fn name(&self) -> &'static str {
+        "lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sa: &CpuStorage,
+        la: &Layout,
+        sb: &CpuStorage,
+        lb: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let (n, k) = lx.shape().dims2()?;
+        let (out, wk) = self.w.dims2()?;
+        let (r, ak) = la.shape().dims2()?;
+        if k != wk || ak != k || lb.dims() != [out, r] {
+            candle_core::bail!(
+                "lora linear: x {:?}, W {:?}, A {:?}, B {:?}",
+                lx.dims(),
+                self.w.dims(),
+                la.dims(),
+                lb.dims()
+            );
+        }
+        let (ws, _) = self.w.storage_and_layout();
+        let Storage::Cpu(w) = &*ws else { candle_core::bail!("lora linear: weight is not on the CPU") };
+        let y = sx.matmul(w, (1, n, out, k), lx, &self.w.layout().transpose(0, 1)?)?;
+        let h = sx.matmul(sa, (1, n, r, k), lx, &la.transpose(0, 1)?)?;
+        let d = h.matmul(sb, (1, n, out, r), &Layout::contiguous((n, r)), &lb.transpose(0, 1)?)?;
+        let scale = self.scale;
+        let y = float_dispatch!("lora linear", sx, |T| {
+            let mut y = T::cpu_storage_as_slice(&y)?.to_vec();
+            let d = T::cpu_storage_as_slice(&d)?;
+            let s = T::from_f64(scale);
+            y.par_chunks_mut(4096)
+                .zip(d.par_chunks(4096))
+                .for_each(|(y, d)| vectorized(|| y.iter_mut().zip(d).for_each(|(y, &d)| *y += s * d)));
+            let hv = T::cpu_storage_as_slice(&h)?.to_vec();
+            if let Ok(mut slot) = self.h.lock() {
+                *slot = Some(Tensor::from_vec(hv, (n, r), &candle_core::Device::Cpu)?);
+            }
+            T::to_cpu_storage_owned(y)
+        });
+        Ok((y, Shape::from((n, out))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let h = self
+            .h
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("lora linear state poisoned".into()))?
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("lora linear: backward ran twice".into()))?;
+        let dyb = (dy.matmul(b)? * self.scale)?; // (n, r)
+        let dx = if x.track_op() { Some((dy.matmul(&self.w)? + dyb.matmul(a)?)?) } else { None };
+        let da = if a.track_op() { Some(dyb.t()?.matmul(x)?) } else { None };
+        let db = if b.track_op() { Some((dy.t()?.matmul(&h)? * self.scale)?) } else { None };
+        Ok((dx, da, db))
     }
 }
 
@@ -632,6 +846,25 @@ mod tests {
             );
             check_finite_differences(&[g, u], |t| gated(&t[0], &t[1], act).unwrap());
         }
+    }
+
+    #[test]
+    fn lora_linear_matches_composition_and_finite_differences() {
+        let (x, w) = (rand(&[7, 6], 20, DType::F64), rand(&[5, 6], 21, DType::F64));
+        let (a, b) = (rand(&[3, 6], 22, DType::F64), rand(&[5, 3], 23, DType::F64));
+        let w2 = w.clone();
+        check_against_composed(
+            &[x.clone(), a.clone(), b.clone()],
+            |t| lora_linear(&t[0], &w, &t[1], &t[2], 1.5).unwrap(),
+            |t| {
+                (t[0].matmul(&w2.t().unwrap()).unwrap()
+                    + (t[0].matmul(&t[1].t().unwrap()).unwrap() * 1.5).unwrap().matmul(&t[2].t().unwrap()).unwrap())
+                .unwrap()
+            },
+            1e-12,
+        );
+        let w3 = rand(&[5, 6], 21, DType::F64);
+        check_finite_differences(&[x, a, b], |t| lora_linear(&t[0], &w3, &t[1], &t[2], 0.7).unwrap());
     }
 
     #[test]
