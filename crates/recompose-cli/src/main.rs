@@ -39,6 +39,11 @@ enum Command {
     Merge(cmd::merge::Args),
     /// Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming, metrics).
     Serve(cmd::serve::Args),
+    /// Fine-tune a language model (LoRA or full) on text or chat data.
+    Finetune(cmd::finetune::Args),
+    /// LoRA adapters: merge one into a model's weights.
+    #[command(subcommand)]
+    Lora(cmd::lora::LoraCommand),
     /// Task vectors: extract (finetuned - base), apply with scales, remove.
     #[command(subcommand)]
     Tv(cmd::delta::TvCommand),
@@ -82,6 +87,8 @@ fn main() {
         Command::Bench(a) => cmd::bench::run(a, quiet),
         Command::Merge(a) => cmd::merge::run(a, quiet),
         Command::Serve(a) => cmd::serve::run(a),
+        Command::Finetune(a) => cmd::finetune::run(a, quiet),
+        Command::Lora(c) => cmd::lora::run(c, quiet),
         Command::Tv(c) => cmd::delta::run_tv(c, quiet),
         Command::Rws(c) => cmd::delta::run_rws(c, quiet),
         Command::Vision(c) => cmd::vision::run(c, quiet),

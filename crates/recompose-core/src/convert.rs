@@ -143,7 +143,6 @@ fn to_hf_dir(file: &ModelFile, out: &Path, dtype: OutDType, progress: &mut dyn F
         }
     };
     let tok = file.tokenizer()?;
-    let tok_json = tok.hf_json()?;
     let names = hf_names(file)?;
     let plan: Vec<PlannedTensor> = names
         .iter()
@@ -158,19 +157,51 @@ fn to_hf_dir(file: &ModelFile, out: &Path, dtype: OutDType, progress: &mut dyn F
             PlannedTensor { name: n.clone(), dtype: dt, shape }
         })
         .collect();
-    // Build in a temporary folder beside the target; rename when complete.
-    let tmp = crate::atomic::scratch_beside(out)?;
-    let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
     let total = plan.len();
-    safetensors_out::write_sharded(tmp.path(), &plan, 2 << 30, &meta, |i| {
+    write_hf_dir(out, &file.config, &tok, &plan, |i| {
         progress(i + 1, total);
         Ok(hf_value(file, &plan[i].name)?.to_dtype(dt)?)
-    })?;
-    let config = hf_config_json(&file.config, &tok, dt);
-    crate::atomic::write_bytes(&tmp.path().join("config.json"), config.as_bytes())?;
+    })
+}
+
+/// Writes an HF model folder — sharded safetensors, config.json, tokenizer.json,
+/// tokenizer_config.json — built beside `out` and renamed into place when complete.
+/// `produce(i)` gives tensor `i` of the plan, in HF's convention and the planned dtype.
+pub fn write_hf_dir(
+    out: &Path,
+    config: &ModelConfig,
+    tok: &crate::Tokenizer,
+    plan: &[PlannedTensor],
+    produce: impl FnMut(usize) -> Result<Tensor>,
+) -> Result<()> {
+    if out.exists() {
+        return Err(Error::Unsupported(format!("{}: already exists (refusing to overwrite)", out.display())));
+    }
+    let dt = plan.first().map_or(DType::F32, |p| p.dtype);
+    let tok_json = tok.hf_json()?;
+    let tmp = crate::atomic::scratch_beside(out)?;
+    let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors_out::write_sharded(tmp.path(), plan, 2 << 30, &meta, produce)?;
+    let cfg_json = hf_config_json(config, tok, dt);
+    crate::atomic::write_bytes(&tmp.path().join("config.json"), cfg_json.as_bytes())?;
     crate::atomic::write_bytes(&tmp.path().join("tokenizer.json"), tok_json.as_bytes())?;
-    crate::atomic::write_bytes(&tmp.path().join("tokenizer_config.json"), tokenizer_config_json(&tok).as_bytes())?;
+    crate::atomic::write_bytes(&tmp.path().join("tokenizer_config.json"), tokenizer_config_json(tok).as_bytes())?;
     crate::atomic::publish_dir(tmp, out)
+}
+
+/// A weight in HF's convention from the model runtime's: Llama Q/K rows back from GGUF's
+/// interleaved rotary order (when the model was read from GGUF), Gemma norms from `1 + w` to `w`.
+pub fn hf_from_runtime(cfg: &ModelConfig, hf: &str, t: Tensor) -> Result<Tensor> {
+    let mut t = t;
+    if cfg.rope_style == crate::config::RopeStyle::Interleaved {
+        if let Some(h) = qk_heads(cfg, hf) {
+            t = permute_qk(&t, h, false)?;
+        }
+    }
+    if cfg.arch == Arch::Gemma3 && names::is_norm(hf) {
+        t = (t - 1.0)?;
+    }
+    Ok(t)
 }
 
 /// HF `tokenizer_config.json` text for a tokenizer: special tokens, BOS policy, chat template.

@@ -306,6 +306,49 @@ impl Model {
         Ok(())
     }
 
+    /// Attaches a PEFT adapter (HF convention, as stored) scaled by `scale`, after checking it
+    /// was made for this model: frozen for inference, or trainable to continue training it.
+    pub fn apply_adapter(
+        &mut self,
+        adapter: &recompose_core::peft::Adapter,
+        scale: f64,
+        trainable: bool,
+    ) -> Result<()> {
+        let mut factors = vec![];
+        for (m, (a, b)) in &adapter.factors {
+            let b = self.b_convention(m, b, true)?;
+            factors.push((m.clone(), a.clone(), b));
+        }
+        self.set_lora(factors, adapter.config.scale() * scale, adapter.config.lora_dropout, trainable)
+            .map_err(|e| Error::InvalidInput(format!("{}: {e}", adapter.dir.display())))
+    }
+
+    /// The attached LoRA factors per module path, in HF's convention (as PEFT stores them).
+    pub fn adapter_factors(&mut self) -> Result<std::collections::BTreeMap<String, (Tensor, Tensor)>> {
+        let mut out = std::collections::BTreeMap::new();
+        for (m, a, b, _) in self.lora_factors() {
+            let b = self.b_convention(&m, &b, false)?;
+            out.insert(
+                m,
+                (a.detach().to_dtype(candle_core::DType::F32)?, b.detach().to_dtype(candle_core::DType::F32)?),
+            );
+        }
+        Ok(out)
+    }
+
+    /// LoRA's B of a Q or K projection in the model's row order (`to_model`) or HF's: GGUF Llama
+    /// weights have their rotary rows interleaved, HF's are in halves.
+    fn b_convention(&self, module: &str, b: &Tensor, to_model: bool) -> Result<Tensor> {
+        let c = &self.config;
+        if c.rope_style != recompose_core::config::RopeStyle::Interleaved {
+            return Ok(b.clone());
+        }
+        match recompose_core::convert::qk_heads(c, &format!("{module}.lora_B.weight")) {
+            Some(h) => Ok(recompose_core::convert::permute_qk(b, h, to_model)?),
+            None => Ok(b.clone()),
+        }
+    }
+
     /// The attached LoRA factors `(module path, A, B, scale)` in this model's convention.
     pub fn lora_factors(&mut self) -> Vec<(String, Tensor, Tensor, f64)> {
         self.block_linears()

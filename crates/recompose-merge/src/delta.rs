@@ -415,6 +415,9 @@ pub fn patch(
         ("recompose.model".to_string(), model.label.clone()),
         ("recompose.deltas".to_string(), applied.join(" ")),
     ]);
+    if let Some(a) = model.adapter_label() {
+        metadata.insert("recompose.lora".to_string(), a);
+    }
     let out =
         Output { target, format, dtype, metadata, config, files, shard_bytes: 5_000_000_000, budget_bytes: 256 << 20 };
     output::write(&out, &plan, &cost, &compute, progress)?;

@@ -7,7 +7,6 @@ use candle_core::DType;
 use recompose_core::convert;
 use recompose_core::weights::{HfDir, Source as FileSource};
 use recompose_core::{ModelConfig, ModelFile, Tokenizer};
-use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -31,6 +30,8 @@ pub struct Store {
     pub label: String,
     pub path: PathBuf,
     inner: Inner,
+    /// A LoRA adapter merged on the fly (mergekit's `BASE+ADAPTER` syntax).
+    adapter: Option<(recompose_core::peft::Adapter, f32)>,
     names: Vec<String>,
     shapes: HashMap<String, (DType, Vec<usize>)>,
     tokenizer: std::sync::OnceLock<Tokenizer>,
@@ -46,8 +47,57 @@ fn st_dtype(d: safetensors::Dtype) -> DType {
 }
 
 impl Store {
-    /// Opens a path, or a recompose asset name (`smollm2-135m`) when no such path exists.
+    /// Opens a path, a recompose asset name (`smollm2-135m`) when no such path exists, or
+    /// `BASE+ADAPTER` (a model with a PEFT LoRA adapter merged into its weights, as mergekit
+    /// writes it).
     pub fn open(label: &str) -> Result<Self> {
+        if let Some((base, adapter)) = label.rsplit_once('+') {
+            if recompose_core::peft::is_adapter(Path::new(adapter)) {
+                let mut store = Self::open(base)?;
+                let a = recompose_core::peft::Adapter::open(Path::new(adapter))?;
+                store.attach(a, 1.0)?;
+                store.label = label.to_owned();
+                return Ok(store);
+            }
+        }
+        Self::open_plain(label)
+    }
+
+    /// Merges `adapter` (scaled by `scale`) into every tensor read from now on. Refuses an
+    /// adapter made for another model: a module this model lacks, another shape, or another
+    /// base recorded in the adapter.
+    pub fn attach(&mut self, adapter: recompose_core::peft::Adapter, scale: f32) -> Result<()> {
+        let bad = |what: String| Error::Mismatch(format!("{}: {what}", adapter.dir.display()));
+        if let Some(want) = adapter.metadata.get("recompose.base_layout") {
+            if *want != self.layout_hash() {
+                return Err(bad(format!(
+                    "this adapter was trained on another model ({}), not {}",
+                    adapter.metadata.get("recompose.base").map_or("?", |s| s),
+                    self.label
+                )));
+            }
+        }
+        for (m, (a, b)) in &adapter.factors {
+            let name = format!("{m}.weight");
+            let want = [b.dims()[0], a.dims()[1]];
+            match self.shape(&name) {
+                None => return Err(bad(format!("module '{m}' is not in {}", self.label))),
+                Some(s) if s != want => {
+                    return Err(bad(format!("module '{m}' is {want:?} in the adapter, {s:?} in {}", self.label)))
+                }
+                _ => {}
+            }
+        }
+        self.adapter = Some((adapter, scale));
+        Ok(())
+    }
+
+    /// The attached adapter as `PATH:SCALE`, if any.
+    pub fn adapter_label(&self) -> Option<String> {
+        self.adapter.as_ref().map(|(a, s)| format!("{}:{s}", a.dir.display()))
+    }
+
+    fn open_plain(label: &str) -> Result<Self> {
         let mut path = PathBuf::from(label);
         if !path.exists() && recompose_core::assets::find(label).is_some() {
             path = recompose_core::assets::resolve_model(label)?;
@@ -83,7 +133,15 @@ impl Store {
                 .collect();
             (Inner::Tensors(h), names, shapes)
         };
-        Ok(Self { label: label.to_owned(), path, inner, names, shapes, tokenizer: std::sync::OnceLock::new() })
+        Ok(Self {
+            label: label.to_owned(),
+            path,
+            inner,
+            adapter: None,
+            names,
+            shapes,
+            tokenizer: std::sync::OnceLock::new(),
+        })
     }
 
     /// The `__metadata__` of a bare checkpoint (a CNN's own config lives there); empty otherwise.
@@ -150,8 +208,21 @@ impl Store {
         Ok(self.tokenizer.get())
     }
 
-    /// A tensor as f32 values in HF's convention.
+    /// A tensor as f32 values in HF's convention (with the attached adapter merged in).
     pub fn load(&self, name: &str) -> Result<Vec<f32>> {
+        let mut v = self.load_base(name)?;
+        if let Some((a, scale)) = &self.adapter {
+            if let Some(m) = name.strip_suffix(".weight") {
+                if let Some(d) = a.delta(m)? {
+                    let d = d.flatten_all()?.to_vec1::<f32>()?;
+                    v.iter_mut().zip(d).for_each(|(x, y)| *x += scale * y);
+                }
+            }
+        }
+        Ok(v)
+    }
+
+    fn load_base(&self, name: &str) -> Result<Vec<f32>> {
         let missing = || Error::Mismatch(format!("{}: missing tensor '{name}'", self.label));
         if !self.has(name) {
             return Err(missing());
@@ -209,32 +280,18 @@ impl Store {
         } else {
             names
         };
-        let mut h = Sha256::new();
-        for n in names {
-            h.update(n.as_bytes());
-            for d in self.shape(n).unwrap_or(&[]) {
-                h.update((*d as u64).to_le_bytes());
-            }
-            for v in self.load(n)? {
-                h.update(v.to_le_bytes());
-            }
+        Ok(recompose_core::identity::values_hash(names.iter().map(|n| {
+            let v = self.load(n).map_err(|e| recompose_core::Error::Unsupported(e.to_string()))?;
             self.release(n);
-        }
-        Ok(h.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect())
+            Ok((n.clone(), self.shape(n).unwrap_or(&[]).to_vec(), v))
+        }))?)
     }
 
     /// Identity of the structure alone: architecture and every name and shape.
     pub fn layout_hash(&self) -> String {
-        let mut h = Sha256::new();
-        let mut names = self.names.clone();
-        names.sort();
-        for n in &names {
-            h.update(n.as_bytes());
-            for d in self.shape(n).unwrap_or(&[]) {
-                h.update((*d as u64).to_le_bytes());
-            }
-        }
-        h.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect()
+        let shapes: Vec<(String, Vec<usize>)> =
+            self.names.iter().map(|n| (n.clone(), self.shape(n).unwrap_or(&[]).to_vec())).collect();
+        recompose_core::identity::layout_hash(&shapes)
     }
 }
 

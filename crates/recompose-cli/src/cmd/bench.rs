@@ -36,7 +36,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args, _quiet: bool) -> Result<()> {
-    let path = crate::cmd::eval::text_path(&a.data)?;
+    let path = crate::common::text_path(&a.data)?;
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let (_f, model, tok) = a.model.load()?;
     let source = tok.encode(&text, true)?;

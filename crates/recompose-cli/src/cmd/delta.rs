@@ -14,10 +14,46 @@ use std::path::{Path, PathBuf};
 pub struct PatchOut {
     /// Output: a folder (HF safetensors), a .safetensors file (bare checkpoints), or a .gguf file.
     #[arg(long, short)]
-    output: PathBuf,
+    pub output: PathBuf,
     /// Output dtype: f32, f16, bf16; for .gguf also q8_0, q4_k. Default: the model's own dtype.
     #[arg(long)]
-    dtype: Option<OutDType>,
+    pub dtype: Option<OutDType>,
+}
+
+impl PatchOut {
+    /// The output format and safetensors dtype the flags ask for.
+    pub fn format(&self) -> Result<(Format, Option<candle_core::DType>)> {
+        let format = if self.output.extension().is_some_and(|e| e == "gguf") {
+            Format::Gguf(self.dtype.unwrap_or(OutDType::F32))
+        } else {
+            Format::Safetensors
+        };
+        let dtype = match self.dtype {
+            None => None,
+            Some(OutDType::F32) => Some(candle_core::DType::F32),
+            Some(OutDType::F16) => Some(candle_core::DType::F16),
+            Some(OutDType::BF16) => Some(candle_core::DType::BF16),
+            Some(_) if format != Format::Safetensors => None,
+            Some(q) => anyhow::bail!("--dtype {q:?}: quantised types need a .gguf output"),
+        };
+        Ok((format, dtype))
+    }
+
+    /// Writes `m` + the deltas (or minus, to remove) with a progress bar.
+    pub fn write(&self, m: &Store, deltas: &[(Delta, f32)], remove: bool, quiet: bool) -> Result<()> {
+        let (format, dtype) = self.format()?;
+        let pb = progress(0, if remove { "removing" } else { "applying" }, quiet);
+        let notes = patch(m, deltas, remove, &self.output, format, dtype, &|d, t| {
+            pb.set_length(t as u64);
+            pb.set_position(d as u64);
+        })?;
+        pb.finish_and_clear();
+        for n in notes {
+            tracing::warn!("{n}");
+        }
+        eprintln!("wrote {}", self.output.display());
+        Ok(())
+    }
 }
 
 /// How an extracted delta is stored.
@@ -135,30 +171,7 @@ fn do_patch(p: &Patch, remove: bool, quiet: bool, kind: &str) -> Result<()> {
             anyhow::bail!("{}: is a {} file, not a {kind}", d.path.display(), d.kind());
         }
     }
-    let format = if out.output.extension().is_some_and(|e| e == "gguf") {
-        Format::Gguf(out.dtype.unwrap_or(OutDType::F32))
-    } else {
-        Format::Safetensors
-    };
-    let dtype = match out.dtype {
-        None => None,
-        Some(OutDType::F32) => Some(candle_core::DType::F32),
-        Some(OutDType::F16) => Some(candle_core::DType::F16),
-        Some(OutDType::BF16) => Some(candle_core::DType::BF16),
-        Some(_) if format != Format::Safetensors => None,
-        Some(q) => anyhow::bail!("--dtype {q:?}: quantised types need a .gguf output"),
-    };
-    let pb = progress(0, if remove { "removing" } else { "applying" }, quiet);
-    let notes = patch(&m, &deltas, remove, &out.output, format, dtype, &|d, t| {
-        pb.set_length(t as u64);
-        pb.set_position(d as u64);
-    })?;
-    pb.finish_and_clear();
-    for n in notes {
-        tracing::warn!("{n}");
-    }
-    eprintln!("wrote {}", out.output.display());
-    Ok(())
+    out.write(&m, &deltas, remove, quiet)
 }
 
 fn mib(b: usize) -> String {

