@@ -187,3 +187,83 @@ fn quantized_greedy_matches_llamacpp_smollm2() {
 fn quantized_greedy_matches_llamacpp_gemma3() {
     check_greedy("gemma3-270m");
 }
+
+/// The differentiable mode (every weight a trainable `Var`, so every op takes its backward-
+/// capable form, attention within the step) gives the f32 inference path's logits: within 1e-4
+/// on the logits the transformers comparison reads (top-20 and 64 sampled ids at the fixture's
+/// positions; the long prompt passes Gemma 3's sliding window), where each path is ~3e-5 from
+/// transformers. Over the whole vocabulary at every position (29M logits for 600 tokens) f32
+/// rounding of two different summation orders reaches 1.7e-4 (logits of magnitude ~30, so
+/// ~6e-6 relative); bounded here at 5e-4.
+fn check_differentiable(asset: &str) {
+    let f = open(asset);
+    let exact = Model::load(&f, WeightMode::F32).unwrap();
+    let train = Model::load_with(
+        &f,
+        recompose_llm::LoadOptions {
+            mode: WeightMode::F32,
+            trainable: recompose_llm::Trainable::All,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(train.params().len() > 100);
+    let fx = fixture(&format!("logits_{asset}.json"));
+    let mut cases: Vec<&Value> = fx["prompts"].as_array().unwrap().iter().collect();
+    cases.push(&fx["long_prompt"]);
+    let mut worst = 0f32;
+    for case in cases {
+        let tokens = ids(&case["ids"]);
+        let mut cache = exact.new_cache(1);
+        let (tk, step) = step_for(&[tokens.clone()], &cache, 0);
+        let want = exact.forward(&tk, &step, &mut cache, Logits::All).unwrap();
+        let targets = vec![recompose_llm::grad::IGNORE; tokens.len()];
+        let batch = recompose_llm::Batch::from_rows(&[(tokens.clone(), targets)], 0).unwrap();
+        let got = train.forward_train(&batch, &recompose_llm::Plan::default()).unwrap().logits;
+        assert!(got.track_op(), "the differentiable forward must build a graph");
+        let d = (got.detach() - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        // Against transformers too (the fixture's top-20 and sampled ids).
+        let sample_ids = ids(&fx["sample_ids"]);
+        let rows: Vec<Vec<f32>> = got.detach().squeeze(0).unwrap().to_vec2().unwrap();
+        let wrows: Vec<Vec<f32>> = want.squeeze(0).unwrap().to_vec2().unwrap();
+        let (mut on_ids, mut vs_hf, mut inf_hf) = (0f32, 0f32, 0f32);
+        for p in case["positions"].as_array().unwrap() {
+            let pos = p["pos"].as_u64().unwrap() as usize;
+            let top = p["top"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|pair| (pair[0].as_u64().unwrap() as usize, pair[1].as_f64().unwrap() as f32));
+            let sampled = sample_ids
+                .iter()
+                .zip(p["sample"].as_array().unwrap())
+                .map(|(id, v)| (*id as usize, v.as_f64().unwrap() as f32));
+            for (id, v) in top.chain(sampled) {
+                on_ids = on_ids.max((rows[pos][id] - wrows[pos][id]).abs());
+                vs_hf = vs_hf.max((rows[pos][id] - v).abs());
+                inf_hf = inf_hf.max((wrows[pos][id] - v).abs());
+            }
+        }
+        eprintln!(
+            "{asset}: {} tokens, max |differentiable - inference| {on_ids:.2e} on the fixture's ids, {d:.2e} over all; \
+             vs transformers: differentiable {vs_hf:.2e}, inference {inf_hf:.2e}",
+            tokens.len()
+        );
+        assert!(
+            on_ids <= 1e-4,
+            "{asset}: differentiable logits differ from inference by {on_ids} on the fixture's ids"
+        );
+        worst = worst.max(d);
+    }
+    assert!(worst <= 5e-4, "{asset}: differentiable logits differ from inference by {worst}");
+}
+
+#[test]
+fn differentiable_logits_match_inference_smollm2() {
+    check_differentiable("smollm2-135m");
+}
+
+#[test]
+fn differentiable_logits_match_inference_gemma3() {
+    check_differentiable("gemma3-270m");
+}

@@ -44,6 +44,8 @@ pub struct FinetuneConfig {
     pub checkpoint_every: usize,
     /// Recompute each block in the backward pass instead of keeping its activations.
     pub activation_checkpointing: bool,
+    /// Stop after this step (a checkpoint is saved there), to be continued with `resume`.
+    pub stop_after: Option<usize>,
 }
 
 impl FinetuneConfig {
@@ -239,7 +241,8 @@ pub fn run(
     }
     let mut last_eval = None;
     let (mut tokens_done, run_start) = (0usize, Instant::now());
-    for step in start..cfg.steps {
+    let end = cfg.stop_after.map_or(cfg.steps, |s| s.min(cfg.steps));
+    for step in start..end {
         let t0 = Instant::now();
         let lr = cfg.schedule.lr(step);
         let micro: Vec<Batch> = (0..cfg.accum)
@@ -270,15 +273,22 @@ pub fn run(
             accumulate(&mut grads, g.grads)?;
         }
         let norm = clip_grad_norm(&mut grads, cfg.clip)?;
+        let kept = || match paths.checkpoint.exists() {
+            true => format!("the last good checkpoint is {} (resume with --resume)", paths.checkpoint.display()),
+            false => "no checkpoint was saved yet".to_string(),
+        };
         if !loss.is_finite() || !norm.is_finite() {
             return Err(Error::Diverged(format!(
-                "the loss became {} at step {} (gradient norm {norm}); lower --lr. The last good checkpoint is {} (resume with --resume)",
+                "the loss became {} at step {} (gradient norm {norm}); lower --lr; {}",
                 if loss.is_finite() { format!("{loss:.4}") } else { loss.to_string() },
                 step + 1,
-                paths.checkpoint.display()
+                kept()
             )));
         }
-        opt.step(&params, &grads, lr, &|_| true)?;
+        opt.step(&params, &grads, lr, &|_| true).map_err(|e| match e {
+            Error::Diverged(m) => Error::Diverged(format!("step {}: {m} (--lr); {}", step + 1, kept())),
+            e => e,
+        })?;
         let secs = t0.elapsed().as_secs_f64();
         tokens_done += micro.iter().map(|b| b.rows * b.t).sum::<usize>();
         let s = StepLog {
@@ -299,14 +309,14 @@ pub fn run(
             obs.eval(&e);
             last_eval = Some(e);
         }
-        if last || (cfg.checkpoint_every > 0 && (step + 1) % cfg.checkpoint_every == 0) {
+        if last || step + 1 == end || (cfg.checkpoint_every > 0 && (step + 1) % cfg.checkpoint_every == 0) {
             let fe = first_eval.as_ref().map(|e| (e.step, e.eval_loss, e.eval_ppl, e.eval_tokens));
             let state = serde_json::json!({ "run": run_id, "step": step + 1, "cursor": cursor, "first_eval": fe });
             checkpoint::save(&paths.checkpoint, &params, &opt, &state)?;
         }
     }
     Ok(Summary {
-        steps: cfg.steps,
+        steps: end,
         first_eval,
         last_eval,
         tokens_per_s: tokens_done as f64 / run_start.elapsed().as_secs_f64().max(1e-9),

@@ -142,8 +142,13 @@ impl Optimizer {
     }
 }
 
+/// Whether every element is finite (squares summed in f64, so large finite values pass).
 fn finite(t: &Tensor) -> Result<bool> {
-    Ok(t.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?.is_finite())
+    if t.device().is_cpu() && t.dtype() == DType::F32 {
+        let v = t.flatten_all()?.to_vec1::<f32>()?;
+        return Ok(v.par_chunks(8192).all(|c| c.iter().all(|x| x.is_finite())));
+    }
+    Ok(t.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?.is_finite())
 }
 
 /// AdamW as PyTorch computes it (`torch.optim.AdamW`, single-tensor path): decay, moments

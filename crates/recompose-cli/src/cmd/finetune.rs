@@ -79,6 +79,9 @@ pub struct Args {
     /// Continue the run from OUTPUT.checkpoint.safetensors (same settings and data).
     #[arg(long)]
     resume: bool,
+    /// Stop after this step, saving a checkpoint there, to be continued with --resume.
+    #[arg(long)]
+    stop_after: Option<usize>,
     /// Output: a PEFT adapter folder (LoRA) or an HF model folder (--full).
     #[arg(long, short)]
     output: PathBuf,
@@ -194,6 +197,7 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
         eval_rows: a.eval_rows,
         checkpoint_every: a.checkpoint_every,
         activation_checkpointing: !a.no_recompute,
+        stop_after: a.stop_after,
     };
     cfg.validate()?;
     let file = ModelArgs { model: a.model.clone(), f32: true, lora: None }.open()?;
@@ -226,6 +230,15 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
     let mut obs = Progress { pb, quiet };
     let summary = finetune::run(&model, &a.model, &train, &held, &cfg, &paths, a.resume, &mut obs)?;
     obs.pb.finish_and_clear();
+    if summary.steps < a.steps {
+        eprintln!(
+            "stopped after step {} of {}; checkpoint {} (continue with --resume)",
+            summary.steps,
+            a.steps,
+            paths.checkpoint.display()
+        );
+        return Ok(());
+    }
     finetune::save_output(&mut model, &file, &a.model, &mode, &a.output)?;
     let ppl = |e: &Option<EvalLog>| e.as_ref().map_or(f64::NAN, |e| e.eval_ppl);
     eprintln!(
