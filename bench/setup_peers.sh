@@ -34,6 +34,7 @@ SENTENCEPIECE_VERSION="0.2.2"
 PROTOBUF_VERSION="7.35.1"
 PSUTIL_VERSION="7.2.2"
 PEFT_VERSION="0.21.2"           # LoRA parity fixture and training benchmark
+MATPLOTLIB_VERSION="3.11.2"     # the loss-curve plot
 LLAMA_CPP_PYTHON_VERSION="0.3.36"
 
 PYTHON="${PYTHON:-python3}"
@@ -57,7 +58,8 @@ PY="$VENV/bin/python"
     "sentencepiece==$SENTENCEPIECE_VERSION" \
     "protobuf==$PROTOBUF_VERSION" \
     "psutil==$PSUTIL_VERSION" \
-    "peft==$PEFT_VERSION"
+    "peft==$PEFT_VERSION" \
+    "matplotlib==$MATPLOTLIB_VERSION"
 
 # llama-cpp-python: always from source, explicit CPU flags, no GPU backends.
 SIMD_FLAGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX_VNNI=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"

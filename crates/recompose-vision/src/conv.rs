@@ -161,17 +161,26 @@ fn forward<T: WithDType>(g: Geom, x: &[T], w: &[T]) -> Vec<T> {
     y
 }
 
+/// Images per partial sum of the weight gradient: a constant, so the order of the sums (and the
+/// result's bits) does not depend on how rayon split the batch.
+const IMAGES_PER_PARTIAL: usize = 4;
+
 /// (grad x, grad w) from grad y.
 fn backward<T: WithDType>(g: Geom, x: &[T], w: &[T], gy: &[T], need_x: bool, need_w: bool) -> (Vec<T>, Vec<T>) {
     let (hw, ck) = (g.hw_out(), g.ck());
     let mut gx = vec![T::zero(); g.n * g.img()];
-    let gw = gx
-        .par_chunks_mut(g.img())
-        .zip(x.par_chunks(g.img()))
-        .zip(gy.par_chunks(g.o * hw))
-        .fold(
-            || (vec![T::zero(); g.o * ck], vec![T::zero(); ck * hw], vec![T::zero(); ck * hw]),
-            |(mut gw, mut col, mut gcol), ((gxn, xn), gyn)| {
+    let k = IMAGES_PER_PARTIAL;
+    let partials: Vec<Vec<T>> = gx
+        .par_chunks_mut(g.img() * k)
+        .zip(x.par_chunks(g.img() * k))
+        .zip(gy.par_chunks(g.o * hw * k))
+        .map(|((gxs, xs), gys)| {
+            let (mut gw, mut col, mut gcol) = (
+                vec![T::zero(); if need_w { g.o * ck } else { 0 }],
+                vec![T::zero(); ck * hw],
+                vec![T::zero(); ck * hw],
+            );
+            for ((gxn, xn), gyn) in gxs.chunks_mut(g.img()).zip(xs.chunks(g.img())).zip(gys.chunks(g.o * hw)) {
                 // gw += gy_n · colᵀ ; gcol = wᵀ · gy_n
                 if need_w {
                     g.im2col(xn, &mut col);
@@ -181,17 +190,16 @@ fn backward<T: WithDType>(g: Geom, x: &[T], w: &[T], gy: &[T], need_x: bool, nee
                     matmul(ck, hw, g.o, &mut gcol, false, w, 1, ck, gyn, hw, 1);
                     g.col2im(&gcol, gxn);
                 }
-                (gw, col, gcol)
-            },
-        )
-        .map(|(gw, _, _)| gw)
-        .reduce(
-            || vec![T::zero(); g.o * ck],
-            |mut a, b| {
-                a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
-                a
-            },
-        );
+            }
+            gw
+        })
+        .collect();
+    let mut gw = vec![T::zero(); g.o * ck];
+    if need_w {
+        for p in partials {
+            gw.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+        }
+    }
     (gx, gw)
 }
 

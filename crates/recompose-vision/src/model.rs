@@ -513,28 +513,16 @@ impl Model {
     }
 }
 
+/// Writes tensors (as f32) and metadata to a safetensors file, atomically, byte-for-byte the same
+/// for the same contents (metadata keys sorted).
 pub fn write_safetensors(
     path: &Path,
     tensors: &[(String, Tensor)],
     meta: std::collections::HashMap<String, String>,
 ) -> Result<()> {
-    let mut data = vec![];
-    for (n, t) in tensors {
-        let v: Vec<f32> = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
-        data.push((n.clone(), t.dims().to_vec(), v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>()));
-    }
-    let views: Vec<(String, safetensors::tensor::TensorView)> = data
-        .iter()
-        .map(|(n, s, b)| {
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
-                .map(|v| (n.clone(), v))
-                .map_err(|e| Error::Checkpoint(format!("{n}: {e}")))
-        })
-        .collect::<Result<_>>()?;
-    let bytes =
-        safetensors::serialize(views, Some(meta)).map_err(|e| Error::Checkpoint(format!("{}: {e}", path.display())))?;
-    recompose_core::atomic::write_bytes(path, &bytes)?;
-    Ok(())
+    let f32s: Vec<(String, Tensor)> =
+        tensors.iter().map(|(n, t)| Ok((n.clone(), t.to_dtype(DType::F32)?))).collect::<Result<_>>()?;
+    recompose_train::checkpoint::save_tensors(path, &f32s, &meta.into_iter().collect()).map_err(crate::train::train_err)
 }
 
 type Loaded = (std::collections::HashMap<String, Tensor>, std::collections::HashMap<String, String>);

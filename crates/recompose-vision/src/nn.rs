@@ -25,6 +25,16 @@ pub enum Group {
     Router,
 }
 
+impl Group {
+    /// The tag of the group's parameters, which optimiser steps can be restricted to.
+    pub fn tag(self) -> &'static str {
+        match self {
+            Group::Net => "net",
+            Group::Router => "router",
+        }
+    }
+}
+
 impl Track {
     fn tracks(self, g: Group) -> bool {
         match self {
@@ -36,14 +46,9 @@ impl Track {
     }
 }
 
-/// A named parameter or buffer, as stored in checkpoints.
-pub struct Param {
-    pub name: String,
-    pub var: Var,
-    pub group: Group,
-    /// Weight decay applies to conv/linear weights only (not BN affine or biases).
-    pub decay: bool,
-}
+/// A named parameter (recompose-train's): weight decay applies to conv/linear weights only (not
+/// BN affine or biases); the group tag is [`Group::tag`].
+pub use recompose_train::Param;
 
 /// Collects parameters and BN buffers in construction (= network) order.
 pub struct Builder<'a> {
@@ -69,7 +74,7 @@ impl<'a> Builder<'a> {
         let t = Tensor::from_vec(values, shape, &self.device)?.to_dtype(self.dtype)?;
         let var = Var::from_tensor(&t)?;
         self.order.push(name.clone());
-        self.params.push(Param { name, var: var.clone(), group, decay });
+        self.params.push(Param::new(name, var.clone(), decay, group.tag()));
         Ok(var)
     }
 

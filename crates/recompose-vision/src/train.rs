@@ -9,6 +9,7 @@ use crate::nn::{cross_entropy, kl_div, log_softmax, Ctx, Group, Track};
 use crate::{Error, Result};
 use candle_core::{Device, Tensor};
 use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
+use recompose_train::{Decay, Optimizer, OptimizerKind, Schedule};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,18 +86,26 @@ impl TrainConfig {
     }
 }
 
-/// SGD momentum buffers, one per parameter, in parameter order.
+/// The optimiser (SGD with momentum, recompose-train's) and the epochs completed.
 pub struct OptState {
-    pub momentum: Vec<Tensor>,
+    pub opt: Optimizer,
     /// Epochs already completed.
     pub epoch: usize,
 }
 
 impl OptState {
-    pub fn new(model: &Model) -> Result<Self> {
-        let momentum =
-            model.params.iter().map(|p| p.var.as_tensor().zeros_like()).collect::<candle_core::Result<_>>()?;
-        Ok(OptState { momentum, epoch: 0 })
+    pub fn new(model: &Model, cfg: &TrainConfig) -> Result<Self> {
+        let kind = OptimizerKind::Sgd { momentum: cfg.momentum, weight_decay: cfg.weight_decay };
+        Ok(OptState { opt: Optimizer::new(kind, &model.params).map_err(train_err)?, epoch: 0 })
+    }
+}
+
+/// recompose-train's errors in this crate's terms.
+pub fn train_err(e: recompose_train::Error) -> Error {
+    match e {
+        recompose_train::Error::Diverged(m) => Error::Diverged(m.replace("lower the learning rate", "lower --lr")),
+        recompose_train::Error::Candle(e) => Error::Candle(e),
+        other => Error::Checkpoint(other.to_string()),
     }
 }
 
@@ -270,7 +279,8 @@ pub fn train(
 ) -> Result<()> {
     cfg.validate(model)?;
     let steps_per_epoch = data.len().div_ceil(cfg.batch_size);
-    let total_steps = (steps_per_epoch * cfg.epochs) as f64;
+    let schedule =
+        Schedule { peak: cfg.lr, warmup: 0, total: steps_per_epoch * cfg.epochs, decay: Decay::Cosine, min_ratio: 0.0 };
     while state.epoch < cfg.epochs {
         let epoch = state.epoch;
         let start = std::time::Instant::now();
@@ -281,8 +291,8 @@ pub fn train(
         let mut routing = Routing::new();
         // Full batches only: a last batch of one image would break batch norm.
         for (b, chunk) in order.chunks_exact(cfg.batch_size).enumerate() {
-            let step = (epoch * steps_per_epoch + b) as f64;
-            let lr = cfg.lr * 0.5 * (1.0 + (std::f64::consts::PI * step / total_steps).cos());
+            let step = epoch * steps_per_epoch + b;
+            let lr = schedule.lr(step);
             let (mut px, labels) = data.batch(chunk);
             data.augment(&mut px, chunk.len(), &mut rng);
             let (x, y) = tensors_from(data, px, labels, chunk.len())?;
@@ -335,7 +345,7 @@ fn step_once(
             let out = model.forward(x, &train(Track::All), Exec::Masked)?;
             let loss = (cross_entropy(&out.logits, y)?
                 + balance_loss(&out.routes, cfg.balance)?.to_dtype(out.logits.dtype())?)?;
-            sgd(model, state, &loss, cfg, lr, None)?;
+            sgd(model, state, &loss, lr, None)?;
             Ok((scalar(&loss)?, out.logits, out.routes))
         }
         Method::PgdAt => {
@@ -343,26 +353,26 @@ fn step_once(
             let out = model.forward(&adv, &train(Track::All), Exec::Masked)?;
             let loss = (cross_entropy(&out.logits, y)?
                 + balance_loss(&out.routes, cfg.balance)?.to_dtype(out.logits.dtype())?)?;
-            sgd(model, state, &loss, cfg, lr, None)?;
+            sgd(model, state, &loss, lr, None)?;
             Ok((scalar(&loss)?, out.logits, out.routes))
         }
         Method::Trades => {
             let adv = perturb(model, x, y, &cfg.train_attack, Objective::Kl, seed)?;
             let (loss, logits, routes) = trades_loss(model, x, &adv, y, cfg.beta, Track::All, false)?;
             let loss = (loss + balance_loss(&routes, cfg.balance)?)?;
-            sgd(model, state, &loss, cfg, lr, None)?;
+            sgd(model, state, &loss, lr, None)?;
             Ok((scalar(&loss)?, logits, routes))
         }
         Method::Advmoe => {
             // Expert phase: routers fixed (detached, never updated).
             let adv = perturb(model, x, y, &cfg.train_attack, Objective::Kl, seed)?;
             let (loss, logits, routes) = trades_loss(model, x, &adv, y, cfg.beta, Track::Experts, false)?;
-            sgd(model, state, &loss, cfg, lr, Some(Group::Net))?;
+            sgd(model, state, &loss, lr, Some(Group::Net))?;
             // Router phase: fresh examples against the updated experts, experts fixed.
             let adv = perturb(model, x, y, &cfg.train_attack, Objective::Kl, seed ^ 0xa5a5)?;
             let (rloss, _, rroutes) = trades_loss(model, x, &adv, y, cfg.beta, Track::Routers, true)?;
             let rloss = (rloss + balance_loss(&rroutes, cfg.balance)?)?;
-            sgd(model, state, &rloss, cfg, lr, Some(Group::Router))?;
+            sgd(model, state, &rloss, lr, Some(Group::Router))?;
             Ok((scalar(&loss)?, logits, routes))
         }
     }
@@ -419,32 +429,12 @@ fn scalar(t: &Tensor) -> Result<f64> {
     Ok(t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?)
 }
 
-/// SGD with momentum and decoupled-from-BN weight decay on the parameters of `only` (all if None).
-fn sgd(
-    model: &Model,
-    state: &mut OptState,
-    loss: &Tensor,
-    cfg: &TrainConfig,
-    lr: f64,
-    only: Option<Group>,
-) -> Result<()> {
+/// One SGD step (momentum, weight decay on conv/linear weights) on the parameters of `only`
+/// (all if None), from the gradients of `loss`.
+fn sgd(model: &Model, state: &mut OptState, loss: &Tensor, lr: f64, only: Option<Group>) -> Result<()> {
     let grads = loss.backward()?;
-    for (p, buf) in model.params.iter().zip(state.momentum.iter_mut()) {
-        if only.is_some_and(|g| g != p.group) {
-            continue;
-        }
-        let Some(g) = grads.get(p.var.as_tensor()) else { continue };
-        let w = p.var.as_tensor();
-        let g = if p.decay && cfg.weight_decay > 0.0 { (g + (w.detach() * cfg.weight_decay)?)? } else { g.clone() };
-        *buf = ((&*buf * cfg.momentum)? + g)?;
-        let new = (w.detach() - (&*buf * lr)?)?;
-        // ReLU maps NaN to 0, so a NaN weight can hide behind a finite loss: check the weights.
-        if !scalar(&new.sqr()?.sum_all()?)?.is_finite() {
-            return Err(Error::Diverged(format!("parameter {} became non-finite; lower --lr", p.name)));
-        }
-        p.var.set(&new)?;
-    }
-    Ok(())
+    let g: Vec<Option<Tensor>> = model.params.iter().map(|p| grads.get(p.var.as_tensor()).cloned()).collect();
+    state.opt.step(&model.params, &g, lr, &|p| only.is_none_or(|o| p.group == o.tag())).map_err(train_err)
 }
 
 #[cfg(test)]

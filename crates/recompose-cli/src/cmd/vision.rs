@@ -252,7 +252,7 @@ fn train_cmd(a: TrainArgs, quiet: bool) -> Result<()> {
         if (TrainConfig { epochs: cfg.epochs, ..saved.clone() }) != cfg {
             bail!("--resume with different training options than {} was started with", a.out.display());
         }
-        let state = load_state(&state_path, &model)?;
+        let state = load_state(&state_path, &model, &cfg)?;
         eprintln!("resuming {} after epoch {}", a.out.display(), state.epoch);
         (model, state)
     } else {
@@ -274,7 +274,7 @@ fn train_cmd(a: TrainArgs, quiet: bool) -> Result<()> {
                 Model::new(config, a.seed, DType::F32)?
             }
         };
-        let state = OptState::new(&model)?;
+        let state = OptState::new(&model, &cfg)?;
         (model, state)
     };
     cfg.validate(&model)?;
@@ -336,28 +336,21 @@ fn sibling(out: &Path, suffix: &str) -> PathBuf {
     out.with_file_name(format!("{stem}.{suffix}"))
 }
 
+/// The optimiser state as a recompose-train checkpoint (parameters, momentum, epoch).
 fn save_state(path: &Path, model: &Model, state: &OptState) -> recompose_vision::Result<()> {
-    let tensors: Vec<(String, candle_core::Tensor)> =
-        model.params.iter().zip(&state.momentum).map(|(p, m)| (p.name.clone(), m.clone())).collect();
-    let meta = std::collections::HashMap::from([("recompose.vision.epoch".to_string(), state.epoch.to_string())]);
-    recompose_vision::model::write_safetensors(path, &tensors, meta)
+    recompose_train::checkpoint::save(path, &model.params, &state.opt, &serde_json::json!({ "epoch": state.epoch }))
+        .map_err(recompose_vision::train::train_err)
 }
 
-fn load_state(path: &Path, model: &Model) -> Result<OptState> {
-    let (tensors, meta) = recompose_vision::model::read_safetensors(path)?;
-    let epoch: usize = meta
-        .get("recompose.vision.epoch")
-        .and_then(|e| e.parse().ok())
-        .with_context(|| format!("{}: no epoch in the optimiser state", path.display()))?;
-    let mut momentum = vec![];
-    for p in &model.params {
-        let t = tensors.get(&p.name).with_context(|| format!("{}: no momentum for {}", path.display(), p.name))?;
-        if t.dims() != p.var.as_tensor().dims() {
-            bail!("{}: momentum for {} has the wrong shape", path.display(), p.name);
-        }
-        momentum.push(t.clone());
-    }
-    Ok(OptState { momentum, epoch })
+fn load_state(path: &Path, model: &Model, cfg: &TrainConfig) -> Result<OptState> {
+    let ck = recompose_train::checkpoint::Loaded::open(path)?;
+    let epoch = ck.state(path)?["epoch"]
+        .as_u64()
+        .with_context(|| format!("{}: no epoch in the optimiser state", path.display()))? as usize;
+    let mut state = OptState::new(model, cfg)?;
+    ck.restore(path, &model.params, &mut state.opt)?;
+    state.epoch = epoch;
+    Ok(state)
 }
 
 #[derive(serde::Serialize)]
