@@ -5,6 +5,7 @@
 # with recompose and with llama.cpp, and plots the loss curve.
 #
 #   bench/train/shakespeare_lora.sh        # ~50 minutes on 2 cores; results in bench/results/train/
+#   WORK=DIR RESUME=1 bench/train/shakespeare_lora.sh   # continue an interrupted run from its checkpoint
 #
 # Needs target/release/recompose and the peers venv (bench/setup_peers.sh) for llama.cpp and the plot.
 set -euo pipefail
@@ -22,7 +23,7 @@ ADAPTER=$WORK/shakespeare-lora
 
 "$BIN" finetune --data "$COMEDIES" --eval-data "$HELD" --lora r=16,alpha=32,targets=q,k,v,o \
     --steps "$STEPS" --lr 5e-4 --warmup 10 --min-lr-ratio 0.1 --batch 4 --ctx 512 \
-    --eval-every 25 --eval-rows 16 --checkpoint-every 25 --no-recompute --seed 0 -o "$ADAPTER"
+    --eval-every 25 --eval-rows 16 --checkpoint-every 25 --no-recompute --seed 0 ${RESUME:+--resume} -o "$ADAPTER"
 cp "$ADAPTER.log.jsonl" "$RES/shakespeare_lora.log.jsonl"
 cp "$ADAPTER/adapter_config.json" "$RES/shakespeare_lora.adapter_config.json"
 

@@ -48,6 +48,40 @@ pub struct ModelArgs {
     /// (PATH:SCALE); it must have been made for this model.
     #[arg(long, value_name = "PATH[:SCALE]")]
     pub lora: Option<String>,
+    /// Where to compute: cpu, or cuda / cuda:N (needs a build with the `cuda` feature; weights load
+    /// dense there, the quantised kernels being CPU ones).
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    pub device: DeviceArg,
+}
+
+/// A `--device` value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceArg {
+    Cpu,
+    Cuda(usize),
+}
+
+impl DeviceArg {
+    pub fn device(self) -> Result<candle_core::Device> {
+        match self {
+            DeviceArg::Cpu => Ok(candle_core::Device::Cpu),
+            DeviceArg::Cuda(n) => candle_core::Device::new_cuda(n).map_err(|e| {
+                anyhow::anyhow!("--device cuda:{n}: {e} (build with --features cuda on a machine with a GPU)")
+            }),
+        }
+    }
+}
+
+pub fn parse_device(s: &str) -> std::result::Result<DeviceArg, String> {
+    match s {
+        "cpu" => Ok(DeviceArg::Cpu),
+        "cuda" => Ok(DeviceArg::Cuda(0)),
+        _ => s
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .map(DeviceArg::Cuda)
+            .ok_or_else(|| format!("unknown device '{s}' (cpu, cuda, cuda:N)")),
+    }
 }
 
 impl ModelArgs {
@@ -80,7 +114,8 @@ impl ModelArgs {
         let file = self.open()?;
         let tok = file.tokenizer()?;
         let mode = if self.f32 { WeightMode::F32 } else { WeightMode::Quantized };
-        let mut model = Model::load(&file, mode)?;
+        let opts = recompose_llm::LoadOptions { mode, device: self.device.device()?, ..Default::default() };
+        let mut model = Model::load_with(&file, opts)?;
         if let (_, Some((path, scale))) = self.parts()? {
             let a = recompose_core::peft::Adapter::open(&path)?;
             a.check_base(&file)?;

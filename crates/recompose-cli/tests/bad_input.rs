@@ -427,3 +427,180 @@ fn vision_bad_input_is_one_line() {
     assert!(e.contains("severity"), "{e}");
     assert!(!Path::new(out).exists());
 }
+
+/// A text file of `n` repetitions of a few sentences.
+fn text_file(dir: &Path, name: &str, n: usize) -> PathBuf {
+    let p = dir.join(name);
+    let t: String =
+        (0..n).map(|i| ["the cat sat on the mat. ", "a dog ran far! ", "to be or not to be. "][i % 3]).collect();
+    std::fs::write(&p, t).unwrap();
+    p
+}
+
+/// `recompose finetune -q` of `model` on `data` with a tiny batch (2 rows of 32 tokens) for
+/// `steps` steps, written to `out`, plus `extra` flags; the run must succeed.
+fn finetune_tiny(dir: &Path, model: &str, data: &Path, steps: &str, out: &Path, extra: &[&str]) -> String {
+    let mut args = vec!["finetune", "-q", "-m", model, "--data", data.to_str().unwrap(), "--steps", steps];
+    args.extend_from_slice(&["--batch", "2", "--ctx", "32", "-o", out.to_str().unwrap()]);
+    args.extend_from_slice(extra);
+    succeeds(dir, &args).1
+}
+
+#[test]
+fn finetune_lora_merge_and_apply_end_to_end() {
+    let d = tempfile::tempdir().unwrap();
+    let m = tiny(d.path(), TinySpec::default());
+    let (m, data) = (m.to_str().unwrap(), text_file(d.path(), "t.txt", 300));
+    let adapter = d.path().join("ad");
+    let err =
+        finetune_tiny(d.path(), m, &data, "6", &adapter, &["--lora", "r=4,alpha=8,targets=q,v,down", "--lr", "1e-2"]);
+    assert!(err.contains("held-out perplexity"), "{err}");
+    assert!(adapter.join("adapter_config.json").exists() && adapter.join("adapter_model.safetensors").exists());
+    assert!(d.path().join("ad.log.jsonl").exists() && d.path().join("ad.checkpoint.safetensors").exists());
+    // Applied at run time, merged, and as BASE+ADAPTER: the f32 perplexities agree.
+    let ppl = |extra: &[&str]| -> f64 {
+        let j = d.path().join("ppl.json");
+        let mut args = vec![
+            "eval",
+            "ppl",
+            "-q",
+            "--f32",
+            "--data",
+            data.to_str().unwrap(),
+            "--ctx",
+            "32",
+            "--stride",
+            "16",
+            "--tokens",
+            "300",
+        ];
+        args.extend_from_slice(&["--json", j.to_str().unwrap()]);
+        args.extend_from_slice(extra);
+        succeeds(d.path(), &args);
+        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&j).unwrap()).unwrap();
+        v["ppl"].as_f64().unwrap()
+    };
+    let ad = adapter.to_str().unwrap();
+    let (base, with) = (ppl(&["-m", m]), ppl(&["-m", m, "--lora", ad]));
+    assert!(with < base, "training on the text lowers its perplexity: {base} -> {with}");
+    let plus = format!("{m}+{ad}");
+    assert_eq!(ppl(&["-m", &plus]), with);
+    let merged = d.path().join("merged");
+    succeeds(d.path(), &["lora", "merge", m, ad, "-o", merged.to_str().unwrap()]);
+    let merged_ppl = ppl(&["-m", merged.to_str().unwrap()]);
+    assert!((merged_ppl - with).abs() < 1e-4 * with, "merged {merged_ppl} vs applied {with}");
+    let half = ppl(&["-m", m, "--lora", &format!("{ad}:0.5")]);
+    assert!(half > with && half < base, "half the adapter: {half}");
+    // The quantised path takes the adapter too.
+    succeeds(d.path(), &["generate", "-q", "-m", m, "--lora", ad, "-p", "to be", "-n", "4"]);
+    // A task vector of the merged fine-tune, straight from BASE+ADAPTER.
+    let tv = d.path().join("tv.safetensors");
+    succeeds(d.path(), &["tv", "extract", "--base", m, "--finetuned", &plus, "-o", tv.to_str().unwrap()]);
+    // A full fine-tune writes an HF folder that loads.
+    let full = d.path().join("full");
+    finetune_tiny(d.path(), m, &data, "2", &full, &["--full"]);
+    assert!(full.join("config.json").exists());
+    assert!(ppl(&["-m", full.to_str().unwrap()]).is_finite());
+}
+
+#[test]
+fn finetune_bad_input_is_one_line_and_writes_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let m = tiny(d.path(), TinySpec::default());
+    let m = m.to_str().unwrap();
+    let short = text_file(d.path(), "short.txt", 1);
+    let data = text_file(d.path(), "t.txt", 300);
+    let out = d.path().join("out");
+    let o = out.to_str().unwrap();
+    let ft = |extra: &[&str]| -> String {
+        let mut args = vec!["finetune", "-q", "-m", m, "--steps", "2", "--batch", "2", "--ctx", "32", "-o", o];
+        args.extend_from_slice(extra);
+        let e = fails(d.path(), &args);
+        assert!(!out.exists(), "{args:?} left {}", out.display());
+        e
+    };
+    let e = ft(&["--data", short.to_str().unwrap(), "--lora", "r=4"]);
+    assert!(e.contains("fewer than one context"), "{e}");
+    let empty = d.path().join("empty.jsonl");
+    std::fs::write(&empty, "\n\n").unwrap();
+    let e = ft(&["--data", empty.to_str().unwrap(), "--lora", "r=4"]);
+    assert!(e.contains("no conversations"), "{e}");
+    let no_assistant = d.path().join("q.jsonl");
+    std::fs::write(&no_assistant, "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}\n").unwrap();
+    let e = ft(&["--data", no_assistant.to_str().unwrap(), "--lora", "r=4"]);
+    assert!(e.contains("q.jsonl:1") && e.contains("no assistant turn"), "{e}");
+    let e = ft(&["--data", data.to_str().unwrap(), "--lora", "r=4", "--lr", "fast"]);
+    assert!(e.contains("--lr"), "{e}");
+    let e = ft(&["--data", data.to_str().unwrap(), "--lora", "r=4", "--lr", "NaN"]);
+    assert!(e.contains("learning rate"), "{e}");
+    let e = ft(&["--data", data.to_str().unwrap(), "--lora", "r=4,targets=q,lm_head"]);
+    assert!(e.contains("unknown LoRA target"), "{e}");
+    let e = ft(&["--data", data.to_str().unwrap()]);
+    assert!(e.contains("--lora") && e.contains("--full"), "{e}");
+    // Resuming another run's checkpoint: stop one run early, resume with other settings.
+    finetune_tiny(d.path(), m, &data, "2", &out, &["--lora", "r=4", "--stop-after", "1"]);
+    assert!(!out.exists());
+    let e = ft(&["--data", data.to_str().unwrap(), "--lora", "r=4", "--seed", "9", "--resume"]);
+    assert!(e.contains("another run"), "{e}");
+}
+
+#[test]
+fn an_adapter_for_another_model_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let a_model = d.path().join("a.gguf");
+    write_tiny_gguf(&a_model, &TinySpec { seed: 1, ..Default::default() }).unwrap();
+    let b_model = d.path().join("b.gguf");
+    write_tiny_gguf(&b_model, &TinySpec { seed: 2, ..Default::default() }).unwrap();
+    let c_model = d.path().join("c.gguf");
+    write_tiny_gguf(&c_model, &TinySpec { hidden: 32, ffn: 64, ..Default::default() }).unwrap();
+    let data = text_file(d.path(), "t.txt", 300);
+    let ad = d.path().join("ad");
+    finetune_tiny(d.path(), a_model.to_str().unwrap(), &data, "1", &ad, &["--lora", "r=4"]);
+    let ad = ad.to_str().unwrap();
+    // Same shapes, other weights: the recorded base hash differs.
+    let e = fails(d.path(), &["generate", "-m", b_model.to_str().unwrap(), "--lora", ad, "-p", "hi", "-n", "2"]);
+    assert!(e.contains("trained on another model"), "{e}");
+    // Other shapes.
+    let e = fails(d.path(), &["generate", "-m", c_model.to_str().unwrap(), "--lora", ad, "-p", "hi", "-n", "2"]);
+    assert!(e.contains("another model"), "{e}");
+    let merged = d.path().join("m");
+    let e = fails(d.path(), &["lora", "merge", c_model.to_str().unwrap(), ad, "-o", merged.to_str().unwrap()]);
+    assert!(e.contains("another model") && !merged.exists(), "{e}");
+    // A PEFT adapter without recompose's metadata is checked by shape.
+    let foreign = d.path().join("foreign");
+    std::fs::create_dir(&foreign).unwrap();
+    std::fs::copy(Path::new(ad).join("adapter_config.json"), foreign.join("adapter_config.json")).unwrap();
+    let st = recompose_core::weights::HfDir::open_tensors(&Path::new(ad).join("adapter_model.safetensors")).unwrap();
+    let mut factors = std::collections::BTreeMap::new();
+    for n in st.names() {
+        if let Some(m) = n.strip_prefix("base_model.model.").and_then(|x| x.strip_suffix(".lora_A.weight")) {
+            let b = st.load(&n.replace("lora_A", "lora_B")).unwrap();
+            factors.insert(m.to_string(), (st.load(n).unwrap(), b));
+        }
+    }
+    std::fs::remove_file(foreign.join("adapter_config.json")).unwrap();
+    std::fs::remove_dir(&foreign).unwrap();
+    let cfg: recompose_core::peft::AdapterConfig =
+        serde_json::from_str(&std::fs::read_to_string(Path::new(ad).join("adapter_config.json")).unwrap()).unwrap();
+    recompose_core::peft::Adapter::write(&foreign, &cfg, &factors, &Default::default()).unwrap();
+    succeeds(
+        d.path(),
+        &[
+            "generate",
+            "-q",
+            "-m",
+            b_model.to_str().unwrap(),
+            "--lora",
+            foreign.to_str().unwrap(),
+            "-p",
+            "hi",
+            "-n",
+            "2",
+        ],
+    );
+    let e = fails(
+        d.path(),
+        &["generate", "-m", c_model.to_str().unwrap(), "--lora", foreign.to_str().unwrap(), "-p", "hi", "-n", "2"],
+    );
+    assert!(e.contains("do not fit"), "{e}");
+}

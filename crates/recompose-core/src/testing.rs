@@ -64,6 +64,9 @@ fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
         .collect()
 }
 
+/// A ChatML template, so chat data and `--chat` work on tiny models.
+const CHATML: &str = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+
 /// Writes a tiny model as GGUF. Vocabulary: 256 byte tokens plus `<s>` (256) and `</s>` (257).
 pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> Result<()> {
     let vocab: Vec<String> =
@@ -94,6 +97,7 @@ pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> Result<()> {
         ("tokenizer.ggml.bos_token_id".into(), Value::U32(256)),
         ("tokenizer.ggml.eos_token_id".into(), Value::U32(257)),
         ("tokenizer.ggml.add_bos_token".into(), Value::Bool(true)),
+        ("tokenizer.chat_template".into(), Value::String(CHATML.into())),
     ];
     if a == "gemma3" {
         meta.push((k("attention.key_length"), Value::U32(hd as u32)));
@@ -148,6 +152,9 @@ pub fn write_prefix_gguf(file: &crate::weights::ModelFile, out: &Path, dims: &[(
     let mut meta: Vec<(String, Value)> = g.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     let arr = |f: &dyn Fn(usize) -> usize| Value::Array((0..c.num_layers).map(|l| Value::U32(f(l) as u32)).collect());
     for (k, v) in [
+        // llama.cpp derives the head size from hidden / heads unless told.
+        ("attention.key_length", Value::U32(hd as u32)),
+        ("attention.value_length", Value::U32(hd as u32)),
         ("feed_forward_length", arr(&|l| dims[l].1)),
         ("attention.head_count", arr(&|l| dims[l].0 * group)),
         ("attention.head_count_kv", arr(&|l| dims[l].0)),

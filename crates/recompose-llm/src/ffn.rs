@@ -73,8 +73,8 @@ pub struct DenseFfn {
 impl DenseFfn {
     fn run(&self, x: &Tensor, width: Option<usize>, seed: Option<u64>) -> Result<Tensor> {
         let s = |k: u64| seed.map(|s| crate::lora::mix(s ^ k));
-        let g = self.gate.forward_prefix(x, width, None, s(1))?;
-        let u = self.up.forward_prefix(x, width, None, s(2))?;
+        let w = width.unwrap_or(self.gate.dims().0);
+        let [g, u] = crate::linear::forward_group([(&self.gate, w, s(1)), (&self.up, w, s(2))], x)?;
         let a = crate::grad::gated(&g, &u, self.activation)?;
         self.down.forward_prefix(&a, None, width, s(3))
     }

@@ -123,6 +123,75 @@ impl Linear {
     }
 }
 
+/// Several layers over one input `x`, each restricted to its first `rows` outputs: `parts` are
+/// (layer, rows, dropout seed). While training they run as one matmul (weights concatenated, the
+/// LoRA branches one low-rank product: A stacked, B block-diagonal), since Q, K and V (or gate and
+/// up) share an input and one wide matmul is faster than three narrow ones; otherwise (inference,
+/// packed weights, LoRA dropout this step, branches of different scales) one by one.
+pub fn forward_group<const N: usize>(parts: [(&Linear, usize, Option<u64>); N], x: &Tensor) -> Result<[Tensor; N]> {
+    let fused = fused(&parts, x)?;
+    let ys = match fused {
+        Some(ys) => ys,
+        None => parts
+            .iter()
+            .map(|(l, rows, seed)| l.forward_prefix(x, Some(*rows), None, *seed))
+            .collect::<Result<Vec<_>>>()?,
+    };
+    ys.try_into().map_err(|_| Error::InvalidInput("linear group: wrong number of outputs".into()))
+}
+
+fn fused(parts: &[(&Linear, usize, Option<u64>)], x: &Tensor) -> Result<Option<Vec<Tensor>>> {
+    let mut ws = vec![];
+    for (l, rows, seed) in parts {
+        match &l.weight {
+            Weight::Dense(w) if l.lora.as_ref().is_none_or(|b| !b.drops(*seed)) && *rows <= l.dims().0 => {
+                ws.push(w.narrow(0, 0, *rows)?)
+            }
+            _ => return Ok(None),
+        }
+    }
+    if !(x.track_op() || ws.iter().any(|w| w.track_op())) || !x.device().is_cpu() {
+        return Ok(None);
+    }
+    let branches: Vec<&LoraBranch> = parts.iter().filter_map(|(l, _, _)| l.lora.as_ref()).collect();
+    if branches.windows(2).any(|w| w[0].scale != w[1].scale) {
+        return Ok(None);
+    }
+    let dims = x.dims().to_vec();
+    let (&k, lead) = dims.split_last().ok_or_else(|| candle_core::Error::Msg("linear on a scalar".into()))?;
+    let x2 = x.reshape((lead.iter().product::<usize>(), k))?;
+    let w = Tensor::cat(&ws, 0)?;
+    let y = match branches.first() {
+        None => crate::grad::frozen_linear(&x2, &w)?,
+        Some(first) => {
+            let rank = branches.iter().map(|b| b.a.dim(0)).sum::<candle_core::Result<usize>>()?;
+            let a = Tensor::cat(&branches.iter().map(|b| b.a.clone()).collect::<Vec<_>>(), 0)?;
+            let mut blocks = vec![];
+            let mut col = 0;
+            for (l, rows, _) in parts {
+                match &l.lora {
+                    Some(b) => {
+                        let r = b.b.dim(1)?;
+                        blocks.push(b.b.narrow(0, 0, *rows)?.pad_with_zeros(1, col, rank - col - r)?);
+                        col += r;
+                    }
+                    None => blocks.push(Tensor::zeros((*rows, rank), x.dtype(), x.device())?),
+                }
+            }
+            crate::grad::lora_linear(&x2, &w, &a, &Tensor::cat(&blocks, 0)?, first.scale)?
+        }
+    };
+    let mut out = vec![];
+    let mut at = 0;
+    for (_, rows, _) in parts {
+        let mut shape = lead.to_vec();
+        shape.push(*rows);
+        out.push(y.narrow(1, at, *rows)?.reshape(shape)?);
+        at += rows;
+    }
+    Ok(Some(out))
+}
+
 /// `x (n, k) -> x W^T (n, rows)` through the packed kernels.
 struct PackedMatmul(Arc<PackedWeight>);
 
@@ -238,5 +307,58 @@ mod tests {
         let b: Vec<f32> = q41.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
         let max = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
         assert!(max < 5e-3, "max diff {max}");
+    }
+
+    /// The fused group is an optimised path: it must equal the layers run one by one, values and
+    /// gradients, with LoRA on some members and output prefixes.
+    #[test]
+    fn a_fused_group_equals_its_layers_one_by_one() {
+        use candle_core::{DType, Var};
+        let dev = Device::Cpu;
+        let t = |seed: u64, shape: (usize, usize)| {
+            let n = shape.0 * shape.1;
+            let v: Vec<f64> =
+                (0..n).map(|i| ((crate::lora::mix(seed * 1000 + i as u64) % 2000) as f64 - 1000.0) / 1000.0).collect();
+            Tensor::from_vec(v, shape, &dev).unwrap()
+        };
+        let var = |seed: u64, shape: (usize, usize)| Var::from_tensor(&t(seed, shape)).unwrap().as_tensor().clone();
+        let x = var(1, (5, 6));
+        let branch = |s: u64, out: usize, r: usize| LoraBranch {
+            a: var(s, (r, 6)),
+            b: var(s + 1, (out, r)),
+            scale: 0.5,
+            dropout: 0.0,
+        };
+        // Frozen base weights, so the fused LoRA kernel runs (not its composition).
+        let q = Linear { name: "q".into(), weight: Weight::Dense(t(2, (8, 6))), lora: Some(branch(10, 8, 2)) };
+        let k = Linear::dense("k", t(3, (4, 6)));
+        let v = Linear { name: "v".into(), weight: Weight::Dense(t(4, (4, 6))), lora: Some(branch(20, 4, 3)) };
+        let run = |fuse: bool| {
+            let parts = [(&q, 6, Some(7)), (&k, 4, Some(7)), (&v, 3, Some(7))];
+            let ys: Vec<Tensor> = if fuse {
+                fused(&parts, &x).unwrap().expect("fuses while training")
+            } else {
+                parts.iter().map(|(l, r, s)| l.forward_prefix(&x, Some(*r), None, *s).unwrap()).collect()
+            };
+            let loss = ys
+                .iter()
+                .enumerate()
+                .map(|(i, y)| (y.sqr().unwrap().sum_all().unwrap() * (i + 1) as f64).unwrap())
+                .reduce(|a, b| (a + b).unwrap())
+                .unwrap();
+            let g = loss.backward().unwrap();
+            let qa = q.lora.as_ref().unwrap();
+            let vb = v.lora.as_ref().unwrap();
+            let grads = [&x, &qa.a, &qa.b, &vb.a, &vb.b]
+                .map(|p| g.get(p).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap());
+            (ys.iter().map(|y| y.flatten_all().unwrap().to_vec1::<f64>().unwrap()).collect::<Vec<_>>(), grads)
+        };
+        let ((ya, ga), (yb, gb)) = (run(true), run(false));
+        let close = |a: &[f64], b: &[f64]| a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-12);
+        assert!(ya.iter().zip(&yb).all(|(a, b)| close(a, b)));
+        assert!(ga.iter().zip(&gb).all(|(a, b)| close(a, b)));
+        // Inference (nothing tracked) takes the layers one by one.
+        let plain = Tensor::zeros((2, 6), DType::F64, &dev).unwrap();
+        assert!(fused(&[(&k, 4, None)], &plain).unwrap().is_none());
     }
 }

@@ -535,18 +535,12 @@ impl Model {
         let hkv = plan.kv_heads.as_ref().map_or(at.kv_heads, |h| h[li]);
         let hq = hkv * g;
         let s = |k: u64| seed.map(|s| crate::lora::mix(s ^ k));
-        let q =
-            at.q.forward_prefix(x, Some(hq * d), None, s(11))?.reshape((b, t, hq, d))?.transpose(1, 2)?.contiguous()?;
-        let k =
-            at.k.forward_prefix(x, Some(hkv * d), None, s(12))?
-                .reshape((b, t, hkv, d))?
-                .transpose(1, 2)?
-                .contiguous()?;
-        let v =
-            at.v.forward_prefix(x, Some(hkv * d), None, s(13))?
-                .reshape((b, t, hkv, d))?
-                .transpose(1, 2)?
-                .contiguous()?;
+        let [q, k, v] = crate::linear::forward_group(
+            [(&at.q, hq * d, s(11)), (&at.k, hkv * d, s(12)), (&at.v, hkv * d, s(13))],
+            x,
+        )?;
+        let heads = |y: Tensor, h: usize| y.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous();
+        let (q, k, v) = (heads(q, hq)?, heads(k, hkv)?, heads(v, hkv)?);
         let eps = c.rms_eps;
         let q = match &at.q_norm {
             Some(n) => grad::rms_norm(&q, n, eps)?,

@@ -46,6 +46,10 @@ fn batch() -> Batch {
     Batch::from_rows(&[row(1), row(2)], 0).unwrap()
 }
 
+fn max_abs(t: Tensor) -> f64 {
+    t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
+}
+
 fn rand(shape: (usize, usize), seed: u64) -> Tensor {
     let n = shape.0 * shape.1;
     let v: Vec<f64> = (0..n)
@@ -312,7 +316,7 @@ fn elastic_prefixes_equal_a_model_cut_to_them() {
     let small = load(&ModelFile::open(&cut).unwrap(), Trainable::None);
     assert_eq!(small.config.dims(0).kv_heads, 1);
     let want = small.forward_train(&b, &Plan::default()).unwrap().logits;
-    let d = (elastic - want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap();
+    let d = max_abs((elastic - want).unwrap());
     assert!(d < 1e-10, "{d}");
     // Layers of different sizes: a heterogeneous config read from per-layer GGUF arrays.
     recompose_core::testing::write_prefix_gguf(&file, &dir.path().join("mixed.gguf"), &[(1, 12), (2, 24)]).unwrap();
@@ -322,7 +326,7 @@ fn elastic_prefixes_equal_a_model_cut_to_them() {
         Plan { kv_heads: Some(vec![1, 2]), ffn_widths: Some(vec![vec![12, 12], vec![24, 24]]), ..Default::default() };
     let a = model.forward_train(&b, &plan).unwrap().logits;
     let c = mixed_model.forward_train(&b, &Plan::default()).unwrap().logits;
-    let d = (a - c).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap();
+    let d = max_abs((a - c).unwrap());
     assert!(d < 1e-10, "{d}");
     // Mixed widths in one batch: each row as if run alone.
     let plan = Plan { ffn_widths: Some(vec![vec![12, 24], vec![12, 24]]), ..Default::default() };
@@ -330,25 +334,7 @@ fn elastic_prefixes_equal_a_model_cut_to_them() {
     let narrow = Plan { ffn_widths: Some(vec![vec![12, 12], vec![12, 12]]), ..Default::default() };
     let a = model.forward_train(&b, &narrow).unwrap().logits.get(0).unwrap();
     let full = model.forward_train(&b, &Plan::default()).unwrap().logits.get(1).unwrap();
-    let d0 = (mixed.get(0).unwrap() - a)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
-    let d1 = (mixed.get(1).unwrap() - full)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
+    let d0 = max_abs((mixed.get(0).unwrap() - a).unwrap());
+    let d1 = max_abs((mixed.get(1).unwrap() - full).unwrap());
     assert!(d0 < 1e-10 && d1 < 1e-10, "{d0} {d1}");
 }

@@ -85,6 +85,8 @@ impl FinetuneConfig {
         serde_json::json!({
             "mode": mode, "steps": self.steps, "batch": self.batch, "accum": self.accum,
             "schedule": self.schedule, "optimizer": self.optimizer, "clip": self.clip, "seed": self.seed,
+            // The recomputation gives the same gradients, but not provably the same bits.
+            "recompute": self.activation_checkpointing,
         })
     }
 }

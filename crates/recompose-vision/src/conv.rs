@@ -4,6 +4,7 @@
 
 use candle_core::{backend::BackendStorage, CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
+use recompose_llm::grad::matmul_strided;
 
 /// `x [N, C, H, W]` convolved with `w [O, C, kh, kw]` (no bias), zero padding, equal strides.
 pub fn conv2d(x: &Tensor, w: &Tensor, pad: usize, stride: usize) -> candle_core::Result<Tensor> {
@@ -103,51 +104,6 @@ impl Geom {
     }
 }
 
-/// `c[m×n] = a[m×k]·b[k×n]` (plus `c` when `acc`), each matrix given as (data, row stride, col stride).
-#[allow(clippy::too_many_arguments)]
-fn matmul<T: WithDType>(
-    m: usize,
-    n: usize,
-    k: usize,
-    c: &mut [T],
-    acc: bool,
-    a: &[T],
-    a_rs: usize,
-    a_cs: usize,
-    b: &[T],
-    b_rs: usize,
-    b_cs: usize,
-) {
-    // The extents the raw pointers may touch: an internal invariant of this module's callers.
-    assert!(c.len() >= m * n);
-    assert!(m == 0 || k == 0 || a.len() > (m - 1) * a_rs + (k - 1) * a_cs);
-    assert!(k == 0 || n == 0 || b.len() > (k - 1) * b_rs + (n - 1) * b_cs);
-    // SAFETY: the asserts bound every index gemm reads or writes.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            n as isize,
-            acc,
-            a.as_ptr(),
-            a_cs as isize,
-            a_rs as isize,
-            b.as_ptr(),
-            b_cs as isize,
-            b_rs as isize,
-            T::one(),
-            T::one(),
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
-    }
-}
-
 fn forward<T: WithDType>(g: Geom, x: &[T], w: &[T]) -> Vec<T> {
     let (hw, ck) = (g.hw_out(), g.ck());
     let mut y = vec![T::zero(); g.n * g.o * hw];
@@ -155,7 +111,7 @@ fn forward<T: WithDType>(g: Geom, x: &[T], w: &[T]) -> Vec<T> {
         || vec![T::zero(); ck * hw],
         |col, (yn, xn)| {
             g.im2col(xn, col);
-            matmul(g.o, hw, ck, yn, false, w, ck, 1, col, hw, 1);
+            matmul_strided(g.o, hw, ck, yn, false, w, (ck, 1), col, (hw, 1));
         },
     );
     y
@@ -184,10 +140,10 @@ fn backward<T: WithDType>(g: Geom, x: &[T], w: &[T], gy: &[T], need_x: bool, nee
                 // gw += gy_n · colᵀ ; gcol = wᵀ · gy_n
                 if need_w {
                     g.im2col(xn, &mut col);
-                    matmul(g.o, ck, hw, &mut gw, true, gyn, hw, 1, &col, 1, hw);
+                    matmul_strided(g.o, ck, hw, &mut gw, true, gyn, (hw, 1), &col, (1, hw));
                 }
                 if need_x {
-                    matmul(ck, hw, g.o, &mut gcol, false, w, 1, ck, gyn, hw, 1);
+                    matmul_strided(ck, hw, g.o, &mut gcol, false, w, (1, ck), gyn, (hw, 1));
                     g.col2im(&gcol, gxn);
                 }
             }

@@ -56,6 +56,19 @@ pub fn run(a: Args) -> Result<()> {
         c.num_layers, c.hidden_size, c.intermediate_size, c.vocab_size
     );
     println!("attention     {} heads, {} KV heads, head dim {}", c.num_heads, c.num_kv_heads, c.head_dim);
+    if !c.layer_dims.is_empty() {
+        // A pruned sub-network: say how each run of equal layers is sized.
+        let mut runs: Vec<(usize, usize, recompose_core::config::LayerDims)> = vec![];
+        for (l, d) in c.layer_dims.iter().enumerate() {
+            match runs.last_mut() {
+                Some(r) if r.2 == *d => r.1 = l,
+                _ => runs.push((l, l, *d)),
+            }
+        }
+        for (a, b, d) in runs {
+            println!("  layers {a}-{b}  ffn {}  {} heads, {} KV heads", d.intermediate, d.heads, d.kv_heads);
+        }
+    }
     println!("rope          theta {}  {:?}  {:?}", c.rope_theta, c.rope_style, c.rope_scaling);
     println!("context       {}", c.max_position);
     if let Some(w) = c.sliding_window {

@@ -7,7 +7,7 @@
 //! KV head's query groups run in order in one task, so key and value gradients are summed in a
 //! fixed order.
 
-use super::{cpu_float, dot, max_of, slice, sum_of, values, vectorized, CResult, Real};
+use super::{cpu_float, dot, matmul_strided as mm, max_of, slice, sum_of, vectorized, CResult, Data, Real};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, WithDType, D};
 use rayon::prelude::*;
@@ -61,52 +61,6 @@ struct CausalAttention {
     window: Option<usize>,
     /// Per query row: the log-sum-exp of its scaled scores, kept for the backward pass.
     lse: Mutex<Option<Vec<f64>>>,
-}
-
-/// `c (m x n) = a (m x k) . b (k x n)` (+ c when `acc`), each given as (data, row stride, col stride).
-#[allow(clippy::too_many_arguments)]
-fn mm<T: WithDType>(
-    m: usize,
-    n: usize,
-    k: usize,
-    c: &mut [T],
-    acc: bool,
-    a: &[T],
-    (a_rs, a_cs): (usize, usize),
-    b: &[T],
-    (b_rs, b_cs): (usize, usize),
-) {
-    if m == 0 || n == 0 || k == 0 {
-        return;
-    }
-    // The extents the raw pointers may touch: an internal invariant of this module's callers.
-    assert!(c.len() >= m * n); // ok: internal invariant
-    assert!(a.len() > (m - 1) * a_rs + (k - 1) * a_cs); // ok: internal invariant
-    assert!(b.len() > (k - 1) * b_rs + (n - 1) * b_cs); // ok: internal invariant
-                                                        // SAFETY: the asserts bound every index gemm reads or writes.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            n as isize,
-            acc,
-            a.as_ptr(),
-            a_cs as isize,
-            a_rs as isize,
-            b.as_ptr(),
-            b_cs as isize,
-            b_rs as isize,
-            T::from_f64(1.0),
-            T::from_f64(1.0),
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
-    }
 }
 
 #[derive(Clone, Copy)]
@@ -252,8 +206,10 @@ impl CausalAttention {
             .map_err(|_| candle_core::Error::Msg("attention statistics poisoned".into()))?
             .take()
             .ok_or_else(|| candle_core::Error::Msg("causal attention: backward ran twice".into()))?;
-        let (qv, kv, vv, ov, gv) =
-            (values::<T>(q)?, values::<T>(k)?, values::<T>(v)?, values::<T>(o)?, values::<T>(&dout.contiguous()?)?);
+        let doutc = dout.contiguous()?;
+        let (qd, kd, vd, od, gd) =
+            (Data::<T>::of(q)?, Data::<T>::of(k)?, Data::<T>::of(v)?, Data::<T>::of(o)?, Data::<T>::of(&doutc)?);
+        let (qv, kv, vv, ov, gv) = (qd.get()?, kd.get()?, vd.get()?, od.get()?, gd.get()?);
         let (gt, td) = (gm.g * gm.t, gm.t * gm.d);
         let zero = T::from_f64(0.0);
         let mut dq = vec![zero; qv.len()];

@@ -199,6 +199,7 @@ impl CustomOp2 for LinearCe {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> CResult<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
         let (loss, dx, dw) = self.run()?;
         if let Ok(mut g) = self.grads.lock() {
             *g = Some((dx, dw));

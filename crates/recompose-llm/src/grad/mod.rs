@@ -66,6 +66,34 @@ pub(crate) fn values<T: WithDType>(t: &Tensor) -> CResult<Vec<T>> {
     t.flatten_all()?.to_vec1::<T>()
 }
 
+/// A tensor's elements for a backward pass: borrowed in place when the tensor is a contiguous
+/// CPU one (no copy of activations that can be tens of megabytes), copied otherwise.
+pub(crate) enum Data<'a, T> {
+    Borrowed(candle_core::StorageRef<'a>, usize, usize),
+    Owned(Vec<T>),
+}
+
+impl<'a, T: WithDType> Data<'a, T> {
+    pub(crate) fn of(t: &'a Tensor) -> CResult<Self> {
+        let (st, l) = t.storage_and_layout();
+        if let (Storage::Cpu(_), Some((a, b))) = (&*st, l.contiguous_offsets()) {
+            return Ok(Data::Borrowed(st, a, b));
+        }
+        drop(st);
+        Ok(Data::Owned(values(t)?))
+    }
+
+    pub(crate) fn get(&self) -> CResult<&[T]> {
+        match self {
+            Data::Borrowed(st, a, b) => match &**st {
+                Storage::Cpu(cs) => Ok(&T::cpu_storage_as_slice(cs)?[*a..*b]),
+                _ => candle_core::bail!("tensor data is not on the CPU"),
+            },
+            Data::Owned(v) => Ok(v),
+        }
+    }
+}
+
 /// Runs `f` on the f32 or f64 data of a CPU op; other dtypes are refused.
 macro_rules! float_dispatch {
     ($name:expr, $s:expr, |$t:ident| $body:expr) => {
@@ -157,6 +185,53 @@ pub(crate) fn max_of<T: Real>(a: &[T]) -> T {
     m
 }
 
+/// `c (m x n) = a (m x k) . b (k x n)` (+ c when `acc`) on the calling thread, each matrix given
+/// as (data, (row stride, column stride)): for kernels that parallelise over their own tasks.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_strided<T: WithDType>(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: &mut [T],
+    acc: bool,
+    a: &[T],
+    (a_rs, a_cs): (usize, usize),
+    b: &[T],
+    (b_rs, b_cs): (usize, usize),
+) {
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    // The extents the raw pointers may touch: an internal invariant of this module's callers.
+    assert!(c.len() >= m * n); // ok: internal invariant
+    assert!(a.len() > (m - 1) * a_rs + (k - 1) * a_cs); // ok: internal invariant
+    assert!(b.len() > (k - 1) * b_rs + (n - 1) * b_cs); // ok: internal invariant
+                                                        // SAFETY: the asserts bound every index gemm reads or writes.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            acc,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            T::from_f64(1.0),
+            T::from_f64(1.0),
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
 mod attention;
 mod ce;
 #[cfg(test)]
@@ -228,8 +303,9 @@ impl CustomOp2 for RmsNorm {
         let (need_x, need_w) = (x.track_op(), w.track_op());
         macro_rules! run {
             ($t:ty) => {{
-                let (xv, wv, gv) = (values::<$t>(x)?, values::<$t>(w)?, values::<$t>(&dy.contiguous()?)?);
-                let (dx, dw) = rms_norm_backward(&xv, &wv, &gv, h, self.eps, need_x, need_w);
+                let dyc = dy.contiguous()?;
+                let (xv, wv, gv) = (Data::<$t>::of(x)?, Data::<$t>::of(w)?, Data::<$t>::of(&dyc)?);
+                let (dx, dw) = rms_norm_backward(xv.get()?, wv.get()?, gv.get()?, h, self.eps, need_x, need_w);
                 (Tensor::from_vec(dx, x.shape(), x.device())?, Tensor::from_vec(dw, h, w.device())?)
             }};
         }
@@ -343,7 +419,9 @@ impl CustomOp1 for Softmax {
         let n = y.dim(D::Minus1)?.max(1);
         macro_rules! run {
             ($t:ty) => {{
-                let (yv, gv) = (values::<$t>(y)?, values::<$t>(&dy.contiguous()?)?);
+                let dyc = dy.contiguous()?;
+                let (yd, gd) = (Data::<$t>::of(y)?, Data::<$t>::of(&dyc)?);
+                let (yv, gv) = (yd.get()?, gd.get()?);
                 let mut dx = vec![<$t>::from_f64(0.0); yv.len()];
                 dx.par_chunks_mut(n).zip(yv.par_chunks(n)).zip(gv.par_chunks(n)).for_each(|((o, yi), gi)| {
                     let dot: f64 = yi.iter().zip(gi).map(|(a, b)| a.to_f64() * b.to_f64()).sum();
@@ -499,8 +577,10 @@ impl CustomOp3 for Rope {
         let per_row = cos.rank() == 3;
         macro_rules! run {
             ($t:ty) => {{
-                let (g, c, s) = (values::<$t>(&dy.contiguous()?)?, values::<$t>(cos)?, values::<$t>(sin)?);
-                Tensor::from_vec(rotate(&g, &c, &s, dims, per_row, self.interleaved, -1.0), x.shape(), x.device())?
+                let dyc = dy.contiguous()?;
+                let (g, c, s) = (Data::<$t>::of(&dyc)?, Data::<$t>::of(cos)?, Data::<$t>::of(sin)?);
+                let r = rotate(g.get()?, c.get()?, s.get()?, dims, per_row, self.interleaved, -1.0);
+                Tensor::from_vec(r, x.shape(), x.device())?
             }};
         }
         let dx = match x.dtype() {
@@ -620,8 +700,9 @@ impl CustomOp2 for Gated {
         let act = self.act;
         macro_rules! run {
             ($t:ty) => {{
-                let (gv, uv, dv) = (values::<$t>(g)?, values::<$t>(u)?, values::<$t>(&dy.contiguous()?)?);
-                let (dg, du) = gated_backward(act, &gv, &uv, &dv);
+                let dyc = dy.contiguous()?;
+                let (gv, uv, dv) = (Data::<$t>::of(g)?, Data::<$t>::of(u)?, Data::<$t>::of(&dyc)?);
+                let (dg, du) = gated_backward(act, gv.get()?, uv.get()?, dv.get()?);
                 (Tensor::from_vec(dg, g.shape(), g.device())?, Tensor::from_vec(du, u.shape(), u.device())?)
             }};
         }
@@ -737,20 +818,24 @@ impl CustomOp3 for LoraLinear {
         let y = sx.matmul(w, (1, n, out, k), lx, &self.w.layout().transpose(0, 1)?)?;
         let h = sx.matmul(sa, (1, n, r, k), lx, &la.transpose(0, 1)?)?;
         let d = h.matmul(sb, (1, n, out, r), &Layout::contiguous((n, r)), &lb.transpose(0, 1)?)?;
-        let scale = self.scale;
-        let y = float_dispatch!("lora linear", sx, |T| {
-            let mut y = T::cpu_storage_as_slice(&y)?.to_vec();
-            let d = T::cpu_storage_as_slice(&d)?;
-            let s = T::from_f64(scale);
-            y.par_chunks_mut(4096)
-                .zip(d.par_chunks(4096))
-                .for_each(|(y, d)| vectorized(|| y.iter_mut().zip(d).for_each(|(y, &d)| *y += s * d)));
-            let hv = T::cpu_storage_as_slice(&h)?.to_vec();
-            if let Ok(mut slot) = self.h.lock() {
-                *slot = Some(Tensor::from_vec(hv, (n, r), &candle_core::Device::Cpu)?);
-            }
-            T::to_cpu_storage_owned(y)
-        });
+        let s = self.scale;
+        let mut y = y;
+        macro_rules! add_branch {
+            ($y:expr, $d:expr, $h:expr, $t:ty) => {{
+                let k = <$t>::from_f64(s);
+                $y.par_chunks_mut(4096)
+                    .zip($d.par_chunks(4096))
+                    .for_each(|(y, d)| vectorized(|| y.iter_mut().zip(d).for_each(|(y, &d)| *y += k * d)));
+                if let Ok(mut slot) = self.h.lock() {
+                    *slot = Some(Tensor::from_slice($h.as_slice(), (n, r), &candle_core::Device::Cpu)?);
+                }
+            }};
+        }
+        match (&mut y, &d, &h) {
+            (CpuStorage::F32(y), CpuStorage::F32(d), CpuStorage::F32(h)) => add_branch!(y, d, h, f32),
+            (CpuStorage::F64(y), CpuStorage::F64(d), CpuStorage::F64(h)) => add_branch!(y, d, h, f64),
+            _ => candle_core::bail!("lora linear: expects f32 or f64"),
+        }
         Ok((y, Shape::from((n, out))))
     }
 

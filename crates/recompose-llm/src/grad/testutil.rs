@@ -1,5 +1,5 @@
-//! Test helpers shared by the op tests: seeded tensors, the oracle comparison against a candle
-//! composition, and central finite differences in f64.
+//! Test helpers shared by the op tests (declared `#[cfg(test)]` in `mod.rs`): seeded tensors, the
+//! oracle comparison against a candle composition, and central finite differences in f64.
 
 use candle_core::{DType, Device, Tensor, Var};
 
