@@ -5,7 +5,7 @@
 # transformers with and without gradient checkpointing. Appends JSON lines to
 # bench/results/train/speed.jsonl; bench/train/speed_table.py makes the table.
 #
-#   bench/train/speed.sh          # ~50 minutes on 2 cores
+#   bench/train/speed.sh          # ~40 minutes on 2 cores
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BIN=${BIN:-target/release/recompose}

@@ -537,6 +537,12 @@ fn finetune_bad_input_is_one_line_and_writes_nothing() {
     assert!(e.contains("unknown LoRA target"), "{e}");
     let e = ft(&["--data", data.to_str().unwrap()]);
     assert!(e.contains("--lora") && e.contains("--full"), "{e}");
+    let e = ft(&["--data", data.to_str().unwrap(), "--lora", "r=4", "--device", "tpu"]);
+    assert!(e.contains("unknown device"), "{e}");
+    // Without a GPU (or without the cuda feature) asking for one is one line, with a backtrace
+    // requested or not.
+    let e = ft(&["--data", data.to_str().unwrap(), "--lora", "r=4", "--device", "cuda"]);
+    assert!(e.contains("--device cuda:0"), "{e}");
     // Resuming another run's checkpoint: stop one run early, resume with other settings.
     finetune_tiny(d.path(), m, &data, "2", &out, &["--lora", "r=4", "--stop-after", "1"]);
     assert!(!out.exists());
