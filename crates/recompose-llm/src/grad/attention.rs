@@ -284,6 +284,9 @@ mod tests {
             let (a, b) = (x.expo(), x.exp());
             assert!((a - b).abs() <= 3e-7 * b, "exp({x}): {a} vs {b}");
         }
+        // A NaN stays NaN, so a diverged step reaches the loss check.
+        assert!(f32::NAN.expo().is_nan());
+        assert_eq!(f32::NEG_INFINITY.expo(), (-87f32).expo());
     }
 
     #[test]

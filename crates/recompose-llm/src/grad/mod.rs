@@ -121,7 +121,9 @@ impl Real for f32 {
     /// branch-free so the loops vectorise.
     #[inline(always)]
     fn expo(self) -> f32 {
-        let x = self.max(-87.0).min(88.0);
+        // clamp, not max/min: a NaN must stay NaN (max/min would turn it into e^-87 and hide a
+        // diverged step from the loss check).
+        let x = self.clamp(-87.0, 88.0);
         // t = 1.5 * 2^23 + round(x log2 e): its low mantissa bits hold n as an integer.
         let t = x * std::f32::consts::LOG2_E + 12_582_912.0;
         let n = t - 12_582_912.0;
