@@ -1,6 +1,15 @@
 //! The `recompose` binary: parses flags, sets up logging and threads, dispatches to the
 //! subcommands in `cmd/`. Errors print as one line and exit 1.
 
+/// `eprintln!` that never panics: a server whose stderr was closed must keep serving and shut
+/// down cleanly, and an error must not turn into a panic because it cannot be printed.
+macro_rules! say {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($t)*);
+    }};
+}
+
 mod cmd;
 mod common;
 
@@ -62,7 +71,7 @@ fn main() {
         Err(e) => {
             // One line, like every other error (clap adds a usage hint below it).
             let msg = e.to_string();
-            eprintln!("{}", msg.lines().next().unwrap_or("error: bad arguments"));
+            say!("{}", msg.lines().next().unwrap_or("error: bad arguments"));
             std::process::exit(2);
         }
     };
@@ -72,9 +81,13 @@ fn main() {
         .with_writer(std::io::stderr)
         .with_target(false)
         .without_time()
+        .log_internal_errors(false) // its report of a failed write would itself eprintln! and panic
         .try_init();
+    if !matches!(cli.command, Command::Serve(_)) {
+        end_quietly_on_closed_pipes();
+    }
     if let Err(e) = common::set_threads(cli.threads) {
-        eprintln!("error: {e:#}");
+        say!("error: {e:#}");
         std::process::exit(2);
     }
     let quiet = cli.quiet;
@@ -95,7 +108,19 @@ fn main() {
     };
     if let Err(e) = result {
         // One line: the chain of causes joined.
-        eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+        say!("error: {}", format!("{e:#}").replace('\n', " "));
         std::process::exit(1);
+    }
+}
+
+/// Writing into a closed pipe (`recompose inspect --tensors M | head -1`) ends the process
+/// quietly, as Unix tools do. Rust ignores SIGPIPE, so every print would fail with EPIPE and
+/// `println!` would panic. The server keeps ignoring it: a client that closes its socket must
+/// not stop it.
+fn end_quietly_on_closed_pipes() {
+    #[cfg(unix)]
+    // SAFETY: restores the default action of one signal before any thread is started.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }

@@ -610,3 +610,32 @@ fn an_adapter_for_another_model_is_refused() {
     );
     assert!(e.contains("do not fit"), "{e}");
 }
+
+/// Output into a pipe whose reader is gone (`recompose inspect --tensors M | head -1`) ends the
+/// process quietly, as Unix tools do: ended by SIGPIPE, no panic, no message (it used to panic,
+/// "failed printing to stdout: Broken pipe", exit 101).
+#[cfg(unix)]
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let d = tempfile::tempdir().unwrap();
+    let m = tiny(d.path(), TinySpec::default());
+    let m = m.to_str().unwrap();
+    for args in
+        [vec!["inspect", "--tensors", m], vec!["generate", "-q", "-m", m, "-p", "hello", "-n", "8", "--ignore-eos"]]
+    {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = Command::new(env!("CARGO_BIN_EXE_recompose"))
+            .args(&args)
+            .env("RECOMPOSE_HOME", d.path())
+            .env("RAYON_NUM_THREADS", "1")
+            .stdout(writer)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.trim().is_empty(), "{args:?} printed: {err}");
+        assert_eq!(out.status.signal(), Some(13), "{args:?}: {}", out.status); // SIGPIPE
+    }
+}

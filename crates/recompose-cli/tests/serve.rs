@@ -41,6 +41,20 @@ fn start_with(asset: Option<&str>, extra: &[&str]) -> Server {
     if asset.is_none() {
         cmd.env("RECOMPOSE_HOME", dir.path()).env("RAYON_NUM_THREADS", "1");
     }
+    let (child, addr, mut err) = listen(cmd);
+    // Keep draining stderr so the server never blocks on a full pipe.
+    std::thread::spawn(move || {
+        if std::env::var_os("RECOMPOSE_SERVE_LOG").is_some() {
+            std::io::copy(&mut err, &mut std::io::stderr())
+        } else {
+            std::io::copy(&mut err, &mut std::io::sink())
+        }
+    });
+    Server { child, addr, _dir: dir, model }
+}
+
+/// Spawns the server and waits for its "listening on" line: (child, address, its stderr).
+fn listen(mut cmd: Command) -> (Child, String, BufReader<std::process::ChildStderr>) {
     let mut child = cmd.stderr(Stdio::piped()).spawn().unwrap();
     let mut err = BufReader::new(child.stderr.take().unwrap());
     let mut line = String::new();
@@ -51,15 +65,7 @@ fn start_with(asset: Option<&str>, extra: &[&str]) -> Server {
             break rest.split_whitespace().next().unwrap().to_string();
         }
     };
-    // Keep draining stderr so the server never blocks on a full pipe.
-    std::thread::spawn(move || {
-        if std::env::var_os("RECOMPOSE_SERVE_LOG").is_some() {
-            std::io::copy(&mut err, &mut std::io::stderr())
-        } else {
-            std::io::copy(&mut err, &mut std::io::sink())
-        }
-    });
-    Server { child, addr, _dir: dir, model }
+    (child, addr, err)
 }
 
 /// One HTTP/1.1 request; returns (status, headers, body).
@@ -434,6 +440,34 @@ fn sigterm_finishes_running_requests_and_exits_zero() {
         assert!(t0.elapsed() < Duration::from_secs(20), "server did not exit");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// A server whose stderr reader has gone away still serves and shuts down cleanly on SIGTERM
+/// (its "shutting down" line used to panic: "failed printing to stderr", exit 101).
+#[cfg(unix)]
+#[test]
+fn sigterm_with_stderr_closed_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("tiny.gguf");
+    write_tiny_gguf(&m, &TinySpec { seed: 3, ..Default::default() }).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_recompose"));
+    cmd.args(["serve", "--f32", "--model", m.to_str().unwrap(), "--port", "0"]);
+    cmd.env("RECOMPOSE_HOME", dir.path()).env("RAYON_NUM_THREADS", "1");
+    let (mut child, addr, err) = listen(cmd);
+    drop(err);
+    let mut r = completion("Still here", 4);
+    r["model"] = json!(m.to_str().unwrap());
+    assert_eq!(post(&addr, "/v1/completions", &r).0, 200);
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    let t0 = Instant::now();
+    let st = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "server did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(st.success(), "exit status {st}");
 }
 
 /// The official `openai` Python client against the server (the script installs it in a venv).

@@ -47,7 +47,7 @@ async fn shutdown_signal(draining: Arc<std::sync::atomic::AtomicBool>) {
     #[cfg(not(unix))]
     let term = std::future::pending::<()>();
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
-    eprintln!("shutting down: no new requests, finishing the running ones");
+    say!("shutting down: no new requests, finishing the running ones");
     draining.store(true, Ordering::SeqCst);
 }
 
@@ -68,7 +68,7 @@ pub fn run(a: Args) -> Result<()> {
             .await
             .with_context(|| format!("cannot listen on {}:{}", a.host, a.port))?;
         let addr = listener.local_addr()?;
-        eprintln!("listening on http://{addr} (model {}, kv {})", a.model.model, a.kv);
+        say!("listening on http://{addr} (model {}, kv {})", a.model.model, a.kv);
         axum::serve(listener, router(state))
             .with_graceful_shutdown(shutdown_signal(engine.draining.clone()))
             .await
@@ -79,6 +79,6 @@ pub fn run(a: Args) -> Result<()> {
     while !scheduler.is_finished() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
-    eprintln!("stopped");
+    say!("stopped");
     Ok(())
 }
