@@ -131,6 +131,26 @@ fn shape_that_contradicts_the_config_is_named() {
     assert!(e.contains("blk.0.ffn_gate.weight") && e.contains("does not match"), "{e}");
 }
 
+/// A size field far beyond any model (`block_count` 10 million or 2^62) is an error, not an
+/// allocation until the process aborts (it used to end with "memory allocation of ... failed").
+#[test]
+fn absurd_block_count_is_an_error_not_an_abort() {
+    let d = tempfile::tempdir().unwrap();
+    let m = tiny(d.path(), TinySpec::default());
+    for n in [10_000_000u64, 1 << 62] {
+        let p = d.path().join(format!("layers-{n}.gguf"));
+        rewrite(&m, &p, "", Some(("llama.block_count", Value::U64(n))));
+        for cmd in ["inspect", "generate"] {
+            let args: Vec<&str> = match cmd {
+                "inspect" => vec!["inspect", p.to_str().unwrap()],
+                _ => vec!["generate", "-m", p.to_str().unwrap(), "-p", "hi"],
+            };
+            let e = fails(d.path(), &args);
+            assert!(e.contains(&format!("layers {n} is more than recompose accepts")), "{e}");
+        }
+    }
+}
+
 #[test]
 fn lying_safetensors_header_is_reported() {
     let d = tempfile::tempdir().unwrap();

@@ -92,6 +92,15 @@ pub struct ModelConfig {
     pub layer_dims: Vec<LayerDims>,
 }
 
+/// Ceilings on config sizes (the largest real models are far below them: ~130 layers, 16k
+/// hidden, 53k FFN, 128 heads, 256k vocab, 10M context).
+pub const MAX_LAYERS: usize = 4096;
+pub const MAX_WIDTH: usize = 1 << 20;
+pub const MAX_HEADS: usize = 4096;
+pub const MAX_VOCAB: usize = 1 << 24;
+/// Also what fits GGUF's u32 `context_length`.
+pub const MAX_CONTEXT: usize = 1 << 26;
+
 impl ModelConfig {
     /// The sizes of layer `l`.
     pub fn dims(&self, l: usize) -> LayerDims {
@@ -122,7 +131,7 @@ impl ModelConfig {
         self.arch == Arch::Gemma3
     }
 
-    /// Checks the invariants the model code relies on.
+    /// Checks the invariants the model code relies on, and that no size is absurd.
     pub fn validate(self) -> Result<Self> {
         let bad = |m: String| Err(Error::InvalidConfig(m));
         if self.num_layers == 0 || self.hidden_size == 0 || self.vocab_size == 0 || self.intermediate_size == 0 {
@@ -142,6 +151,22 @@ impl ModelConfig {
         }
         if self.max_position == 0 {
             return bad("context length must be positive".into());
+        }
+        // Sizes come from untrusted files and size what gets allocated (per-layer state, caches,
+        // tables), so each has a ceiling far above any real model: an error instead of an
+        // allocation that aborts the process.
+        for (what, n, max) in [
+            ("layers", self.num_layers, MAX_LAYERS),
+            ("hidden size", self.hidden_size, MAX_WIDTH),
+            ("intermediate size", self.intermediate_size, MAX_WIDTH),
+            ("attention heads", self.num_heads, MAX_HEADS),
+            ("head dim", self.head_dim, MAX_HEADS),
+            ("vocab size", self.vocab_size, MAX_VOCAB),
+            ("context length", self.max_position, MAX_CONTEXT),
+        ] {
+            if n > max {
+                return bad(format!("{what} {n} is more than recompose accepts ({max})"));
+            }
         }
         if !self.layer_dims.is_empty() {
             if self.layer_dims.len() != self.num_layers {
@@ -472,5 +497,16 @@ mod tests {
             "num_hidden_layers":1,"num_attention_heads":2}"#;
         let e = ModelConfig::from_hf_json(text).unwrap_err().to_string();
         assert!(e.contains("unknown architecture 'bert'"), "{e}");
+    }
+
+    #[test]
+    fn absurd_sizes_are_errors_not_allocations() {
+        for (key, v) in [("LAYERS", "10000000"), ("LAYERS", "4611686018427387904"), ("VOCAB", "4611686018427387904")] {
+            let text = r#"{"model_type":"llama","vocab_size":VOCAB,"hidden_size":8,"intermediate_size":16,
+                "num_hidden_layers":LAYERS,"num_attention_heads":2}"#;
+            let text = text.replace(key, v).replace("LAYERS", "1").replace("VOCAB", "10");
+            let e = ModelConfig::from_hf_json(&text).unwrap_err().to_string();
+            assert!(e.contains("more than recompose accepts"), "{key}={v}: {e}");
+        }
     }
 }
