@@ -9,9 +9,16 @@ use std::path::PathBuf;
 
 /// Bounds every pool we use (rayon's global pool and candle's, which reads RAYON_NUM_THREADS).
 pub fn set_threads(n: Option<usize>) -> Result<()> {
-    let n = n.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let mut n = n.unwrap_or(cores);
     if n == 0 {
         anyhow::bail!("--threads must be at least 1");
+    }
+    // Past a few threads per core more threads only add switching; 100,000 of them hang.
+    let most = 4 * cores;
+    if n > most {
+        tracing::warn!("--threads {n}: using {most} (4 per core on this machine)");
+        n = most;
     }
     // Edition 2021: set_var is safe; we are still single-threaded here.
     std::env::set_var("RAYON_NUM_THREADS", n.to_string());

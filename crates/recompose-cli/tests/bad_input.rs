@@ -151,6 +151,17 @@ fn absurd_block_count_is_an_error_not_an_abort() {
     }
 }
 
+/// `--threads 100000` used to start that many threads and hang; it is capped with a warning.
+#[test]
+fn absurd_thread_count_is_capped_with_a_warning() {
+    let d = tempfile::tempdir().unwrap();
+    let m = tiny(d.path(), TinySpec::default());
+    let (code, out, err) = recompose(d.path(), &["--threads", "100000", "inspect", m.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("--threads 100000: using"), "{err}");
+    assert!(out.contains("architecture"), "{out}");
+}
+
 #[test]
 fn lying_safetensors_header_is_reported() {
     let d = tempfile::tempdir().unwrap();
