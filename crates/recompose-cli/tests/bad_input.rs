@@ -162,6 +162,15 @@ fn absurd_thread_count_is_capped_with_a_warning() {
     assert!(out.contains("architecture"), "{out}");
 }
 
+/// A missing file is named once: the OS error used to be printed twice through the error chain
+/// ("nope.gguf: no such file or directory: no such file or directory").
+#[test]
+fn a_missing_file_is_reported_once() {
+    let d = tempfile::tempdir().unwrap();
+    let e = fails(d.path(), &["inspect", "nope.gguf"]);
+    assert_eq!(e.matches("no such file").count(), 1, "{e}");
+}
+
 #[test]
 fn lying_safetensors_header_is_reported() {
     let d = tempfile::tempdir().unwrap();
