@@ -171,6 +171,24 @@ fn a_missing_file_is_reported_once() {
     assert_eq!(e.matches("no such file").count(), 1, "{e}");
 }
 
+/// A shard index may only name files of its own folder (it used to open any absolute path).
+#[test]
+fn a_shard_index_cannot_point_outside_the_model_folder() {
+    let d = tempfile::tempdir().unwrap();
+    let m = tiny(d.path(), TinySpec::default());
+    let hf = d.path().join("hf");
+    succeeds(d.path(), &["convert", "-q", m.to_str().unwrap(), hf.to_str().unwrap()]);
+    let outside = d.path().join("outside.safetensors");
+    std::fs::copy(hf.join("model.safetensors"), &outside).unwrap();
+    std::fs::remove_file(hf.join("model.safetensors")).unwrap();
+    for shard in [outside.to_str().unwrap().to_string(), "../outside.safetensors".into()] {
+        let index = serde_json::json!({"metadata": {}, "weight_map": {"model.embed_tokens.weight": shard}});
+        std::fs::write(hf.join("model.safetensors.index.json"), index.to_string()).unwrap();
+        let e = fails(d.path(), &["inspect", hf.to_str().unwrap()]);
+        assert!(e.contains("not a file of the model folder"), "{e}");
+    }
+}
+
 #[test]
 fn lying_safetensors_header_is_reported() {
     let d = tempfile::tempdir().unwrap();

@@ -53,6 +53,18 @@ impl HfDir {
             let mut files: Vec<String> = map.values().filter_map(|f| f.as_str().map(str::to_owned)).collect();
             files.sort();
             files.dedup();
+            // A shard is a file of this folder: an index must not point anywhere else on the
+            // machine (an absolute path, `..`, a subfolder).
+            let plain = |f: &str| {
+                let mut c = Path::new(f).components();
+                matches!((c.next(), c.next()), (Some(std::path::Component::Normal(_)), None))
+            };
+            if let Some(f) = files.iter().find(|f| !plain(f)) {
+                return Err(Error::BadSafetensors {
+                    path: index_path.clone(),
+                    what: format!("shard '{f}' is not a file of the model folder (shard names are plain file names)"),
+                });
+            }
             files.into_iter().map(|f| dir.join(f)).collect()
         } else {
             vec![dir.join("model.safetensors")]
