@@ -189,6 +189,45 @@ fn a_shard_index_cannot_point_outside_the_model_folder() {
     }
 }
 
+/// A metadata key written twice used to let the last copy win silently; it is an error.
+#[test]
+fn a_duplicated_gguf_key_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let m = tiny(d.path(), TinySpec::default());
+    let g = GgufFile::open(&m).unwrap();
+    let mut meta: Vec<(String, Value)> = g.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    meta.push(("llama.block_count".into(), Value::U32(1)));
+    let tensors: Vec<_> = g.tensors().iter().map(|t| (t.name.clone(), g.qtensor(&t.name).unwrap())).collect();
+    let p = d.path().join("dup.gguf");
+    write_gguf(&p, &meta, &tensors).unwrap();
+    let e = fails(d.path(), &["inspect", p.to_str().unwrap()]);
+    assert!(e.contains("metadata key 'llama.block_count' appears twice"), "{e}");
+}
+
+/// Two tensors whose data ranges overlap used to be accepted.
+#[test]
+fn overlapping_gguf_tensor_data_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let m = tiny(d.path(), TinySpec::default());
+    let g = GgufFile::open(&m).unwrap();
+    let (first, second) = (&g.tensors()[0], &g.tensors()[1]);
+    let mut bytes = std::fs::read(&m).unwrap();
+    // Where a tensor info keeps its data offset: after the name (u64 length + bytes), n_dims
+    // (u32), the dims (u64 each) and the type (u32).
+    let offset_at = |bytes: &[u8], t: &recompose_core::gguf::TensorInfo| {
+        let name = t.name.as_bytes();
+        let at = bytes.windows(name.len()).position(|w| w == name).unwrap();
+        at + name.len() + 4 + 8 * t.shape.len() + 4
+    };
+    let (from, to) = (offset_at(&bytes, first), offset_at(&bytes, second));
+    let first_offset: [u8; 8] = bytes[from..from + 8].try_into().unwrap();
+    bytes[to..to + 8].copy_from_slice(&first_offset);
+    let p = d.path().join("overlap.gguf");
+    std::fs::write(&p, &bytes).unwrap();
+    let e = fails(d.path(), &["inspect", p.to_str().unwrap()]);
+    assert!(e.contains("overlaps tensor"), "{e}");
+}
+
 #[test]
 fn lying_safetensors_header_is_reported() {
     let d = tempfile::tempdir().unwrap();

@@ -258,6 +258,13 @@ impl GgufFile {
             let key = c.string("metadata key")?;
             let ty = c.u32(&key)?;
             let value = c.value(ty, &key, 0)?;
+            // Which copy of a repeated key wins is up to each reader: refuse the ambiguity.
+            if metadata.contains_key(&key) {
+                return Err(Error::CorruptGguf {
+                    path: path.into(),
+                    what: format!("metadata key '{key}' appears twice"),
+                });
+            }
             metadata.insert(key, value);
         }
         let mut raw = Vec::with_capacity(n_tensors);
@@ -325,6 +332,13 @@ impl GgufFile {
                 return Err(bad_tensor(path, &name, "appears twice".into()));
             }
             tensors.push(TensorInfo { name, shape, dtype, offset: start as usize, size: size as usize });
+        }
+        // Tensors own disjoint bytes: with overlapping ranges, writing one (in place, or in a
+        // tool that trusts the layout) would change another.
+        let mut spans: Vec<&TensorInfo> = tensors.iter().filter(|t| t.size > 0).collect();
+        spans.sort_by_key(|t| t.offset);
+        if let Some(w) = spans.windows(2).find(|w| w[0].offset + w[0].size > w[1].offset) {
+            return Err(bad_tensor(path, &w[1].name, format!("data overlaps tensor '{}'", w[0].name)));
         }
         Ok(Self { path: path.to_path_buf(), version, metadata, tensors, index, mmap })
     }
