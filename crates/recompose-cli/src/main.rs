@@ -69,9 +69,7 @@ fn main() {
         Ok(c) => c,
         Err(e) if !e.use_stderr() => e.exit(), // --help, --version
         Err(e) => {
-            // One line, like every other error (clap adds a usage hint below it).
-            let msg = e.to_string();
-            say!("{}", msg.lines().next().unwrap_or("error: bad arguments"));
+            say!("{}", one_line(&e.to_string()));
             std::process::exit(2);
         }
     };
@@ -122,5 +120,21 @@ fn end_quietly_on_closed_pipes() {
     // SAFETY: restores the default action of one signal before any thread is started.
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
+/// A clap error on one line, like every other error: its message and the lines that complete it
+/// (the missing argument's name, a tip), without the usage block and the --help hint.
+fn one_line(msg: &str) -> String {
+    let parts: Vec<&str> = msg
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .filter(|l| !l.is_empty())
+        .collect();
+    if parts.is_empty() {
+        "error: bad arguments".into()
+    } else {
+        parts.join(" ")
     }
 }

@@ -228,6 +228,16 @@ fn overlapping_gguf_tensor_data_is_refused() {
     assert!(e.contains("overlaps tensor"), "{e}");
 }
 
+/// A flag that needs another names it: the one-line error used to stop at "the following
+/// required arguments were not provided:".
+#[test]
+fn a_missing_required_flag_is_named() {
+    let d = tempfile::tempdir().unwrap();
+    let m = tiny(d.path(), TinySpec::default());
+    let e = fails(d.path(), &["generate", "-m", m.to_str().unwrap(), "-p", "hi", "--system", "be brief"]);
+    assert!(e.contains("--chat"), "{e}");
+}
+
 #[test]
 fn lying_safetensors_header_is_reported() {
     let d = tempfile::tempdir().unwrap();
@@ -593,6 +603,12 @@ fn finetune_lora_merge_and_apply_end_to_end() {
     // A task vector of the merged fine-tune, straight from BASE+ADAPTER.
     let tv = d.path().join("tv.safetensors");
     succeeds(d.path(), &["tv", "extract", "--base", m, "--finetuned", &plus, "-o", tv.to_str().unwrap()]);
+    // A negative scale is a value, not a flag (`--scale -1` used to be refused as an unknown
+    // argument although the help allows it): applying -1 of the vector undoes the fine-tune.
+    let neg = d.path().join("neg");
+    succeeds(d.path(), &["tv", "apply", &plus, tv.to_str().unwrap(), "--scale", "-1", "-o", neg.to_str().unwrap()]);
+    let undone = ppl(&["-m", neg.to_str().unwrap()]);
+    assert!((undone - base).abs() < 1e-3 * base, "base {base}, +adapter -tv {undone}");
     // A full fine-tune writes an HF folder that loads.
     let full = d.path().join("full");
     finetune_tiny(d.path(), m, &data, "2", &full, &["--full"]);

@@ -100,8 +100,8 @@ pub struct Patch {
     /// Deltas, each FILE or FILE:SCALE (a signature's scale is its alpha).
     #[arg(required = true)]
     deltas: Vec<String>,
-    /// Scale of the deltas given without one (rws: alpha).
-    #[arg(long, visible_alias = "alpha", default_value_t = 1.0)]
+    /// Scale of the deltas given without one (rws: alpha); negative to subtract (`--scale -1`).
+    #[arg(long, visible_alias = "alpha", default_value_t = 1.0, allow_negative_numbers = true)]
     scale: f32,
     #[command(flatten)]
     out: PatchOut,
