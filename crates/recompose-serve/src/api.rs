@@ -211,6 +211,9 @@ pub fn parse_prompt(m: &Map<String, Value>) -> Result<Prompt, ApiError> {
     }
 }
 
+/// The chat roles of OpenAI's API; anything else is a client error, not a prompt.
+const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
+
 pub fn parse_messages(m: &Map<String, Value>) -> Result<Vec<ChatMessage>, ApiError> {
     let Some(Value::Array(items)) = m.get("messages") else {
         return Err(ApiError::bad("messages", "'messages' is required: a list of {role, content}"));
@@ -227,6 +230,9 @@ pub fn parse_messages(m: &Map<String, Value>) -> Result<Vec<ChatMessage>, ApiErr
                 .get("role")
                 .and_then(Value::as_str)
                 .ok_or_else(|| ApiError::bad(&at, format!("{at}.role must be a string")))?;
+            if !ROLES.contains(&role) {
+                return Err(ApiError::bad(&at, format!("{at}.role '{role}' is not one of {}", ROLES.join(", "))));
+            }
             let content = match it.get("content") {
                 Some(Value::String(s)) => s.clone(),
                 Some(Value::Array(parts)) => parts
@@ -270,6 +276,18 @@ mod tests {
             assert_eq!(e.status, 400);
             assert_eq!(e.param.as_deref(), Some(param), "{body}: {}", e.message);
         }
+    }
+
+    /// A made-up role used to render into the prompt and get a 200.
+    #[test]
+    fn an_unknown_chat_role_is_a_400() {
+        let m = parse_json(br#"{"messages": [{"role": "wizard", "content": "hi"}]}"#).unwrap();
+        let e = parse_messages(&m).err().expect("role 'wizard' accepted");
+        assert_eq!((e.status, e.param.as_deref()), (400, Some("messages[0]")));
+        assert!(e.message.contains("'wizard'"), "{}", e.message);
+        let m = parse_json(br#"{"messages": [{"role": "system", "content": "a"}, {"role": "user", "content": "b"}]}"#)
+            .unwrap();
+        assert_eq!(parse_messages(&m).unwrap().len(), 2);
     }
 
     #[test]
