@@ -230,6 +230,36 @@ pub struct MergeConfig {
     pub text: String,
 }
 
+/// mergekit configs nest a few levels. A file of 100,000 nested brackets kept the YAML parser
+/// busy for a minute, so flow collections deeper than this are refused before parsing.
+const MAX_DEPTH: usize = 64;
+
+/// The deepest nesting of `[ ]` / `{ }` outside quotes and comments.
+fn flow_depth(text: &str) -> usize {
+    let (mut depth, mut most, mut quote) = (0usize, 0usize, None);
+    for line in text.lines() {
+        let mut prev = ' ';
+        for ch in line.chars() {
+            match quote {
+                Some(q) if ch == q => quote = None,
+                Some(_) => {}
+                None => match ch {
+                    '#' if prev.is_whitespace() => break,
+                    '"' | '\'' => quote = Some(ch),
+                    '[' | '{' => {
+                        depth += 1;
+                        most = most.max(depth);
+                    }
+                    ']' | '}' => depth = depth.saturating_sub(1),
+                    _ => {}
+                },
+            }
+            prev = ch;
+        }
+    }
+    most
+}
+
 impl MergeConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
@@ -237,6 +267,12 @@ impl MergeConfig {
     }
 
     pub fn parse(text: &str) -> Result<Self> {
+        let depth = flow_depth(text);
+        if depth > MAX_DEPTH {
+            return Err(Error::Config(format!(
+                "brackets nested {depth} deep (at most {MAX_DEPTH}; a merge config needs a few)"
+            )));
+        }
         let raw: RawConfig = serde_yaml::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
         if raw.models.is_some() == raw.slices.is_some() {
             return Err(Error::Config("exactly one of 'models' or 'slices' must be present".into()));
@@ -334,6 +370,16 @@ impl MergeConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// 100,000 nested brackets took the YAML parser about a minute; now a quick error.
+    #[test]
+    fn deeply_nested_brackets_are_refused_before_parsing() {
+        let deep = format!("models: {}{}", "[".repeat(100_000), "]".repeat(100_000));
+        let e = MergeConfig::parse(&deep).err().expect("accepted").to_string();
+        assert!(e.contains("nested 100000 deep"), "{e}");
+        // Brackets in quotes and comments do not count, and real configs pass.
+        assert_eq!(flow_depth("a: \"[[[[\" # [[[[\nb: [1, [2, {c: 3}]]"), 3);
+    }
 
     #[test]
     fn gradients_interpolate_as_mergekit_does() {
