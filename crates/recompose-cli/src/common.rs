@@ -73,11 +73,6 @@ impl DeviceArg {
         match self {
             DeviceArg::Cpu => Ok(candle_core::Device::Cpu),
             DeviceArg::Cuda(n) => candle_core::Device::new_cuda(n).map_err(|e| {
-                // One line: candle attaches a backtrace when RUST_BACKTRACE is set.
-                let e = match e {
-                    candle_core::Error::WithBacktrace { inner, .. } => *inner,
-                    e => e,
-                };
                 anyhow::anyhow!("--device cuda:{n}: {e} (build with --features cuda on a machine with a GPU)")
             }),
         }

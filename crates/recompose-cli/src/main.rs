@@ -81,6 +81,10 @@ fn main() {
         .without_time()
         .log_internal_errors(false) // its report of a failed write would itself eprintln! and panic
         .try_init();
+    // Errors are one line: libraries (candle) must not attach backtraces to them, even under
+    // RUST_BACKTRACE=1, which still gives panics theirs. (Edition 2021: set_var is safe, and no
+    // thread has started yet.)
+    std::env::set_var("RUST_LIB_BACKTRACE", "0");
     if !matches!(cli.command, Command::Serve(_)) {
         end_quietly_on_closed_pipes();
     }

@@ -90,12 +90,19 @@ fn tensor_running_past_the_end_is_reported() {
 
 /// Rewrites a GGUF with edited metadata and without some tensors.
 fn rewrite(src: &Path, dst: &Path, drop: &str, set: Option<(&str, Value)>) {
+    rewrite_with(src, dst, drop, |meta| {
+        if let Some((k, v)) = set {
+            meta.retain(|(kk, _)| kk != k);
+            meta.push((k.to_string(), v));
+        }
+    })
+}
+
+/// Rewrites a GGUF with its metadata list edited by `edit` and without the tensor `drop`.
+fn rewrite_with(src: &Path, dst: &Path, drop: &str, edit: impl FnOnce(&mut Vec<(String, Value)>)) {
     let g = GgufFile::open(src).unwrap();
     let mut meta: Vec<(String, Value)> = g.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    if let Some((k, v)) = set {
-        meta.retain(|(kk, _)| kk != k);
-        meta.push((k.to_string(), v));
-    }
+    edit(&mut meta);
     let tensors: Vec<_> =
         g.tensors().iter().filter(|t| t.name != drop).map(|t| (t.name.clone(), g.qtensor(&t.name).unwrap())).collect();
     write_gguf(dst, &meta, &tensors).unwrap();
@@ -194,12 +201,8 @@ fn a_shard_index_cannot_point_outside_the_model_folder() {
 fn a_duplicated_gguf_key_is_refused() {
     let d = tempfile::tempdir().unwrap();
     let m = tiny(d.path(), TinySpec::default());
-    let g = GgufFile::open(&m).unwrap();
-    let mut meta: Vec<(String, Value)> = g.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    meta.push(("llama.block_count".into(), Value::U32(1)));
-    let tensors: Vec<_> = g.tensors().iter().map(|t| (t.name.clone(), g.qtensor(&t.name).unwrap())).collect();
     let p = d.path().join("dup.gguf");
-    write_gguf(&p, &meta, &tensors).unwrap();
+    rewrite_with(&m, &p, "", |meta| meta.push(("llama.block_count".into(), Value::U32(1))));
     let e = fails(d.path(), &["inspect", p.to_str().unwrap()]);
     assert!(e.contains("metadata key 'llama.block_count' appears twice"), "{e}");
 }
