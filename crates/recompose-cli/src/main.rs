@@ -87,6 +87,7 @@ fn main() {
     std::env::set_var("RUST_LIB_BACKTRACE", "0");
     if !matches!(cli.command, Command::Serve(_)) {
         end_quietly_on_closed_pipes();
+        remove_unfinished_outputs_on_signals();
     }
     if let Err(e) = common::set_threads(cli.threads) {
         say!("error: {e:#}");
@@ -124,6 +125,24 @@ fn end_quietly_on_closed_pipes() {
     // SAFETY: restores the default action of one signal before any thread is started.
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
+/// SIGINT, SIGTERM or SIGHUP during `convert`, `merge`, `finetune`... removes the temporaries
+/// beside their targets (hundreds of MB were left behind), then ends the process as the signal
+/// would have. The server handles these itself: they start its graceful shutdown.
+fn remove_unfinished_outputs_on_signals() {
+    #[cfg(unix)]
+    {
+        use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+        let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]) else { return };
+        std::thread::spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                recompose_core::atomic::abandon_unfinished();
+                let _ = signal_hook::low_level::emulate_default_handler(sig);
+                std::process::exit(128 + sig);
+            }
+        });
     }
 }
 

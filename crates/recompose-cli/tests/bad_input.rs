@@ -755,3 +755,41 @@ fn output_into_a_closed_pipe_ends_quietly() {
         assert_eq!(out.status.signal(), Some(13), "{args:?}: {}", out.status); // SIGPIPE
     }
 }
+
+/// SIGINT or SIGTERM during `convert` removes its hidden temporary folder and ends the process
+/// by that signal (a `.recompose-tmp-*` folder of hundreds of MB used to stay beside the target).
+/// Converting smollm2-135m to f32 takes ~1.5 s, so the signal lands mid-write.
+#[cfg(unix)]
+#[test]
+fn an_interrupted_convert_leaves_no_temporaries() {
+    use std::os::unix::process::ExitStatusExt;
+    for sig in ["INT", "TERM"] {
+        let d = tempfile::tempdir().unwrap();
+        let out = d.path().join("out");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_recompose"))
+            .args(["convert", "smollm2-135m", out.to_str().unwrap(), "--dtype", "f32"])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let temporaries = || {
+            std::fs::read_dir(d.path())
+                .unwrap()
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with(".recompose-tmp-"))
+                .count()
+        };
+        let t0 = std::time::Instant::now();
+        while temporaries() == 0 {
+            assert!(child.try_wait().unwrap().is_none(), "convert ended before writing");
+            assert!(t0.elapsed().as_secs() < 60, "no temporary appeared");
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert!(Command::new("kill").args([&format!("-{sig}"), &child.id().to_string()]).status().unwrap().success());
+        let st = child.wait().unwrap();
+        let want = if sig == "INT" { 2 } else { 15 };
+        assert_eq!(st.signal(), Some(want), "SIG{sig}: {st}");
+        assert_eq!(temporaries(), 0, "SIG{sig} left a temporary");
+        assert!(!out.exists(), "SIG{sig} left a half-written output");
+    }
+}

@@ -426,20 +426,12 @@ fn sigterm_finishes_running_requests_and_exits_zero() {
         post(&a, "/v1/completions", &r)
     });
     std::thread::sleep(Duration::from_millis(150));
-    let pid = s.child.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    sigterm(&s.child);
     let (code, v) = h.join().unwrap();
     assert_eq!(code, 200, "{v}");
     assert_eq!(v["usage"]["completion_tokens"], 40);
-    let t0 = Instant::now();
-    loop {
-        if let Some(st) = s.child.try_wait().unwrap() {
-            assert!(st.success(), "exit status {st}");
-            break;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(20), "server did not exit");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let st = wait_exit(&mut s.child, Duration::from_secs(20));
+    assert!(st.success(), "exit status {st}");
 }
 
 /// A server whose stderr reader has gone away still serves and shuts down cleanly on SIGTERM
@@ -458,16 +450,147 @@ fn sigterm_with_stderr_closed_exits_zero() {
     let mut r = completion("Still here", 4);
     r["model"] = json!(m.to_str().unwrap());
     assert_eq!(post(&addr, "/v1/completions", &r).0, 200);
-    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
-    let t0 = Instant::now();
-    let st = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(20), "server did not exit");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    sigterm(&child);
+    let st = wait_exit(&mut child, Duration::from_secs(20));
     assert!(st.success(), "exit status {st}");
+}
+
+/// Waits for the process to exit, failing the test past `limit`.
+fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let t0 = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st;
+        }
+        assert!(t0.elapsed() < limit, "server did not exit within {limit:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn sigterm(child: &Child) {
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+}
+
+/// Sends raw bytes on a new connection and returns it (to read from, or to hold open).
+fn raw(addr: &str, bytes: &[u8]) -> TcpStream {
+    let mut c = TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    c.write_all(bytes).unwrap();
+    c
+}
+
+/// (status, parsed JSON body) of what the server answered on `c`.
+fn answer(c: &mut TcpStream) -> (u16, Value) {
+    let mut reply = Vec::new();
+    let _ = c.read_to_end(&mut reply);
+    let text = String::from_utf8_lossy(&reply).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+/// A client that sends half a header and waits used to keep the server from exiting on SIGTERM
+/// forever, whatever --shutdown-grace said.
+#[cfg(unix)]
+#[test]
+fn a_half_sent_header_does_not_block_shutdown() {
+    let mut s = start_tiny(&["--shutdown-grace", "2"]);
+    let _held = raw(&s.addr, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Le");
+    std::thread::sleep(Duration::from_millis(200));
+    sigterm(&s.child);
+    let st = wait_exit(&mut s.child, Duration::from_secs(6));
+    assert!(st.success(), "exit status {st}");
+}
+
+/// Half-sent headers and bodies shorter than their Content-Length are timed out (they used to
+/// hang until the client gave up); the late body gets an OpenAI 408.
+#[test]
+fn slow_clients_are_timed_out() {
+    let s = start_tiny(&["--read-timeout", "1"]);
+    let t0 = Instant::now();
+    let mut half_header = raw(&s.addr, b"GET /health HTTP/1.1\r\nHost: x\r\n");
+    let head = format!("POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{{\"model\"");
+    let mut short_body = raw(&s.addr, head.as_bytes());
+    let (code, v) = answer(&mut short_body);
+    assert_eq!(code, 408, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("did not arrive"), "{v}");
+    let mut rest = vec![];
+    let _ = half_header.read_to_end(&mut rest);
+    assert!(t0.elapsed() < Duration::from_secs(10), "timeouts took {:?}", t0.elapsed());
+    assert_eq!(http(&s.addr, "GET", "/health", b"").0, 200);
+}
+
+/// Errors the router or the limits answer carry OpenAI JSON bodies like every other error
+/// (405, 414 and 431 used to be empty, an oversized body plain text).
+#[test]
+fn router_and_limit_errors_are_openai_json() {
+    let s = start_tiny(&[]);
+    let a = s.addr.as_str();
+    let long_uri = format!("/v1/models?{}", "a".repeat(10_000));
+    let many_headers: String = (0..80).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let cases: Vec<(Vec<u8>, u16, &str)> = vec![
+        (b"GET /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".to_vec(), 405, "GET is not allowed"),
+        (
+            format!("GET {long_uri} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").into_bytes(),
+            414,
+            "request target",
+        ),
+        (
+            format!("GET /health HTTP/1.1\r\nHost: x\r\n{many_headers}Connection: close\r\n\r\n").into_bytes(),
+            431,
+            "headers",
+        ),
+        (
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 9000000000\r\nConnection: close\r\n\r\n{}"
+                .to_vec(),
+            413,
+            "request body",
+        ),
+    ];
+    for (req, want, needle) in cases {
+        let (code, v) = answer(&mut raw(a, &req));
+        assert_eq!(code, want, "{v}");
+        let msg = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(msg.contains(needle), "want {needle:?} in {v}");
+    }
+    assert_eq!(http(a, "GET", "/health", b"").0, 200);
+}
+
+/// A connection over --max-connections gets a 503 with an OpenAI body at once, and the server
+/// goes on serving the ones it holds.
+#[test]
+fn connections_over_the_limit_get_503() {
+    let s = start_tiny(&["--max-connections", "2"]);
+    let held: Vec<TcpStream> = (0..2).map(|_| raw(&s.addr, b"")).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let (code, v) = answer(&mut raw(&s.addr, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"));
+    assert_eq!(code, 503, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("2 connections"), "{v}");
+    drop(held);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(http(&s.addr, "GET", "/health", b"").0, 200);
+}
+
+/// A chat template is code from the model file: one that loops without end, or writes
+/// gigabytes, fails its request with a 400, and the server goes on (the loop used to block
+/// /health and shutdown forever, the output to abort the process).
+#[test]
+fn a_runaway_chat_template_is_a_400() {
+    for (template, needle) in [
+        ("{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}", "instructions"),
+        ("{% set s = 'x' * 100000000 %}{% for a in range(100000) %}{{ s }}{% endfor %}", "more than"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let m = dir.path().join("t.gguf");
+        write_tiny_gguf(&m, &TinySpec { seed: 3, chat_template: template, ..Default::default() }).unwrap();
+        let s = start_with(Some(m.to_str().unwrap()), &[]);
+        let chat =
+            json!({"model": m.to_str().unwrap(), "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2});
+        let (code, v) = post(&s.addr, "/v1/chat/completions", &chat);
+        assert_eq!(code, 400, "{v}");
+        assert!(v["error"]["message"].as_str().unwrap().contains(needle), "want {needle:?} in {v}");
+        assert_eq!(http(&s.addr, "GET", "/health", b"").0, 200);
+    }
 }
 
 /// The official `openai` Python client against the server (the script installs it in a venv).

@@ -9,6 +9,15 @@ pub struct Message {
     pub content: String,
 }
 
+/// A template is code from the model file, and a request's messages are its input, so rendering is
+/// bounded: instructions (minijinja's fuel: nested loops over `range(100000)` end in well under a
+/// second instead of never), nesting depth, and output (text past what any context could hold is
+/// an error, not gigabytes in memory).
+pub const TEMPLATE_FUEL: u64 = 20_000_000;
+pub const TEMPLATE_RECURSION: usize = 100;
+/// Output allowed beyond four times the messages' own size (room for tool definitions and markup).
+pub const TEMPLATE_OUTPUT_BASE: usize = 4 << 20;
+
 /// Renders `messages` with `template`, ending with the assistant prompt when asked.
 pub fn render(
     template: &str,
@@ -18,18 +27,58 @@ pub fn render(
     eos: &str,
 ) -> Result<String> {
     let mut env = minijinja::Environment::new();
+    env.set_fuel(Some(TEMPLATE_FUEL));
+    env.set_recursion_limit(TEMPLATE_RECURSION);
     env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
         Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
     });
-    env.add_template("chat", template).map_err(|e| Error::ChatTemplate(e.to_string()))?;
-    let tmpl = env.get_template("chat").map_err(|e| Error::ChatTemplate(e.to_string()))?;
-    tmpl.render(minijinja::context! {
+    let err = |e: minijinja::Error| match e.kind() {
+        minijinja::ErrorKind::OutOfFuel => {
+            Error::ChatTemplate(format!("the template ran more than {TEMPLATE_FUEL} instructions (a runaway loop?)"))
+        }
+        _ => Error::ChatTemplate(e.to_string()),
+    };
+    env.add_template("chat", template).map_err(err)?;
+    let tmpl = env.get_template("chat").map_err(err)?;
+    let input: usize = messages.iter().map(|m| m.role.len() + m.content.len()).sum();
+    let limit = TEMPLATE_OUTPUT_BASE.saturating_add(input.saturating_mul(4));
+    let mut out = Bounded { buf: vec![], limit, overflowed: false };
+    let ctx = minijinja::context! {
         messages => messages,
         add_generation_prompt => add_generation_prompt,
         bos_token => bos,
         eos_token => eos,
-    })
-    .map_err(|e| Error::ChatTemplate(e.to_string()))
+    };
+    let rendered = tmpl.render_captured_to(ctx, &mut out).map(drop);
+    match rendered {
+        Ok(_) => String::from_utf8(out.buf).map_err(|_| Error::ChatTemplate("the output is not UTF-8".into())),
+        Err(_) if out.overflowed => {
+            Err(Error::ChatTemplate(format!("the template wrote more than {limit} bytes for this conversation")))
+        }
+        Err(e) => Err(err(e)),
+    }
+}
+
+/// A byte sink that refuses to grow past `limit` (the failed write stops rendering).
+struct Bounded {
+    buf: Vec<u8>,
+    limit: usize,
+    /// Tells the caller's error apart from the template's own.
+    overflowed: bool,
+}
+
+impl std::io::Write for Bounded {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        if self.buf.len() + b.len() > self.limit {
+            self.overflowed = true;
+            return Err(std::io::Error::other("chat template output limit"));
+        }
+        self.buf.extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -47,5 +96,29 @@ mod tests {
     fn template_errors_are_reported() {
         let e = render("{{ raise_exception('no system role') }}", &[], false, "", "").unwrap_err();
         assert!(e.to_string().contains("no system role"));
+    }
+
+    #[test]
+    fn a_runaway_template_loop_is_stopped_by_fuel() {
+        let t = "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}";
+        let start = std::time::Instant::now();
+        let e = render(t, &[], false, "", "").unwrap_err().to_string();
+        assert!(e.contains("instructions"), "{e}");
+        assert!(start.elapsed().as_secs() < 30, "fuel must end the loop");
+    }
+
+    #[test]
+    fn gigabytes_of_template_output_are_refused() {
+        // 100,000 x 100 MB would be 10 TB; the first write past the limit ends it.
+        let t = "{% set s = 'x' * 100000000 %}{% for a in range(100000) %}{{ s }}{% endfor %}";
+        let e = render(t, &[], false, "", "").unwrap_err().to_string();
+        assert!(e.contains("more than"), "{e}");
+    }
+
+    #[test]
+    fn deep_template_recursion_is_an_error() {
+        let t = "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}";
+        let e = render(t, &[], false, "", "").unwrap_err().to_string();
+        assert!(e.contains("recursion"), "{e}");
     }
 }

@@ -19,6 +19,8 @@ pub struct TinySpec {
     pub context: usize,
     pub seed: u64,
     pub dtype: GgmlDType,
+    /// The GGUF's chat template (ChatML unless a test needs another).
+    pub chat_template: &'static str,
 }
 
 impl Default for TinySpec {
@@ -33,6 +35,7 @@ impl Default for TinySpec {
             context: 256,
             seed: 0,
             dtype: GgmlDType::F32,
+            chat_template: CHATML,
         }
     }
 }
@@ -97,7 +100,7 @@ pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> Result<()> {
         ("tokenizer.ggml.bos_token_id".into(), Value::U32(256)),
         ("tokenizer.ggml.eos_token_id".into(), Value::U32(257)),
         ("tokenizer.ggml.add_bos_token".into(), Value::Bool(true)),
-        ("tokenizer.chat_template".into(), Value::String(CHATML.into())),
+        ("tokenizer.chat_template".into(), Value::String(spec.chat_template.into())),
     ];
     if a == "gemma3" {
         meta.push((k("attention.key_length"), Value::U32(hd as u32)));

@@ -3,8 +3,10 @@
 
 pub mod api;
 pub mod engine;
+pub mod listen;
 pub mod metrics;
 pub mod server;
 
 pub use engine::{Engine, EngineConfig};
+pub use listen::{serve, Limits};
 pub use server::{router, AppState};

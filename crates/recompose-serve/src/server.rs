@@ -3,9 +3,11 @@
 
 use crate::api::{self, ApiError, Params, Prompt};
 use crate::engine::{Engine, Event, Finish, Job, TokenLogprob};
-use axum::body::Bytes;
-use axum::extract::State;
-use axum::http::{header, HeaderValue, StatusCode};
+use crate::listen::Limits;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::Next;
 use axum::response::sse::{Event as Sse, KeepAlive};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -26,6 +28,7 @@ pub struct AppState {
     /// The id clients must name in `model`.
     pub model_id: String,
     pub default_kv: KvSpec,
+    pub limits: Limits,
 }
 
 type Shared = Arc<AppState>;
@@ -38,7 +41,33 @@ pub fn router(state: Shared) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), guard))
         .with_state(state)
+}
+
+/// Every request passes here: the request line and headers are held to the limits, and an
+/// error that the router itself answers (405 for a wrong method) gets an OpenAI body like ours.
+async fn guard(State(s): State<Shared>, req: Request, next: Next) -> Response {
+    if let Err(e) = s.limits.check_head(&req) {
+        return error(&s, e);
+    }
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let r = next.run(req).await;
+    let json = r.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if json || !(r.status().is_client_error() || r.status().is_server_error()) {
+        return r;
+    }
+    let status = r.status();
+    let message = match status {
+        StatusCode::METHOD_NOT_ALLOWED => format!("{method} is not allowed on {path}"),
+        _ => format!("{method} {path}: {}", status.canonical_reason().unwrap_or("error")),
+    };
+    let (mut parts, _) = r.into_parts();
+    let body = ApiError::status(status.as_u16(), "invalid_request_error", message).body();
+    parts.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    parts.headers.remove(header::CONTENT_LENGTH);
+    s.engine.metrics.request(status.as_u16());
+    Response::from_parts(parts, Body::from(body.to_string()))
 }
 
 fn now() -> u64 {
@@ -81,12 +110,12 @@ enum Kind {
     Chat,
 }
 
-async fn completions(State(s): State<Shared>, body: Bytes) -> Response {
-    handle(s, body, Kind::Completion).await
+async fn completions(State(s): State<Shared>, headers: HeaderMap, body: Body) -> Response {
+    handle(s, headers, body, Kind::Completion).await
 }
 
-async fn chat_completions(State(s): State<Shared>, body: Bytes) -> Response {
-    handle(s, body, Kind::Chat).await
+async fn chat_completions(State(s): State<Shared>, headers: HeaderMap, body: Body) -> Response {
+    handle(s, headers, body, Kind::Chat).await
 }
 
 /// Turns a request into token ids and parameters, or the error to answer with.
@@ -146,10 +175,19 @@ fn prepare(s: &AppState, body: &[u8], kind: Kind) -> Result<(Params, Vec<u32>), 
     Ok((p, ids))
 }
 
-async fn handle(s: Shared, body: Bytes, kind: Kind) -> Response {
-    let (p, ids) = match prepare(&s, &body, kind) {
-        Ok(x) => x,
+async fn handle(s: Shared, headers: HeaderMap, body: Body, kind: Kind) -> Response {
+    let body = match s.limits.read_body(&headers, body).await {
+        Ok(b) => b,
         Err(e) => return error(&s, e),
+    };
+    // Off the async workers: a chat template may run for a while (within its fuel), and /health
+    // and shutdown must not wait for it.
+    let st = s.clone();
+    let prepared = tokio::task::spawn_blocking(move || prepare(&st, &body, kind)).await;
+    let (p, ids) = match prepared {
+        Ok(Ok(x)) => x,
+        Ok(Err(e)) => return error(&s, e),
+        Err(e) => return error(&s, ApiError::status(500, "server_error", format!("preparing the request: {e}"))),
     };
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let max_tokens = p.max_tokens.unwrap_or(match kind {

@@ -2,7 +2,7 @@
 
 use crate::common::{parse_kv, ModelArgs, KV_HELP};
 use anyhow::{Context, Result};
-use recompose_serve::{router, AppState, Engine, EngineConfig};
+use recompose_serve::{router, serve, AppState, Engine, EngineConfig, Limits};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,9 +26,17 @@ pub struct Args {
     /// Most requests waiting for a place in the batch; beyond it requests get 429.
     #[arg(long, default_value_t = 64)]
     max_queue: usize,
-    /// Seconds to let running requests finish after SIGINT/SIGTERM before exiting.
+    /// Seconds to let running requests finish after SIGINT/SIGTERM before exiting; connections
+    /// still open then are closed.
     #[arg(long, default_value_t = 30)]
     shutdown_grace: u64,
+    /// Most connections open at once; one more is answered 503 and closed.
+    #[arg(long, default_value_t = 256)]
+    max_connections: usize,
+    /// Seconds a client has to send a request's header (an idle kept-alive connection is closed
+    /// after as long), and again its body; a late body is answered 408.
+    #[arg(long, default_value_t = 30)]
+    read_timeout: u64,
 }
 
 async fn shutdown_signal(draining: Arc<std::sync::atomic::AtomicBool>) {
@@ -52,30 +60,39 @@ async fn shutdown_signal(draining: Arc<std::sync::atomic::AtomicBool>) {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    if a.max_batch == 0 || a.max_queue == 0 {
-        anyhow::bail!("--max-batch and --max-queue must be at least 1");
+    if a.max_batch == 0 || a.max_queue == 0 || a.max_connections == 0 || a.read_timeout == 0 {
+        anyhow::bail!("--max-batch, --max-queue, --max-connections and --read-timeout must be at least 1");
     }
+    let limits = Limits {
+        max_connections: a.max_connections,
+        read_timeout: Duration::from_secs(a.read_timeout),
+        ..Limits::default()
+    };
     let (_file, model, tok) = a.model.load()?;
     let tok = Arc::new(tok);
     let (engine, scheduler) =
         Engine::start(model, tok.clone(), EngineConfig { max_batch: a.max_batch, max_queue: a.max_queue })
             .context("starting the scheduler")?;
-    let state =
-        Arc::new(AppState { engine: engine.clone(), tok, model_id: a.model.model.clone(), default_kv: a.kv.clone() });
+    let state = Arc::new(AppState {
+        engine: engine.clone(),
+        tok,
+        model_id: a.model.model.clone(),
+        default_kv: a.kv.clone(),
+        limits: limits.clone(),
+    });
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    rt.block_on(async {
+    let deadline = rt.block_on(async {
         let listener = tokio::net::TcpListener::bind((a.host.as_str(), a.port))
             .await
             .with_context(|| format!("cannot listen on {}:{}", a.host, a.port))?;
         let addr = listener.local_addr()?;
         say!("listening on http://{addr} (model {}, kv {})", a.model.model, a.kv);
-        axum::serve(listener, router(state))
-            .with_graceful_shutdown(shutdown_signal(engine.draining.clone()))
-            .await
-            .context("server")
+        let grace = Duration::from_secs(a.shutdown_grace);
+        Ok::<_, anyhow::Error>(
+            serve(listener, router(state), &limits, shutdown_signal(engine.draining.clone()), grace).await,
+        )
     })?;
-    // Connections are closed; give the scheduler its grace period to wind down.
-    let deadline = Instant::now() + Duration::from_secs(a.shutdown_grace);
+    // Connections are closed; the scheduler has what is left of the grace period to wind down.
     while !scheduler.is_finished() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
