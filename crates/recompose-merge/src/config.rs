@@ -111,6 +111,20 @@ impl Setting {
         Ok((filter, value))
     }
 
+    /// Every number written in the setting. A gradient's points bound every value interpolated
+    /// between them, so checking these checks all the values the setting can give.
+    fn numbers(&self) -> Vec<f64> {
+        match self {
+            Setting::Scalar(Value::Num(x)) => vec![*x],
+            Setting::Scalar(_) => vec![],
+            Setting::Gradient(g) => g.clone(),
+            Setting::Choices(c) => {
+                c.iter().filter_map(|v| if let Value::Num(x) = v { Some(*x) } else { None }).collect()
+            }
+            Setting::Conditional(conds) => conds.iter().flat_map(|(_, s)| s.numbers()).collect(),
+        }
+    }
+
     /// mergekit's `evaluate_setting`: the value for `tensor` at layer fraction `t`.
     pub fn evaluate(&self, tensor: &str, t: f64) -> Option<Value> {
         match self {
@@ -133,10 +147,37 @@ impl Setting {
 
 pub type Parameters = BTreeMap<String, Setting>;
 
-fn parse_params(raw: &Option<BTreeMap<String, serde_yaml::Value>>, at: &str) -> Result<Parameters> {
+/// Refuses a number no parameter can take, naming the parameter (`at`), the model (if any) and
+/// the value. NaN and infinity mean nothing anywhere (`weight: .nan` used to write an all-NaN
+/// model). `density` is the fraction of each delta kept: 0 keeps nothing (mergekit refuses it,
+/// or divides by it) and above 1 is not a fraction.
+fn check_numbers(key: &str, setting: &Setting, at: &str, model: Option<&str>) -> Result<()> {
+    for x in setting.numbers() {
+        let why = if !x.is_finite() {
+            "is not a finite number"
+        } else if key == "density" && !(x > 0.0 && x <= 1.0) {
+            "is outside (0, 1] (density is the fraction of each delta kept)"
+        } else {
+            continue;
+        };
+        let whose = model.map(|m| format!(" of model '{m}'")).unwrap_or_default();
+        return Err(Error::Config(format!("{at}{whose}: {x} {why}")));
+    }
+    Ok(())
+}
+
+/// The parameters of one level; `model` is the model they belong to, if they sit on one.
+fn parse_params(
+    raw: &Option<BTreeMap<String, serde_yaml::Value>>,
+    at: &str,
+    model: Option<&str>,
+) -> Result<Parameters> {
     let mut out = Parameters::new();
     for (k, v) in raw.iter().flatten() {
-        out.insert(k.clone(), Setting::parse(v, &format!("{at}.{k}"))?);
+        let at = format!("{at}.{k}");
+        let setting = Setting::parse(v, &at)?;
+        check_numbers(k, &setting, &at, model)?;
+        out.insert(k.clone(), setting);
     }
     Ok(out)
 }
@@ -230,6 +271,11 @@ pub struct MergeConfig {
     pub text: String,
 }
 
+/// mergekit zoos merge tens of models. Every source of a tensor is in memory while it is merged,
+/// so a config listing thousands (2,000 copies of one model aborted the process) is refused
+/// before any model is opened. Counted over the whole config, which also bounds the plan.
+const MAX_SOURCES: usize = 256;
+
 /// mergekit configs nest a few levels. A file of 100,000 nested brackets kept the YAML parser
 /// busy for a minute, so flow collections deeper than this are refused before parsing.
 const MAX_DEPTH: usize = 64;
@@ -277,6 +323,13 @@ impl MergeConfig {
         if raw.models.is_some() == raw.slices.is_some() {
             return Err(Error::Config("exactly one of 'models' or 'slices' must be present".into()));
         }
+        let (sources, what) = match (&raw.models, &raw.slices) {
+            (Some(models), _) => (models.len(), "models"),
+            (_, slices) => (slices.iter().flatten().map(|s| s.sources.len()).sum(), "slice sources"),
+        };
+        if sources > MAX_SOURCES {
+            return Err(Error::Config(format!("{sources} {what} listed (at most {MAX_SOURCES}; merges take tens)")));
+        }
         let layout = if let Some(models) = raw.models {
             if models.is_empty() {
                 return Err(Error::Config("'models' is empty".into()));
@@ -285,7 +338,10 @@ impl MergeConfig {
                 models
                     .into_iter()
                     .enumerate()
-                    .map(|(i, m)| Ok((m.model, parse_params(&m.parameters, &format!("models[{i}].parameters"))?)))
+                    .map(|(i, m)| {
+                        let p = parse_params(&m.parameters, &format!("models[{i}].parameters"), Some(&m.model))?;
+                        Ok((m.model, p))
+                    })
                     .collect::<Result<_>>()?,
             )
         } else {
@@ -306,7 +362,8 @@ impl MergeConfig {
                             "slices[{i}].sources[{j}].layer_range: [{a}, {b}] is empty"
                         )));
                     }
-                    let parameters = parse_params(&src.parameters, &format!("slices[{i}].sources[{j}].parameters"))?;
+                    let at = format!("slices[{i}].sources[{j}].parameters");
+                    let parameters = parse_params(&src.parameters, &at, Some(&src.model))?;
                     sources.push(Source { model: src.model, layers: (a, b), parameters });
                 }
                 let n = sources[0].layers.1 - sources[0].layers.0;
@@ -316,7 +373,7 @@ impl MergeConfig {
                 out.push(Slice {
                     sources,
                     base_model: s.base_model,
-                    parameters: parse_params(&s.parameters, &format!("slices[{i}].parameters"))?,
+                    parameters: parse_params(&s.parameters, &format!("slices[{i}].parameters"), None)?,
                 });
             }
             Layout::Slices(out)
@@ -339,7 +396,7 @@ impl MergeConfig {
             method: raw.merge_method,
             base_model: raw.base_model,
             layout,
-            parameters: parse_params(&raw.parameters, "parameters")?,
+            parameters: parse_params(&raw.parameters, "parameters", None)?,
             dtype: raw.dtype,
             out_dtype: raw.out_dtype,
             tokenizer,
@@ -379,6 +436,76 @@ mod tests {
         assert!(e.contains("nested 100000 deep"), "{e}");
         // Brackets in quotes and comments do not count, and real configs pass.
         assert_eq!(flow_depth("a: \"[[[[\" # [[[[\nb: [1, [2, {c: 3}]]"), 3);
+    }
+
+    /// A ties merge of b onto a, with `params` on b.
+    fn with_params(params: &str) -> String {
+        format!("merge_method: ties\nbase_model: a\nmodels:\n  - model: a\n  - model: b\n    parameters: {params}\n")
+    }
+
+    fn refusal(yaml: &str) -> String {
+        let e = MergeConfig::parse(yaml).err().map(|e| e.to_string()).unwrap_or_else(|| panic!("accepted: {yaml}"));
+        assert!(!e.contains('\n'), "{e}");
+        e
+    }
+
+    /// `.nan` and `.inf` used to be merged into an all-NaN model; now any number a parameter can
+    /// take, as a scalar, in a gradient, in a condition or at any level, must be finite.
+    #[test]
+    fn a_nan_merge_weight_is_refused() {
+        let cases = [
+            (with_params("{weight: .nan}"), "models[1].parameters.weight of model 'b': NaN is not a finite number"),
+            (with_params("{weight: .inf}"), "models[1].parameters.weight of model 'b': inf is not a finite number"),
+            (with_params("{weight: [0.5, -.inf]}"), "weight of model 'b': -inf is not a finite number"),
+            (with_params("{weight: [{filter: mlp, value: .nan}, {value: 1}]}"), "weight of model 'b': NaN"),
+            (with_params("{weight: 1, epsilon: .nan}"), "models[1].parameters.epsilon of model 'b': NaN"),
+            (with_params("{weight: 1}") + "parameters: {lambda: .inf}\n", "parameters.lambda: inf"),
+            (
+                "merge_method: slerp\nbase_model: a\nslices:\n  - sources:\n      - model: a\n        layer_range: [0, 2]\n      - model: b\n        layer_range: [0, 2]\n    parameters: {t: [0, .nan]}\n".into(),
+                "slices[0].parameters.t: NaN",
+            ),
+            (
+                "merge_method: linear\nslices:\n  - sources:\n      - model: a\n        layer_range: [0, 2]\n        parameters: {weight: .nan}\n".into(),
+                "slices[0].sources[0].parameters.weight of model 'a': NaN",
+            ),
+        ];
+        for (yaml, want) in cases {
+            let e = refusal(&yaml);
+            assert!(e.contains(want), "want {want:?}, got {e:?}");
+        }
+    }
+
+    /// density is the fraction of each delta kept: 2 and -0.5 used to be accepted.
+    #[test]
+    fn density_outside_zero_one_is_refused() {
+        for (params, value) in [
+            ("{weight: 1, density: 2}", "2"),
+            ("{weight: 1, density: -0.5}", "-0.5"),
+            ("{weight: 1, density: 0}", "0"),
+            ("{weight: 1, density: [0.5, 1.5]}", "1.5"),
+            ("{weight: 1, density: [{filter: mlp, value: 0.5}, {value: 2}]}", "2"),
+        ] {
+            let e = refusal(&with_params(params));
+            let want = format!("models[1].parameters.density of model 'b': {value} is outside (0, 1]");
+            assert!(e.contains(&want), "want {want:?}, got {e:?}");
+        }
+        for ok in ["{weight: 1, density: 1}", "{weight: 1, density: [0.1, 1]}"] {
+            assert!(MergeConfig::parse(&with_params(ok)).is_ok(), "{ok}");
+        }
+    }
+
+    /// 2,000 copies of one model aborted the process; the count is refused before any model is opened.
+    #[test]
+    fn a_config_of_thousands_of_models_is_refused() {
+        let mut yaml = "merge_method: linear\nmodels:\n".to_string();
+        yaml += &"  - model: a\n    parameters: {weight: 1}\n".repeat(2000);
+        assert!(refusal(&yaml).contains("2000 models listed (at most 256"));
+        let mut yaml = "merge_method: linear\nslices:\n".to_string();
+        yaml += &"  - sources:\n      - model: a\n        layer_range: [0, 1]\n".repeat(300);
+        assert!(refusal(&yaml).contains("300 slice sources listed (at most 256"));
+        let mut yaml = "merge_method: linear\nmodels:\n".to_string();
+        yaml += &"  - model: a\n    parameters: {weight: 1}\n".repeat(256);
+        assert!(MergeConfig::parse(&yaml).is_ok());
     }
 
     #[test]

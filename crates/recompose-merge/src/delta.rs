@@ -21,6 +21,21 @@ pub enum Scheme {
     Log,
 }
 
+impl Scheme {
+    /// Refuses a number of levels a grid of this scheme cannot have (codes are bytes; log spends
+    /// half of them on each sign).
+    fn check_levels(self, levels: u32) -> std::result::Result<(), String> {
+        let (min, name) = match self {
+            Scheme::Linear => (2, "linear"),
+            Scheme::Log => (4, "log"),
+        };
+        if (min..=256).contains(&levels) {
+            return Ok(());
+        }
+        Err(format!("must be between {min} and 256 for a {name} grid"))
+    }
+}
+
 impl std::str::FromStr for Scheme {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {
@@ -135,10 +150,7 @@ pub struct DeltaPlan {
 impl DeltaPlan {
     pub fn new(levels: Option<u32>, scheme: Scheme, tensors: Vec<(String, Vec<usize>)>) -> Result<Self> {
         if let Some(l) = levels {
-            let min = if scheme == Scheme::Log { 4 } else { 2 };
-            if !(min..=256).contains(&l) {
-                return Err(Error::Config(format!("--levels {l}: must be between {min} and 256")));
-            }
+            scheme.check_levels(l).map_err(|e| Error::Config(format!("--levels {l}: {e}")))?;
         }
         Ok(Self { levels: levels.map(|l| (l, scheme)), tensors })
     }
@@ -248,8 +260,25 @@ impl Delta {
         }
         let quant: BTreeMap<String, Quant> = serde_json::from_str(metadata.get("recompose.quant").map_or("{}", |s| s))
             .map_err(|e| bad(format!("recompose.quant: {e}")))?;
-        let names = file.names_in_file_order().into_iter().filter(|n| !n.ends_with(GRID)).collect();
-        Ok(Self { path: path.to_path_buf(), metadata, names, file, quant })
+        let names: Vec<String> = file.names_in_file_order().into_iter().filter(|n| !n.ends_with(GRID)).collect();
+        // Every entry of the quantisation table must describe a tensor of the file with a grid
+        // the dequantiser knows; an unknown scheme used to be read as linear.
+        for (name, q) in &quant {
+            let at = |what: String| bad(format!("tensor '{name}': {what}"));
+            let scheme: Scheme = q.scheme.parse().map_err(|e: String| at(format!("{e} in recompose.quant")))?;
+            scheme.check_levels(q.levels).map_err(|e| at(format!("{} levels: {e}", q.levels)))?;
+            if !names.contains(name) {
+                return Err(at("listed in recompose.quant but not stored in the file".into()));
+            }
+        }
+        let delta = Self { path: path.to_path_buf(), metadata, names, file, quant };
+        // Every value is decoded (and so checked, see `values`) once here, before anything is
+        // patched or written: a NaN in a delta would otherwise spread through a whole output.
+        for n in &delta.names {
+            delta.values(n)?;
+            delta.file.release(n);
+        }
+        Ok(delta)
     }
 
     pub fn kind(&self) -> &str {
@@ -275,8 +304,20 @@ impl Delta {
         self.file.data_bytes()
     }
 
-    /// The delta's values for `name`, dequantised.
+    /// The delta's values for `name`, dequantised; refused unless every one is finite.
     pub fn values(&self, name: &str) -> Result<Vec<f32>> {
+        let v = self.decode(name)?;
+        match v.iter().position(|x| !x.is_finite()) {
+            Some(i) => Err(Error::Artifact(format!(
+                "{}: tensor '{name}': element {i} is {}, not a finite number",
+                self.path.display(),
+                v[i]
+            ))),
+            None => Ok(v),
+        }
+    }
+
+    fn decode(&self, name: &str) -> Result<Vec<f32>> {
         let bad = |what: String| Error::Artifact(format!("{}: tensor '{name}': {what}", self.path.display()));
         let (dtype, _, data) = self.file.raw(name).ok_or_else(|| bad("missing".into()))?;
         let floats = |b: &[u8]| -> Vec<f32> {
@@ -292,7 +333,7 @@ impl Delta {
                     Some((Dtype::F32, _, g)) => floats(g),
                     _ => return Err(bad("no quantisation grid".into())),
                 };
-                if grid.len() != 2 || q.levels < 2 || q.levels > 256 {
+                if grid.len() != 2 {
                     return Err(bad("bad quantisation grid".into()));
                 }
                 Ok(dequantize(data, q, grid[0], grid[1]))
@@ -325,28 +366,29 @@ pub fn patch(
     output::check_target(target)?;
     let mut notes = vec![];
     for (d, _) in deltas {
-        if d.metadata.get("recompose.base_layout").map(String::as_str) != Some(&model.layout_hash()) {
-            // Not the same layout: say which tensor differs.
-            for n in &d.names {
-                let want = d.shape(n)?;
-                match model.shape(n) {
-                    None => {
-                        return Err(Error::Artifact(format!(
-                            "{}: tensor '{n}' is not in {}",
-                            d.path.display(),
-                            model.label
-                        )))
-                    }
-                    Some(s) if s != want.as_slice() => {
-                        return Err(Error::Artifact(format!(
-                            "{}: tensor '{n}' has shape {want:?}, {} has {s:?}",
-                            d.path.display(),
-                            model.label
-                        )))
-                    }
-                    _ => {}
+        // Every tensor is checked, whatever layout the file claims to be for: the claim is the
+        // file's own metadata, and a transposed shape has the right number of values.
+        for n in &d.names {
+            let want = d.shape(n)?;
+            match model.shape(n) {
+                None => {
+                    return Err(Error::Artifact(format!(
+                        "{}: tensor '{n}' is not in {}",
+                        d.path.display(),
+                        model.label
+                    )))
                 }
+                Some(s) if s != want.as_slice() => {
+                    return Err(Error::Artifact(format!(
+                        "{}: tensor '{n}' has shape {want:?}, {} has {s:?}",
+                        d.path.display(),
+                        model.label
+                    )))
+                }
+                _ => {}
             }
+        }
+        if d.metadata.get("recompose.base_layout").map(String::as_str) != Some(&model.layout_hash()) {
             notes.push(format!(
                 "{}: made for a model with another set of tensors ({}); its tensors all fit {}",
                 d.path.display(),
@@ -371,15 +413,8 @@ pub fn patch(
             if !d.names.iter().any(|n| n == name) {
                 continue;
             }
+            // Shapes were checked against the model above.
             let v = d.values(name)?;
-            if v.len() != x.len() {
-                return Err(Error::Artifact(format!(
-                    "{}: tensor '{name}' has {} values, the model {}",
-                    d.path.display(),
-                    v.len(),
-                    x.len()
-                )));
-            }
             let acc = sum.get_or_insert_with(|| vec![0.0; x.len()]);
             acc.iter_mut().zip(&v).for_each(|(a, b)| *a += scale * b);
         }
@@ -422,4 +457,105 @@ pub fn patch(
         Output { target, format, dtype, metadata, config, files, shard_bytes: 5_000_000_000, budget_bytes: 256 << 20 };
     output::write(&out, &plan, &cost, &compute, progress)?;
     Ok(notes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use safetensors::tensor::TensorView;
+
+    type Entry = (&'static str, Dtype, Vec<usize>, Vec<u8>);
+
+    fn write(path: &Path, tensors: &[Entry], meta: &[(&str, &str)]) {
+        let views = tensors.iter().map(|(n, d, s, b)| (*n, TensorView::new(*d, s.clone(), b).unwrap()));
+        let meta = meta.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        safetensors::serialize_to_file(views, Some(meta), path).unwrap();
+    }
+
+    fn f32s(v: &[f32]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    /// A bare checkpoint with `w` [2, 3], and a task vector of `tensors` that claims to fit it.
+    fn model_and_delta(dir: &Path, tensors: &[Entry], quant: &str) -> (Store, std::path::PathBuf) {
+        let m = dir.join("model.safetensors");
+        write(&m, &[("w", Dtype::F32, vec![2, 3], f32s(&[1.0; 6]))], &[]);
+        let model = Store::open(m.to_str().unwrap()).unwrap();
+        let d = dir.join("tv.safetensors");
+        let layout = model.layout_hash();
+        write(
+            &d,
+            tensors,
+            &[("recompose.kind", "task_vector"), ("recompose.base_layout", &layout), ("recompose.quant", quant)],
+        );
+        (model, d)
+    }
+
+    fn refusal(r: Result<impl Sized>) -> String {
+        let e = r.err().map(|e| e.to_string()).expect("accepted");
+        assert!(!e.contains('\n'), "{e}");
+        e
+    }
+
+    /// NaN stored as such, or inf from a grid that overflows, used to be added to the model.
+    #[test]
+    fn a_task_vector_with_a_nan_or_inf_value_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let nan = [("w", Dtype::F32, vec![2, 3], f32s(&[0.0, f32::NAN, 0.0, 0.0, 0.0, 0.0]))];
+        let (_, tv) = model_and_delta(d.path(), &nan, "{}");
+        assert!(refusal(Delta::open(&tv)).contains("tensor 'w': element 1 is NaN, not a finite number"));
+        let d = tempfile::tempdir().unwrap();
+        let overflow =
+            [("w", Dtype::U8, vec![3], vec![0xF0, 0, 0]), ("w.__grid", Dtype::F32, vec![2], f32s(&[0.0, f32::MAX]))];
+        let q = r#"{"w": {"shape": [2, 3], "levels": 16, "scheme": "linear"}}"#;
+        let (_, tv) = model_and_delta(d.path(), &overflow, q);
+        assert!(refusal(Delta::open(&tv)).contains("tensor 'w': element 1 is inf"));
+    }
+
+    /// An unknown scheme used to be dequantised as linear.
+    #[test]
+    fn an_unknown_quantisation_scheme_is_refused() {
+        let codes = [("w", Dtype::U8, vec![3], vec![0x10, 0, 0]), ("w.__grid", Dtype::F32, vec![2], f32s(&[0.0, 0.1]))];
+        for (q, want) in [
+            (r#"{"w": {"shape": [2, 3], "levels": 16, "scheme": "cubic"}}"#, "tensor 'w': unknown scheme 'cubic'"),
+            (r#"{"w": {"shape": [2, 3], "levels": 300, "scheme": "linear"}}"#, "tensor 'w': 300 levels"),
+            (
+                r#"{"w": {"shape": [2, 3], "levels": 2, "scheme": "log"}}"#,
+                "tensor 'w': 2 levels: must be between 4 and 256",
+            ),
+            (r#"{"v": {"shape": [2, 3], "levels": 16, "scheme": "linear"}}"#, "tensor 'v': listed in recompose.quant"),
+        ] {
+            let d = tempfile::tempdir().unwrap();
+            let (_, tv) = model_and_delta(d.path(), &codes, q);
+            let e = refusal(Delta::open(&tv));
+            assert!(e.contains(want), "want {want:?}, got {e:?}");
+        }
+    }
+
+    fn apply(model: &Store, tv: &Path, out: &Path) -> Result<Vec<String>> {
+        patch(model, &[(Delta::open(tv)?, 1.0)], false, out, Format::Safetensors, None, &|_, _| {})
+    }
+
+    /// [3, 2] has as many values as [2, 3]; with a layout claimed to match, it used to be added.
+    #[test]
+    fn a_task_vector_for_a_transposed_shape_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let (model, tv) = model_and_delta(d.path(), &[("w", Dtype::F32, vec![3, 2], f32s(&[0.5; 6]))], "{}");
+        let out = d.path().join("out.safetensors");
+        let e = refusal(apply(&model, &tv, &out));
+        assert!(e.contains("tensor 'w' has shape [3, 2],") && e.contains("has [2, 3]"), "{e}");
+        assert!(!out.exists());
+    }
+
+    /// A tensor the model lacks used to be skipped silently.
+    #[test]
+    fn a_task_vector_naming_a_tensor_the_model_lacks_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let tensors =
+            [("w", Dtype::F32, vec![2, 3], f32s(&[0.5; 6])), ("extra.weight", Dtype::F32, vec![2], f32s(&[0.5; 2]))];
+        let (model, tv) = model_and_delta(d.path(), &tensors, "{}");
+        let out = d.path().join("out.safetensors");
+        assert!(refusal(apply(&model, &tv, &out)).contains("tensor 'extra.weight' is not in"));
+        assert!(!out.exists());
+    }
 }

@@ -142,7 +142,7 @@ fn bad_merges_fail_with_one_line_and_write_nothing() {
         (m("slerp", &a, ""), "missing parameter 't'"),
         (m("linear", &a, "dtype: int4\n"), "unknown dtype 'int4'"),
         (m("linear", &a, "colour: red\n"), "unknown field `colour`"),
-        (m("ties", &a, "parameters: {density: -0.5}\n"), "must be above 0"),
+        (m("ties", &a, "parameters: {density: -0.5}\n"), "parameters.density: -0.5 is outside (0, 1]"),
     ];
     for (yaml, want) in cases {
         let e = run(d.path(), &yaml, "out", 0).err().map(|e| e.to_string()).unwrap_or_default();
@@ -154,6 +154,18 @@ fn bad_merges_fail_with_one_line_and_write_nothing() {
     std::fs::create_dir(d.path().join("out")).unwrap();
     let e = run(d.path(), &m("linear", &a, ""), "out", 0).err().map(|e| e.to_string()).unwrap_or_default();
     assert!(e.contains("already exists"), "{e}");
+}
+
+/// A model listed many times is opened (and memory-mapped) once: stores are keyed by label.
+#[test]
+fn a_repeated_model_is_opened_once() {
+    let d = tempfile::tempdir().unwrap();
+    let (a, b) = (tiny(d.path(), "a", 1, false), tiny(d.path(), "b", 2, false));
+    let entry = |m: &Path| format!("  - model: {}\n    parameters: {{weight: 1}}\n", m.display());
+    let yaml = format!("merge_method: linear\nmodels:\n{}{}", entry(&a).repeat(200), entry(&b));
+    let plan = recompose_merge::plan::Plan::build(&MergeConfig::parse(&yaml).unwrap()).unwrap();
+    let labels: Vec<&str> = plan.models.iter().map(|m| m.label.as_str()).collect();
+    assert_eq!(labels, [a.to_str().unwrap(), b.to_str().unwrap()]);
 }
 
 /// A fine-tune-like model: `a` moved 1% of the way towards another random model.
