@@ -6,42 +6,13 @@ use recompose_core::testing::{write_tiny_gguf, TinySpec};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn recompose(home: &Path, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_recompose"))
-        .args(args)
-        .env("RECOMPOSE_HOME", home)
-        .env("RAYON_NUM_THREADS", "1")
-        .output()
-        .expect("run recompose");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+mod common;
+use common::{fails, recompose, succeeds};
 
 fn tiny(dir: &Path, spec: TinySpec) -> PathBuf {
     let p = dir.join("tiny.gguf");
     write_tiny_gguf(&p, &spec).unwrap();
     p
-}
-
-/// Asserts success; returns (stdout, stderr).
-fn succeeds(home: &Path, args: &[&str]) -> (String, String) {
-    let (code, out, err) = recompose(home, args);
-    assert_eq!(code, 0, "{args:?}: {err}");
-    (out, err)
-}
-
-/// Asserts a clean failure and returns the error line.
-fn fails(home: &Path, args: &[&str]) -> String {
-    let (code, _out, err) = recompose(home, args);
-    assert_ne!(code, 0, "expected failure for {args:?}");
-    assert!(!err.contains("panicked"), "panic for {args:?}: {err}");
-    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "expected one line for {args:?}, got: {err}");
-    assert!(lines[0].starts_with("error: "), "{err}");
-    lines[0].to_string()
 }
 
 #[test]
@@ -136,6 +107,41 @@ fn shape_that_contradicts_the_config_is_named() {
     rewrite(&m, &p, "", Some(("llama.feed_forward_length", Value::U32(96))));
     let e = fails(d.path(), &["generate", "-m", p.to_str().unwrap(), "-p", "hi"]);
     assert!(e.contains("blk.0.ffn_gate.weight") && e.contains("does not match"), "{e}");
+}
+
+/// An HF folder whose config.json contradicts its tensors is refused by inspect and convert, with
+/// the tensor named (both used to succeed, and convert wrote a GGUF that then failed to load).
+#[test]
+fn hf_shapes_are_checked_against_config_json() {
+    let d = tempfile::tempdir().unwrap();
+    let m = tiny(d.path(), TinySpec::default());
+    let hf = d.path().join("hf");
+    succeeds(d.path(), &["convert", m.to_str().unwrap(), hf.to_str().unwrap()]);
+    let cfg = hf.join("config.json");
+    let mut c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    c["intermediate_size"] = 96.into();
+    std::fs::write(&cfg, c.to_string()).unwrap();
+    let out = d.path().join("out.gguf");
+    for args in [vec!["inspect", hf.to_str().unwrap()], vec!["convert", hf.to_str().unwrap(), out.to_str().unwrap()]] {
+        let e = fails(d.path(), &args);
+        assert!(e.contains("model.layers.0.mlp.gate_proj.weight") && e.contains("does not match"), "{e}");
+    }
+    assert!(!out.exists());
+}
+
+/// convert refuses a GGUF whose tokenizer inspect would reject, instead of writing a copy that
+/// no command can open.
+#[test]
+fn convert_refuses_a_tokenizer_that_would_not_read_back() {
+    let d = tempfile::tempdir().unwrap();
+    let m = tiny(d.path(), TinySpec::default());
+    let p = d.path().join("badtok.gguf");
+    rewrite(&m, &p, "", Some(("tokenizer.ggml.merges", Value::Array(vec![Value::String("nospace".into())]))));
+    assert!(fails(d.path(), &["inspect", p.to_str().unwrap()]).contains("malformed merge"));
+    let out = d.path().join("out.gguf");
+    let e = fails(d.path(), &["convert", p.to_str().unwrap(), out.to_str().unwrap(), "--dtype", "q8_0"]);
+    assert!(e.contains("malformed merge"), "{e}");
+    assert!(!out.exists());
 }
 
 /// A size field far beyond any model (`block_count` 10 million or 2^62) is an error, not an
@@ -241,19 +247,46 @@ fn a_missing_required_flag_is_named() {
     assert!(e.contains("--chat"), "{e}");
 }
 
+/// Errors from the format libraries are said in words, not as their variant names
+/// (`MetadataIncompleteBuffer`, `TensorInvalidInfo`, `unknown value type 9` used to be printed).
 #[test]
-fn lying_safetensors_header_is_reported() {
+fn library_errors_are_said_in_words() {
     let d = tempfile::tempdir().unwrap();
     let hf = d.path().join("hf");
     std::fs::create_dir(&hf).unwrap();
     std::fs::write(hf.join("config.json"), r#"{"model_type":"llama","vocab_size":258,"hidden_size":64,"intermediate_size":128,"num_hidden_layers":1,"num_attention_heads":4}"#).unwrap();
-    let header = br#"{"model.embed_tokens.weight":{"dtype":"F32","shape":[258,64],"data_offsets":[0,66048]}}"#;
-    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
-    bytes.extend_from_slice(header);
-    bytes.extend_from_slice(&[0u8; 100]); // far fewer bytes than the header claims
-    std::fs::write(hf.join("model.safetensors"), bytes).unwrap();
-    let e = fails(d.path(), &["inspect", hf.to_str().unwrap()]);
-    assert!(e.contains("invalid safetensors"), "{e}");
+    let shard = |header: &str, data: usize| {
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.extend(vec![0u8; data]);
+        std::fs::write(hf.join("model.safetensors"), bytes).unwrap();
+    };
+    for (header, data, words, variant) in [
+        // Far fewer bytes than the header claims.
+        (
+            r#"{"model.embed_tokens.weight":{"dtype":"F32","shape":[258,64],"data_offsets":[0,66048]}}"#,
+            100,
+            "invalid safetensors",
+            "Metadata",
+        ),
+        (
+            r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#,
+            100,
+            "not fully covered",
+            "MetadataIncompleteBuffer",
+        ),
+        (r#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#, 8, "invalid shape", "TensorInvalidInfo"),
+    ] {
+        shard(header, data);
+        let e = fails(d.path(), &["inspect", hf.to_str().unwrap()]);
+        assert!(e.contains(words) && !e.contains(variant), "{e}");
+    }
+    let m = tiny(d.path(), TinySpec::default());
+    let p = d.path().join("deep.gguf");
+    let deep = (0..6).fold(Value::U32(1), |v, _| Value::Array(vec![v]));
+    rewrite(&m, &p, "", Some(("general.deep", deep)));
+    let e = fails(d.path(), &["inspect", p.to_str().unwrap()]);
+    assert!(e.contains("nests arrays deeper") && !e.contains("type 9"), "{e}");
 }
 
 #[test]

@@ -6,39 +6,9 @@
 use recompose_core::testing::{write_tiny_gguf, TinySpec};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-fn recompose(home: &Path, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_recompose"))
-        .args(args)
-        .env("RECOMPOSE_HOME", home)
-        .env("RAYON_NUM_THREADS", "1")
-        .output()
-        .expect("run recompose");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-/// Asserts success; returns (stdout, stderr).
-fn succeeds(home: &Path, args: &[&str]) -> (String, String) {
-    let (code, out, err) = recompose(home, args);
-    assert_eq!(code, 0, "{args:?}: {err}");
-    (out, err)
-}
-
-/// Asserts a clean failure and returns the error line.
-fn fails(home: &Path, args: &[&str]) -> String {
-    let (code, _out, err) = recompose(home, args);
-    assert_ne!(code, 0, "expected failure for {args:?}");
-    assert!(!err.contains("panicked"), "panic for {args:?}: {err}");
-    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "expected one line for {args:?}, got: {err}");
-    assert!(lines[0].starts_with("error: "), "{err}");
-    lines[0].to_string()
-}
+mod common;
+use common::{fails, succeeds};
 
 /// A folder with two tiny models, a.gguf and b.gguf.
 fn two_models() -> (tempfile::TempDir, PathBuf, PathBuf) {

@@ -319,6 +319,10 @@ fn to_gguf_file(file: &ModelFile, out: &Path, dtype: OutDType, progress: &mut dy
             .collect(),
         Source::Hf(_) => gguf_metadata(cfg, &file.tokenizer()?)?,
     };
+    if let Source::Gguf(_) = file.source {
+        // Copied as it is: a source whose tokenizer does not read is refused, not passed on.
+        file.tokenizer()?;
+    }
     let names = hf_names(file)?;
     let mut tensors = Vec::with_capacity(names.len());
     for (i, n) in names.iter().enumerate() {
@@ -367,5 +371,21 @@ pub fn gguf_metadata(c: &ModelConfig, tok: &crate::Tokenizer) -> Result<Vec<(Str
         m.push((k("rope.scaling.factor"), Value::F32(factor as f32)));
     }
     m.extend(tok.gguf_metadata()?);
+    reads_back(Path::new("the output"), &m, tok.vocab_size())?;
     Ok(m)
+}
+
+/// Refuses GGUF metadata whose tokenizer our own reader would reject (`inspect` and every model
+/// command would fail on the written file) or read with another vocabulary size.
+fn reads_back(out: &Path, meta: &[(String, Value)], vocab: usize) -> Result<()> {
+    let map: std::collections::BTreeMap<String, Value> = meta.iter().cloned().collect();
+    let back = crate::Tokenizer::from_gguf_metadata(out, &map)
+        .map_err(|e| Error::Unsupported(format!("the tokenizer would not read back from GGUF: {e}")))?;
+    if back.vocab_size() != vocab {
+        return Err(Error::Unsupported(format!(
+            "the tokenizer would read back from GGUF with {} tokens, not {vocab}",
+            back.vocab_size()
+        )));
+    }
+    Ok(())
 }

@@ -220,6 +220,12 @@ impl<'a> Cursor<'a> {
             10 => Value::U64(self.u64(key)?),
             11 => Value::I64(self.u64(key)? as i64),
             12 => Value::F64(f64::from_bits(self.u64(key)?)),
+            9 => {
+                return Err(Error::CorruptGguf {
+                    path: self.path.to_path_buf(),
+                    what: format!("key '{key}' nests arrays deeper than 4 levels"),
+                })
+            }
             _ => {
                 return Err(Error::CorruptGguf {
                     path: self.path.to_path_buf(),

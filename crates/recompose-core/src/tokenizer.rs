@@ -34,7 +34,13 @@ fn tok_err(e: impl std::fmt::Display) -> Error {
 impl Tokenizer {
     /// Builds the tokenizer a GGUF file describes.
     pub fn from_gguf(g: &GgufFile) -> Result<Self> {
-        let path = g.path();
+        Self::from_gguf_metadata(g.path(), &g.metadata)
+    }
+
+    /// The tokenizer that GGUF metadata describes (`path` names the file in errors): how a file's
+    /// tokenizer is read, and how a converter checks that what it is about to write reads back.
+    pub fn from_gguf_metadata(path: &Path, meta: &BTreeMap<String, Value>) -> Result<Self> {
+        let g = &Meta { path, meta };
         let model = g
             .get_str("tokenizer.ggml.model")
             .ok_or_else(|| Error::MissingKey { path: path.into(), key: "tokenizer.ggml.model".into() })?;
@@ -298,7 +304,25 @@ impl TextStream {
     }
 }
 
-fn string_array(g: &GgufFile, key: &str) -> Result<Vec<String>> {
+/// GGUF metadata and the file it names, for the tokenizer reader.
+struct Meta<'a> {
+    path: &'a Path,
+    meta: &'a BTreeMap<String, Value>,
+}
+
+impl Meta<'_> {
+    fn path(&self) -> &Path {
+        self.path
+    }
+    fn get(&self, key: &str) -> Option<&Value> {
+        self.meta.get(key)
+    }
+    fn get_str(&self, key: &str) -> Option<&str> {
+        self.get(key).and_then(Value::as_str)
+    }
+}
+
+fn string_array(g: &Meta, key: &str) -> Result<Vec<String>> {
     let arr = g
         .get(key)
         .and_then(Value::as_array)

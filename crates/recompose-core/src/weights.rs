@@ -81,7 +81,7 @@ impl HfDir {
             // SAFETY: read-only map; see gguf.rs.
             let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&f, e))?;
             let (n, meta) = safetensors::SafeTensors::read_metadata(&map)
-                .map_err(|e| Error::BadSafetensors { path: f.clone(), what: format!("{e:?}") })?;
+                .map_err(|e| Error::BadSafetensors { path: f.clone(), what: e.to_string() })?;
             metadata.extend(meta.metadata().clone().unwrap_or_default());
             for (name, info) in meta.tensors() {
                 index.insert(name.clone(), (si, info.dtype, info.shape.clone(), info.data_offsets));
@@ -198,13 +198,17 @@ impl ModelFile {
         }
         let g = GgufFile::open(path)?;
         let config = ModelConfig::from_gguf(&g)?;
-        check_gguf_shapes(&g, &config)?;
+        check_shapes(path, &config, |name| g.info(name).map(|t| t.shape.as_slice()))?;
         Ok(Self { source: Source::Gguf(g), config, path: path.to_path_buf() })
     }
 
     fn open_hf(dir: &Path) -> Result<Self> {
         let hf = HfDir::open(dir)?;
         let config = ModelConfig::from_hf_json(&hf.config_json)?;
+        check_shapes(dir, &config, |g| {
+            let name = names::gguf_to_hf(config.arch, g)?;
+            hf.index.get(&name).map(|e| e.2.as_slice())
+        })?;
         Ok(Self { source: Source::Hf(hf), config, path: dir.to_path_buf() })
     }
 
@@ -284,9 +288,11 @@ impl ModelFile {
     }
 }
 
-/// Checks every block tensor's shape against the config up front, so a file that lies fails at
-/// open with the tensor named, not deep inside a forward pass.
-fn check_gguf_shapes(g: &GgufFile, c: &ModelConfig) -> Result<()> {
+/// Checks every block tensor's shape against the config up front, in either format (`shape_of`
+/// maps a GGUF name to the file's shape, HF order), so a file that lies fails at open (inspect,
+/// convert and load alike) with the tensor named, not deep inside a forward pass or after a
+/// conversion has written it.
+fn check_shapes<'a>(path: &Path, c: &ModelConfig, shape_of: impl Fn(&str) -> Option<&'a [usize]>) -> Result<()> {
     let h = c.hidden_size;
     let mut expect: Vec<(String, Vec<usize>)> =
         vec![("token_embd.weight".into(), vec![c.vocab_size, h]), ("output_norm.weight".into(), vec![h])];
@@ -306,14 +312,16 @@ fn check_gguf_shapes(g: &GgufFile, c: &ModelConfig) -> Result<()> {
             (b("ffn_norm.weight"), vec![h]),
         ]);
     }
+    let hf = |name: &str| names::gguf_to_hf(c.arch, name).unwrap_or_else(|| name.to_string());
+    let named = |name: &str| if path.is_dir() { hf(name) } else { name.to_string() };
     for (name, shape) in expect {
-        match g.info(&name) {
-            None => return Err(Error::MissingTensor { path: g.path().into(), tensor: name }),
-            Some(t) if t.shape != shape => {
+        match shape_of(&name) {
+            None => return Err(Error::MissingTensor { path: path.into(), tensor: named(&name) }),
+            Some(s) if s != shape.as_slice() => {
                 return Err(Error::BadTensor {
-                    path: g.path().into(),
-                    tensor: name,
-                    what: format!("shape {:?} does not match the config's {:?}", t.shape, shape),
+                    path: path.into(),
+                    tensor: named(&name),
+                    what: format!("shape {s:?} does not match the config's {shape:?}"),
                 })
             }
             _ => {}
