@@ -93,6 +93,9 @@ struct Seq {
 pub struct EngineConfig {
     pub max_batch: usize,
     pub max_queue: usize,
+    /// Called on the scheduler thread each time the batch empties (the binary hands freed memory
+    /// back to the OS there).
+    pub on_idle: Option<fn()>,
 }
 
 /// Handle the HTTP side holds.
@@ -157,6 +160,8 @@ struct Scheduler {
     waiting: Option<Job>,
     prefilling: VecDeque<Seq>,
     running: Vec<Seq>,
+    /// Work was done since the batch last emptied.
+    worked: bool,
 }
 
 fn log_softmax(logits: &[f32]) -> Vec<f32> {
@@ -186,6 +191,7 @@ impl Scheduler {
             waiting: None,
             prefilling: VecDeque::new(),
             running: vec![],
+            worked: false,
         }
     }
 
@@ -197,10 +203,16 @@ impl Scheduler {
         loop {
             // Idle: block for work (waking now and then to notice a shutdown).
             if !self.busy() {
+                if std::mem::take(&mut self.worked) {
+                    if let Some(f) = self.cfg.on_idle {
+                        f();
+                    }
+                }
                 match rx.recv_timeout(Duration::from_millis(100)) {
                     Ok(j) => {
                         self.queued.fetch_sub(1, Ordering::SeqCst);
                         self.waiting = Some(j);
+                        self.worked = true;
                     }
                     Err(mpsc::RecvTimeoutError::Timeout) if self.draining.load(Ordering::SeqCst) => return,
                     Err(mpsc::RecvTimeoutError::Timeout) => continue,

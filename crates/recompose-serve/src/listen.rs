@@ -13,6 +13,7 @@ use futures_util::StreamExt;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -144,7 +145,9 @@ pub async fn serve(
                     conns.spawn(refuse(stream, limits.max_connections));
                     continue;
                 };
-                let conn = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+                let started = Arc::new(AtomicBool::new(false));
+                let service = Started { inner: TowerToHyperService::new(app.clone()), started: started.clone() };
+                let conn = http.serve_connection(TokioIo::new(stream), service);
                 let mut stopped = stopped.clone();
                 conns.spawn(async move {
                     let _permit = permit;
@@ -153,7 +156,12 @@ pub async fn serve(
                         _ = conn.as_mut() => return,
                         _ = stopped.wait_for(|s| *s) => {}
                     }
-                    // Idle: closed now. Mid-request: closed after its response.
+                    // A connection whose first request never arrived whole (half a header) is
+                    // dropped: hyper counts it busy and would wait for it until the grace ended.
+                    if !started.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    // Idle between requests: closed now. Mid-request: closed after its response.
                     conn.as_mut().graceful_shutdown();
                     let _ = conn.await;
                 });
@@ -168,6 +176,22 @@ pub async fn serve(
         conns.abort_all();
     }
     deadline
+}
+
+/// A connection's service that notes when its first request has arrived whole.
+struct Started<S> {
+    inner: S,
+    started: Arc<AtomicBool>,
+}
+
+impl<S: hyper::service::Service<R>, R> hyper::service::Service<R> for Started<S> {
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+    fn call(&self, req: R) -> Self::Future {
+        self.started.store(true, Ordering::SeqCst);
+        self.inner.call(req)
+    }
 }
 
 /// Answers a connection over the limit with a 503 and closes it, without reading its request.

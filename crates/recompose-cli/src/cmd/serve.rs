@@ -59,6 +59,17 @@ async fn shutdown_signal(draining: Arc<std::sync::atomic::AtomicBool>) {
     draining.store(true, Ordering::SeqCst);
 }
 
+/// glibc keeps the pages of freed KV caches in its arenas (one per thread that allocated): after
+/// 32 streams the server sat 27% above its idle RSS for good. Trimming when the batch empties
+/// gives them back.
+fn return_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory; it is thread-safe.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 pub fn run(a: Args) -> Result<()> {
     if a.max_batch == 0 || a.max_queue == 0 || a.max_connections == 0 || a.read_timeout == 0 {
         anyhow::bail!("--max-batch, --max-queue, --max-connections and --read-timeout must be at least 1");
@@ -70,9 +81,12 @@ pub fn run(a: Args) -> Result<()> {
     };
     let (_file, model, tok) = a.model.load()?;
     let tok = Arc::new(tok);
-    let (engine, scheduler) =
-        Engine::start(model, tok.clone(), EngineConfig { max_batch: a.max_batch, max_queue: a.max_queue })
-            .context("starting the scheduler")?;
+    let (engine, scheduler) = Engine::start(
+        model,
+        tok.clone(),
+        EngineConfig { max_batch: a.max_batch, max_queue: a.max_queue, on_idle: Some(return_freed_memory) },
+    )
+    .context("starting the scheduler")?;
     let state = Arc::new(AppState {
         engine: engine.clone(),
         tok,
