@@ -17,6 +17,38 @@ pub const TEMPLATE_FUEL: u64 = 20_000_000;
 pub const TEMPLATE_RECURSION: usize = 100;
 /// Output allowed beyond four times the messages' own size (room for tool definitions and markup).
 pub const TEMPLATE_OUTPUT_BASE: usize = 4 << 20;
+/// The largest width a filter may be asked for: `indent(10**10)`, `tojson(indent=10**10)` and a
+/// printf width of `format` each size one allocation before any output is written.
+pub const TEMPLATE_MAX_WIDTH: i64 = 1024;
+
+/// The builtin filter `name` behind a check that no width it is given is over the limit.
+fn bounded_filter(env: &mut minijinja::Environment, name: &'static str, builtin: minijinja::Value) {
+    use minijinja::value::{Rest, Value, ValueKind};
+    fn too_wide(v: &Value) -> bool {
+        match v.kind() {
+            ValueKind::Number => v.as_i64().is_none_or(|n| n > TEMPLATE_MAX_WIDTH),
+            // A printf width: any run of digits in the format string.
+            ValueKind::String => v.as_str().is_some_and(|s| {
+                s.split(|c: char| !c.is_ascii_digit())
+                    .any(|d| d.parse::<i64>().map_or(!d.is_empty(), |n| n > TEMPLATE_MAX_WIDTH))
+            }),
+            // Keyword arguments (`width=`, `indent=`).
+            ValueKind::Map => v.try_iter().into_iter().flatten().any(|k| v.get_item(&k).is_ok_and(|x| too_wide(&x))),
+            _ => false,
+        }
+    }
+    env.add_filter(name, move |state: &minijinja::State, args: Rest<Value>| {
+        // Widths are the arguments after the value filtered; for format, in the format string.
+        let sized = if name == "format" { args.get(..1) } else { args.get(1..) }.unwrap_or_default();
+        if sized.iter().any(too_wide) {
+            return Err(minijinja::Error::new(
+                minijinja::ErrorKind::InvalidOperation,
+                format!("{name}: a width over {TEMPLATE_MAX_WIDTH}"),
+            ));
+        }
+        builtin.call(state, &args)
+    });
+}
 
 /// Renders `messages` with `template`, ending with the assistant prompt when asked.
 pub fn render(
@@ -29,6 +61,9 @@ pub fn render(
     let mut env = minijinja::Environment::new();
     env.set_fuel(Some(TEMPLATE_FUEL));
     env.set_recursion_limit(TEMPLATE_RECURSION);
+    bounded_filter(&mut env, "indent", minijinja::Value::from_function(minijinja::filters::indent));
+    bounded_filter(&mut env, "tojson", minijinja::Value::from_function(minijinja::filters::tojson));
+    bounded_filter(&mut env, "format", minijinja::Value::from_function(minijinja::filters::format));
     env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
         Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
     });
@@ -113,6 +148,25 @@ mod tests {
         let t = "{% set s = 'x' * 100000000 %}{% for a in range(100000) %}{{ s }}{% endfor %}";
         let e = render(t, &[], false, "", "").unwrap_err().to_string();
         assert!(e.contains("more than"), "{e}");
+    }
+
+    /// Found in minijinja's own tracker (#924): a width sizes one allocation, so indent(10**10)
+    /// asked for 10 GB at once and aborted the process.
+    #[test]
+    fn huge_filter_widths_are_refused_before_allocating() {
+        for t in [
+            "{{ 'a\nb'|indent(10000000000) }}",
+            "{{ 'a\nb'|indent(width=10000000000) }}",
+            "{{ messages|tojson(indent=10000000000) }}",
+            "{{ '%10000000000s'|format('x') }}",
+        ] {
+            let e = render(t, &[], false, "", "").unwrap_err().to_string();
+            assert!(e.contains("a width over"), "{t}: {e}");
+        }
+        // Ordinary widths still work.
+        let out =
+            render("{{ 'a\nb'|indent(2) }}|{{ [1]|tojson(indent=2) }}|{{ '%3s'|format(5000) }}", &[], false, "", "");
+        assert_eq!(out.unwrap(), "a\n  b|[\n  1\n]|5000");
     }
 
     #[test]
