@@ -316,7 +316,10 @@ impl GgufFile {
                     format!("row length {} is not a multiple of the {dtype:?} block size {bs}", ne[0]),
                 ));
             }
-            let size = elems / bs * dtype.type_size() as u64;
+            // 2^62 f32 values are 2^64 bytes: unchecked, the size wrapped to 0 and the tensor passed.
+            let size = (elems / bs)
+                .checked_mul(dtype.type_size() as u64)
+                .ok_or_else(|| bad_tensor(path, &name, "byte size overflows".into()))?;
             let start = (data_start as u64).checked_add(offset);
             let end = start.and_then(|s| s.checked_add(size));
             let (Some(start), Some(end)) = (start, end) else {
@@ -583,4 +586,39 @@ pub fn write_gguf_streaming(
 
 fn gguf_type_id(d: GgmlDType) -> u32 {
     (0..=30).find(|i| ggml_dtype_from_id(*i) == Some(d)).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A GGUF v3 file with no metadata and one F32 tensor of GGUF shape `ne` at data offset 0,
+    /// followed by 64 data bytes.
+    fn one_f32_tensor(ne: &[u64]) -> Vec<u8> {
+        let mut b = vec![];
+        b.extend(0x4655_4747u32.to_le_bytes());
+        b.extend(3u32.to_le_bytes());
+        b.extend(1u64.to_le_bytes());
+        b.extend(0u64.to_le_bytes());
+        put_string(&mut b, "t");
+        b.extend((ne.len() as u32).to_le_bytes());
+        ne.iter().for_each(|d| b.extend(d.to_le_bytes()));
+        b.extend(gguf_type_id(GgmlDType::F32).to_le_bytes());
+        b.extend(0u64.to_le_bytes());
+        b.resize(b.len().div_ceil(32) * 32 + 64, 0);
+        b
+    }
+
+    /// Found by recompose-fuzz: the byte size of 2^62 f32 values overflowed (a panic in debug
+    /// builds, a 0-byte tensor of 2^62 elements accepted in release ones).
+    #[test]
+    fn a_tensor_whose_byte_size_overflows_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.gguf");
+        std::fs::write(&p, one_f32_tensor(&[1 << 62])).unwrap();
+        let e = GgufFile::open(&p).err().expect("accepted").to_string();
+        assert!(e.contains("byte size overflows"), "{e}");
+        std::fs::write(&p, one_f32_tensor(&[16])).unwrap();
+        assert_eq!(GgufFile::open(&p).unwrap().tensors()[0].size, 64);
+    }
 }

@@ -11,6 +11,8 @@
 //! "20%"); a fractional total needs a fractional `recent=` if one is given. `prefill=full` (the
 //! default) attends fully inside the prompt and cuts the cache once it is in; `prefill=C` evicts
 //! after every step of at most C prompt tokens, so prefill memory stays bounded too.
+//! Counts are at most the longest context recompose accepts (2^26); a cache is built with them
+//! cut to its model's context.
 
 use crate::bounded::{BoundedCache, Rule};
 use recompose_llm::kv::{CacheLayout, FullCache, KvCache};
@@ -44,6 +46,8 @@ impl fmt::Display for Budget {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
         match self {
             Budget::Count(n) => write!(f, "{n}"),
+            // A whole fraction keeps its point: `1.0` is the whole prompt, `1` one slot.
+            Budget::Fraction(x) if x.fract() == 0.0 => write!(f, "{x:.1}"),
             Budget::Fraction(x) => write!(f, "{x}"),
         }
     }
@@ -105,6 +109,10 @@ pub struct RowBudget {
     pub recent: usize,
 }
 
+/// No count can be more than the longest context recompose accepts: a larger one means nothing,
+/// and refusing it keeps the budget arithmetic (recent + sinks, heavy + recent) from overflowing.
+const MAX_COUNT: usize = recompose_core::config::MAX_CONTEXT;
+
 fn parse_budget(v: &str) -> Option<Budget> {
     if let Ok(n) = v.parse::<usize>() {
         return Some(Budget::Count(n));
@@ -145,9 +153,11 @@ impl FromStr for KvSpec {
             return Err(err(format!("unknown option `{k}` for {name} (options: {})", allowed.join(", "))));
         }
         let get = |k: &str| keys.iter().find(|(kk, _)| *kk == k).map(|(_, v)| *v);
+        let too_many = |k: &str, n: usize| err(format!("{k} {n} is more than any context ({MAX_COUNT} tokens)"));
         let budget = |k: &str, v: &str| -> Result<Budget, SpecError> {
             match parse_budget(v) {
                 Some(Budget::Count(0)) => Err(err(format!("{k} must be at least 1"))),
+                Some(Budget::Count(n)) if n > MAX_COUNT => Err(too_many(k, n)),
                 Some(Budget::Fraction(f)) if !(f > 0.0 && f <= 1.0) => {
                     Err(err(format!("{k} fraction {f} must be in (0, 1]")))
                 }
@@ -155,7 +165,11 @@ impl FromStr for KvSpec {
                 None => Err(err(format!("{k} `{v}` is not a count or a fraction"))),
             }
         };
-        let count = |k: &str, v: &str| v.parse::<usize>().map_err(|_| err(format!("{k} `{v}` is not a count")));
+        let count = |k: &str, v: &str| match v.parse::<usize>() {
+            Ok(n) if n > MAX_COUNT => Err(too_many(k, n)),
+            Ok(n) => Ok(n),
+            Err(_) => Err(err(format!("{k} `{v}` is not a count"))),
+        };
         let prefill = match get("prefill") {
             None | Some("full") => Prefill::Full,
             Some(v) => match count("prefill", v)? {
@@ -208,6 +222,7 @@ impl FromStr for KvSpec {
                         Some(Budget::Fraction(f)) if !(0.0..=1.0).contains(&f) => {
                             Err(err(format!("heavy fraction {f} must be in [0, 1]")))
                         }
+                        Some(Budget::Count(n)) if n > MAX_COUNT => Err(too_many("heavy", n)),
                         Some(b) => Ok(b),
                         None => Err(err(format!("heavy `{v}` is not a count or a fraction"))),
                     })
@@ -320,6 +335,25 @@ impl KvSpec {
         }
     }
 
+    /// The same policy for a model that holds at most `max_len` tokens per row. A count past that
+    /// is never reached (nothing would be evicted either way), so it is cut to it: the cache
+    /// reserves slots for its budget, and a request's number must not size that, the model must.
+    fn within(&self, max_len: usize) -> KvSpec {
+        let cut = |b: Budget| match b {
+            Budget::Count(n) => Budget::Count(n.min(max_len)),
+            f => f,
+        };
+        match *self {
+            KvSpec::Full => KvSpec::Full,
+            KvSpec::Window { total, sinks, positions, prefill } => {
+                KvSpec::Window { total: cut(total), sinks: sinks.min(max_len.saturating_sub(1)), positions, prefill }
+            }
+            KvSpec::H2o { heavy, recent, agg, prefill } => {
+                KvSpec::H2o { heavy: cut(heavy), recent: cut(recent), agg, prefill }
+            }
+        }
+    }
+
     pub fn prefill(&self) -> Prefill {
         match *self {
             KvSpec::Full => Prefill::Full,
@@ -330,7 +364,7 @@ impl KvSpec {
     /// A cache for a batch whose rows have these prompt lengths (fractional budgets resolve
     /// against them; streaming callers pass the length of the whole text).
     pub fn build(&self, layout: &CacheLayout, prompt_lens: &[usize]) -> Box<dyn KvCache> {
-        match BoundedCache::from_spec(layout, self, prompt_lens) {
+        match BoundedCache::from_spec(layout, &self.within(layout.max_len), prompt_lens) {
             Some(c) => Box::new(c),
             None => Box::new(FullCache::new(layout.num_layers, prompt_lens.len(), layout.max_len).on(&layout.device)),
         }
@@ -340,6 +374,9 @@ impl KvSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::{DType, Device, Tensor};
+    use recompose_core::config::{RopeScaling, RopeStyle};
+    use recompose_llm::kv::Step;
 
     fn parse(s: &str) -> Result<KvSpec, String> {
         s.parse::<KvSpec>().map_err(|e| e.to_string())
@@ -400,6 +437,57 @@ mod tests {
             let e = parse(s).unwrap_err();
             assert!(e.contains(why), "{s}: {e}");
             assert!(!e.contains('\n'));
+        }
+    }
+
+    /// Found by recompose-fuzz: counts were unbounded, so `window:recent=N,sinks=1` and the
+    /// budgets of `h2o:heavy=N,recent=1` overflowed for N near 2^64.
+    #[test]
+    fn counts_past_any_context_are_refused() {
+        for s in [
+            "window:recent=18446744073709551615,sinks=1",
+            "h2o:heavy=18446744073709551615,recent=1",
+            "window:67108865",
+            "h2o:64,prefill=67108865",
+        ] {
+            let e = parse(s).unwrap_err();
+            assert!(e.contains("is more than any context"), "{s}: {e}");
+        }
+        assert!(parse("window:67108864,sinks=67108863").is_ok());
+    }
+
+    /// Found by recompose-fuzz: `recent=1.0` (the whole prompt) displayed as `recent=1` (one slot).
+    #[test]
+    fn a_whole_fraction_displays_as_a_fraction() {
+        for s in ["h2o:heavy=6,recent=1.0", "h2o:heavy=0.0,recent=0.1", "window:1.0"] {
+            let spec = parse(s).unwrap();
+            assert_eq!(parse(&spec.to_string()).unwrap(), spec, "{s} -> {spec}");
+        }
+        assert_eq!(parse("window:1.0").unwrap().to_string(), "window:1.0");
+    }
+
+    /// Found by recompose-fuzz: `h2o:42296256` reserved slots for 42M tokens at the first step,
+    /// whatever the model's context (2.7 GB here; a request's "kv" field could abort the server).
+    #[test]
+    fn a_budget_past_the_context_reserves_only_the_context() {
+        let rope = std::sync::Arc::new(recompose_llm::rope::Rope::new(8, 1e4, &RopeScaling::None, RopeStyle::Neox));
+        let layout = CacheLayout {
+            num_layers: 1,
+            num_heads: 2,
+            kv_heads: 2,
+            head_dim: 8,
+            max_len: 64,
+            windows: vec![None],
+            ropes: vec![rope],
+            device: Device::Cpu,
+        };
+        let k = Tensor::ones((1, 2, 3, 8), DType::F32, &Device::Cpu).unwrap();
+        for s in ["h2o:42296256", "h2o:heavy=1,recent=42296256", "window:42296256,sinks=42296255"] {
+            let mut cache = parse(s).unwrap().build(&layout, &[3]);
+            cache.begin_step(&Step { start: vec![0], lens: vec![3], t: 3 }).unwrap();
+            cache.update(0, &k, &k, None).unwrap();
+            // Two budgets of the whole context at most: 2 x (K + V) x 2 heads x 64 x 8 x 4 bytes.
+            assert!(cache.resident_bytes() <= 32 << 10, "{s}: {} bytes", cache.resident_bytes());
         }
     }
 }
