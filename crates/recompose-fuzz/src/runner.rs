@@ -241,8 +241,11 @@ enum Outcome {
 /// A thread that runs inputs one at a time. A hung one cannot be stopped: it is abandoned
 /// (with its scratch folder) and a new worker takes over.
 struct Worker {
-    inputs: mpsc::Sender<Arc<[u8]>>,
+    /// None once dropping: the thread's loop ends when the channel closes.
+    inputs: Option<mpsc::Sender<Arc<[u8]>>>,
     outcomes: mpsc::Receiver<Result<Vec<String>, Panic>>,
+    /// Joined on drop, unless hung, so the scratch folder is removed before the process exits.
+    thread: Option<thread::JoinHandle<()>>,
 }
 
 impl Worker {
@@ -253,7 +256,7 @@ impl Worker {
         let prefix = format!("{}/", scratch.path().display());
         let (inputs, rx) = mpsc::channel::<Arc<[u8]>>();
         let (tx, outcomes) = mpsc::channel();
-        thread::Builder::new().name(format!("fuzz-{}", target.name)).spawn(move || {
+        let thread = thread::Builder::new().name(format!("fuzz-{}", target.name)).spawn(move || {
             for input in rx {
                 crate::alloc::running(Some((&input, findings)));
                 LAST_PANIC.take();
@@ -271,19 +274,31 @@ impl Worker {
                 }
             }
         })?;
-        Ok(Self { inputs, outcomes })
+        Ok(Self { inputs: Some(inputs), outcomes, thread: Some(thread) })
     }
 
-    fn run(&self, input: Arc<[u8]>, timeout: Duration) -> Outcome {
+    fn run(&mut self, input: Arc<[u8]>, timeout: Duration) -> Outcome {
         let gone = || Outcome::Panicked(Panic { at: "worker".into(), message: "the worker thread died".into() });
-        if self.inputs.send(input).is_err() {
+        if self.inputs.as_ref().is_none_or(|i| i.send(input).is_err()) {
             return gone();
         }
         match self.outcomes.recv_timeout(timeout) {
             Ok(Ok(s)) => Outcome::Done(s),
             Ok(Err(p)) => Outcome::Panicked(p),
-            Err(RecvTimeoutError::Timeout) => Outcome::Hung,
+            Err(RecvTimeoutError::Timeout) => {
+                self.thread = None;
+                Outcome::Hung
+            }
             Err(RecvTimeoutError::Disconnected) => gone(),
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.inputs = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
         }
     }
 }
@@ -319,7 +334,7 @@ pub fn fuzz(target: &'static Target, opts: &Options) -> Report {
     }
     let mut report =
         Report { target: target.name, execs: 0, elapsed: Duration::ZERO, seeds, kept: 0, findings: vec![] };
-    let worker = match Worker::start(target, dir) {
+    let mut worker = match Worker::start(target, dir) {
         Ok(w) => w,
         Err(e) => {
             report.findings.push(no_worker(e));
@@ -398,7 +413,7 @@ pub fn replay(target: &'static Target, files: &[(PathBuf, Vec<u8>)], opts: &Opti
     let mut out = vec![];
     let mut worker = None;
     for (path, data) in files {
-        let w = match worker.take().map_or_else(|| Worker::start(target, dir), Ok) {
+        let mut w = match worker.take().map_or_else(|| Worker::start(target, dir), Ok) {
             Ok(w) => w,
             Err(e) => {
                 out.push(no_worker(e));
