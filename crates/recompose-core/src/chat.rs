@@ -13,7 +13,7 @@ pub struct Message {
 /// bounded: instructions (minijinja's fuel: nested loops over `range(100000)` end in well under a
 /// second instead of never), nesting depth, and output (text past what any context could hold is
 /// an error, not gigabytes in memory).
-pub const TEMPLATE_FUEL: u64 = 20_000_000;
+pub const TEMPLATE_FUEL: u64 = 2_000_000;
 pub const TEMPLATE_RECURSION: usize = 100;
 /// Output allowed beyond four times the messages' own size (room for tool definitions and markup).
 pub const TEMPLATE_OUTPUT_BASE: usize = 4 << 20;
