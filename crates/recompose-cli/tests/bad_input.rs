@@ -109,6 +109,17 @@ fn shape_that_contradicts_the_config_is_named() {
     assert!(e.contains("blk.0.ffn_gate.weight") && e.contains("does not match"), "{e}");
 }
 
+/// `generate --chat` with a template that loops without end fails with one line (it used to
+/// never return).
+#[test]
+fn a_runaway_chat_template_fails_generate_with_one_line() {
+    let d = tempfile::tempdir().unwrap();
+    let template = "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}";
+    let m = tiny(d.path(), TinySpec { chat_template: template, ..Default::default() });
+    let e = fails(d.path(), &["generate", "-m", m.to_str().unwrap(), "--chat", "-p", "hi", "-n", "2"]);
+    assert!(e.contains("instructions"), "{e}");
+}
+
 /// An HF folder whose config.json contradicts its tensors is refused by inspect and convert, with
 /// the tensor named (both used to succeed, and convert wrote a GGUF that then failed to load).
 #[test]
