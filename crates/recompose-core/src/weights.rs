@@ -198,14 +198,14 @@ impl ModelFile {
         }
         let g = GgufFile::open(path)?;
         let config = ModelConfig::from_gguf(&g)?;
-        check_shapes(path, &config, |name| g.info(name).map(|t| t.shape.as_slice()))?;
+        check_shapes(path, &config, false, |name| g.info(name).map(|t| t.shape.as_slice()))?;
         Ok(Self { source: Source::Gguf(g), config, path: path.to_path_buf() })
     }
 
     fn open_hf(dir: &Path) -> Result<Self> {
         let hf = HfDir::open(dir)?;
         let config = ModelConfig::from_hf_json(&hf.config_json)?;
-        check_shapes(dir, &config, |g| {
+        check_shapes(dir, &config, true, |g| {
             let name = names::gguf_to_hf(config.arch, g)?;
             hf.index.get(&name).map(|e| e.2.as_slice())
         })?;
@@ -289,10 +289,15 @@ impl ModelFile {
 }
 
 /// Checks every block tensor's shape against the config up front, in either format (`shape_of`
-/// maps a GGUF name to the file's shape, HF order), so a file that lies fails at open (inspect,
+/// maps a GGUF name to the file's shape, HF order; errors use HF names when `hf`), so a file that lies fails at open (inspect,
 /// convert and load alike) with the tensor named, not deep inside a forward pass or after a
 /// conversion has written it.
-fn check_shapes<'a>(path: &Path, c: &ModelConfig, shape_of: impl Fn(&str) -> Option<&'a [usize]>) -> Result<()> {
+fn check_shapes<'a>(
+    path: &Path,
+    c: &ModelConfig,
+    hf: bool,
+    shape_of: impl Fn(&str) -> Option<&'a [usize]>,
+) -> Result<()> {
     let h = c.hidden_size;
     let mut expect: Vec<(String, Vec<usize>)> =
         vec![("token_embd.weight".into(), vec![c.vocab_size, h]), ("output_norm.weight".into(), vec![h])];
@@ -312,8 +317,10 @@ fn check_shapes<'a>(path: &Path, c: &ModelConfig, shape_of: impl Fn(&str) -> Opt
             (b("ffn_norm.weight"), vec![h]),
         ]);
     }
-    let hf = |name: &str| names::gguf_to_hf(c.arch, name).unwrap_or_else(|| name.to_string());
-    let named = |name: &str| if path.is_dir() { hf(name) } else { name.to_string() };
+    let named = |name: &str| match hf {
+        true => names::gguf_to_hf(c.arch, name).unwrap_or_else(|| name.to_string()),
+        false => name.to_string(),
+    };
     for (name, shape) in expect {
         match shape_of(&name) {
             None => return Err(Error::MissingTensor { path: path.into(), tensor: named(&name) }),
