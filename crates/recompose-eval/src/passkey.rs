@@ -5,7 +5,7 @@
 use crate::error::{Error, Result};
 use recompose_core::Tokenizer;
 use recompose_kv::KvSpec;
-use recompose_llm::generate::{generate_batch, GenerateOptions};
+use recompose_llm::generate::{generate, GenerateOptions};
 use recompose_llm::Model;
 use serde::Serialize;
 
@@ -103,9 +103,9 @@ pub fn evaluate(
             for trial in 0..o.trials {
                 let seed = mix(o.seed ^ mix(length as u64) ^ mix((depth * 1000.0) as u64 + 7) ^ mix(trial as u64 + 99));
                 let (ids, key) = prompt(tok, &filler, length, depth, seed)?;
-                let mut cache = o.kv.build(&model.cache_layout(), &[ids.len()]);
-                let (g, _) = generate_batch(model, tok, &[ids], &gen, cache.as_mut(), |_, _| {})?;
-                peak = peak.max(cache.resident_bytes());
+                let layout = model.cache_layout();
+                let (g, _) = generate(model, tok, &[ids], &gen, |n| o.kv.build(&layout, &[n]), |_, _| {})?;
+                peak = peak.max(g[0].kv_bytes);
                 if g[0].text.contains(&key) {
                     correct += 1;
                 }

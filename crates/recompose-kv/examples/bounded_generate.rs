@@ -4,7 +4,7 @@
 
 use recompose_core::weights::ModelFile;
 use recompose_kv::KvSpec;
-use recompose_llm::generate::{generate_batch, GenerateOptions};
+use recompose_llm::generate::{generate, GenerateOptions};
 use recompose_llm::{Model, WeightMode};
 
 fn main() -> anyhow::Result<()> {
@@ -16,11 +16,11 @@ fn main() -> anyhow::Result<()> {
     let model = Model::load(&file, WeightMode::Quantized)?;
     let ids = tok.encode(&prompt, true)?;
     // Fractional budgets resolve against each row's prompt length.
-    let mut cache = spec.build(&model.cache_layout(), &[ids.len()]);
+    let layout = model.cache_layout();
     let opts = GenerateOptions { max_tokens: 40, ..Default::default() };
-    let (gens, _) = generate_batch(&model, &tok, std::slice::from_ref(&ids), &opts, cache.as_mut(), |_, _| {})?;
+    let (gens, _) =
+        generate(&model, &tok, std::slice::from_ref(&ids), &opts, |n| spec.build(&layout, &[n]), |_, _| {})?;
     println!("{}", gens[0].text);
-    println!("---\n{} ({} prompt tokens): {}", spec, ids.len(), cache.describe());
-    println!("KV bytes held: {}", cache.resident_bytes());
+    println!("---\n{} ({} prompt tokens): {} KV bytes held", spec, ids.len(), gens[0].kv_bytes);
     Ok(())
 }

@@ -1,28 +1,62 @@
-//! Generation loops: prefill the prompts as one batched step, then decode one token per row per
-//! step until EOS, a stop string or the token limit. Streams text through a callback.
+//! Generation, written once: a [`Sequence`] is one request's state (prompt, sampler, penalties,
+//! stop strings, incremental detokenising, finish reason); a [`Batcher`] steps many sequences,
+//! each with its own KV cache, mixing prefill chunks and decode tokens under a per-step token
+//! budget. `recompose generate`, the evaluations and the server all run this loop.
 
 use crate::error::{Error, Result};
 use crate::kv::KvCache;
-use crate::model::{step_for, Logits, Model};
+use crate::model::{Logits, Model};
+use crate::prefix::PrefixCache;
 use crate::sample::{Sampler, SamplingParams};
 use recompose_core::tokenizer::{TextStream, Tokenizer};
+use std::collections::HashMap;
 use std::time::Instant;
 
-/// Prompt columns per prefill step: keeps attention buffers small on long prompts.
+/// Prompt columns per prefill step when nothing else runs: keeps attention buffers small on
+/// long prompts.
 pub const PREFILL_CHUNK: usize = 512;
 
 #[derive(Debug, Clone)]
 pub struct GenerateOptions {
     pub max_tokens: usize,
     pub sampling: SamplingParams,
+    /// OpenAI penalties, over the generated tokens: subtracted once per token present, and
+    /// once per occurrence.
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
     pub stop: Vec<String>,
+    /// Some(n): report each chosen token's log-probability and the n most likely.
+    pub logprobs: Option<usize>,
     /// Keep going past EOS (benchmarks).
     pub ignore_eos: bool,
 }
 
 impl Default for GenerateOptions {
     fn default() -> Self {
-        Self { max_tokens: 128, sampling: SamplingParams::default(), stop: vec![], ignore_eos: false }
+        Self {
+            max_tokens: 128,
+            sampling: SamplingParams::default(),
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            stop: vec![],
+            logprobs: None,
+            ignore_eos: false,
+        }
+    }
+}
+
+impl GenerateOptions {
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        self.sampling.validate()?;
+        for (name, v) in [("presence", self.presence_penalty), ("frequency", self.frequency_penalty)] {
+            if !(-2.0..=2.0).contains(&v) {
+                return Err(format!("{name} penalty must be in [-2, 2], got {v}"));
+            }
+        }
+        if self.stop.iter().any(String::is_empty) {
+            return Err("stop strings must not be empty".into());
+        }
+        Ok(())
     }
 }
 
@@ -33,106 +67,494 @@ pub enum FinishReason {
     Length,
 }
 
+impl FinishReason {
+    /// The OpenAI name: an end-of-sequence token and a stop string are both "stop".
+    pub fn as_openai(self) -> &'static str {
+        match self {
+            FinishReason::Eos | FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+/// One token's log-probability and the most likely alternatives.
+#[derive(Debug, Clone)]
+pub struct TokenLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub top: Vec<(String, f32)>,
+}
+
+/// What one sampled token adds to a sequence's output.
+#[derive(Debug, Clone)]
+pub struct Delta {
+    /// New text: empty while a multi-byte character or a possible stop string is pending.
+    pub text: String,
+    pub logprob: Option<TokenLogprob>,
+    /// Set on the sequence's last token.
+    pub finish: Option<FinishReason>,
+}
+
+/// One request's generation state. Feed it to a model with [`Sequence::pending`] and
+/// [`Sequence::fed`]; once everything it holds is in the cache, hand the last logits to
+/// [`Sequence::accept`], which samples the next token.
+pub struct Sequence {
+    opts: GenerateOptions,
+    sampler: Sampler,
+    /// Prompt and generated tokens: the repetition penalty's context, and what gets fed.
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    /// Tokens of `tokens` already in the cache.
+    fed: usize,
+    /// Prompt tokens taken from the prefix cache.
+    cached: usize,
+    context: usize,
+    /// Generated tokens, the EOS that ended the sequence included.
+    sampled: usize,
+    /// Generated tokens per id (presence and frequency penalties).
+    counts: HashMap<u32, usize>,
+    stream: TextStream,
+    text: String,
+    /// Bytes of `text` handed out so far.
+    emitted: usize,
+    finish: Option<FinishReason>,
+}
+
+impl Sequence {
+    /// A sequence for `prompt` on a model of `context` positions.
+    pub fn new(prompt: Vec<u32>, opts: GenerateOptions, context: usize) -> Result<Self> {
+        opts.validate().map_err(Error::InvalidInput)?;
+        if prompt.is_empty() {
+            return Err(Error::InvalidInput("every prompt needs at least one token".into()));
+        }
+        if prompt.len() + 1 > context {
+            return Err(Error::ContextOverflow { tokens: prompt.len(), context });
+        }
+        let finish = (opts.max_tokens == 0).then_some(FinishReason::Length);
+        Ok(Self {
+            sampler: Sampler::new(opts.sampling.clone()),
+            opts,
+            prompt_len: prompt.len(),
+            tokens: prompt,
+            fed: 0,
+            cached: 0,
+            context,
+            sampled: 0,
+            counts: HashMap::new(),
+            stream: TextStream::new(),
+            text: String::new(),
+            emitted: 0,
+            finish,
+        })
+    }
+
+    /// Tokens not yet in the cache: the rest of the prompt, or the last sampled token.
+    pub fn pending(&self) -> &[u32] {
+        &self.tokens[self.fed..]
+    }
+
+    /// Whether prompt tokens are still to be fed.
+    pub fn prefilling(&self) -> bool {
+        self.fed < self.prompt_len
+    }
+
+    /// Marks `n` more pending tokens as in the cache.
+    pub fn fed(&mut self, n: usize) {
+        self.fed = (self.fed + n).min(self.tokens.len());
+    }
+
+    /// Tokens in the cache.
+    pub fn position(&self) -> usize {
+        self.fed
+    }
+
+    pub fn prompt(&self) -> &[u32] {
+        &self.tokens[..self.prompt_len]
+    }
+
+    pub fn prompt_tokens(&self) -> usize {
+        self.prompt_len
+    }
+
+    /// Prompt tokens that came from the prefix cache instead of being prefilled.
+    pub fn cached_tokens(&self) -> usize {
+        self.cached
+    }
+
+    /// Generated tokens, the EOS that ended the sequence not counted.
+    pub fn completion_tokens(&self) -> usize {
+        self.sampled - usize::from(self.finish == Some(FinishReason::Eos))
+    }
+
+    /// Generated token ids (without a final EOS).
+    pub fn generated(&self) -> &[u32] {
+        &self.tokens[self.prompt_len..self.prompt_len + self.completion_tokens()]
+    }
+
+    /// The text so far (cut at a stop string once one appeared).
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    pub fn finish(&self) -> Option<FinishReason> {
+        self.finish
+    }
+
+    /// Samples the next token from the logits of the last token fed, and returns the text that
+    /// is now safe to show.
+    pub fn accept(&mut self, tok: &Tokenizer, logits: &mut [f32]) -> Result<Delta> {
+        if self.finish.is_some() || self.fed != self.tokens.len() {
+            return Err(Error::InvalidInput("accept needs a live sequence with everything fed".into()));
+        }
+        let lp = self.opts.logprobs.map(|_| log_softmax(logits));
+        if self.opts.presence_penalty != 0.0 || self.opts.frequency_penalty != 0.0 {
+            for (&t, &n) in &self.counts {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l -= self.opts.presence_penalty + self.opts.frequency_penalty * n as f32;
+                }
+            }
+        }
+        let id = self.sampler.sample(logits, &self.tokens);
+        self.tokens.push(id);
+        self.sampled += 1;
+        *self.counts.entry(id).or_default() += 1;
+        let eos = !self.opts.ignore_eos && tok.eos.contains(&id);
+        if !eos {
+            self.text.push_str(&self.stream.push(tok, id)?);
+        }
+        let logprob = lp.map(|lp| top_logprobs(tok, &lp, id, self.opts.logprobs.unwrap_or(0)));
+        let stop_at = self.opts.stop.iter().filter_map(|s| self.text.find(s.as_str())).min();
+        self.finish = if eos {
+            Some(FinishReason::Eos)
+        } else if stop_at.is_some() {
+            Some(FinishReason::Stop)
+        } else if self.sampled >= self.opts.max_tokens || self.tokens.len() >= self.context {
+            Some(FinishReason::Length)
+        } else {
+            None
+        };
+        if let Some(cut) = stop_at {
+            self.text.truncate(cut);
+        }
+        // While running, hold back a tail that could still become a stop string.
+        let mut end = self.text.len();
+        if self.finish.is_none() {
+            for st in &self.opts.stop {
+                if let Some(k) = (1..st.len()).rev().find(|&k| st.is_char_boundary(k) && self.text.ends_with(&st[..k]))
+                {
+                    end = end.min(self.text.len() - k);
+                }
+            }
+        }
+        let text = self.text.get(self.emitted.min(end)..end).unwrap_or_default().to_string();
+        self.emitted = self.emitted.max(end);
+        Ok(Delta { text, logprob, finish: self.finish })
+    }
+}
+
+fn log_softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = logits.iter().map(|l| ((l - max) as f64).exp()).sum::<f64>().ln() as f32 + max;
+    logits.iter().map(|l| l - lse).collect()
+}
+
+fn top_logprobs(tok: &Tokenizer, lp: &[f32], id: u32, n: usize) -> TokenLogprob {
+    let name = |t: u32| tok.decode(&[t], false).unwrap_or_default();
+    let mut idx: Vec<usize> = (0..lp.len()).collect();
+    let n = n.min(lp.len());
+    if n > 0 {
+        idx.select_nth_unstable_by(n - 1, |a, b| lp[*b].total_cmp(&lp[*a]));
+        idx.truncate(n);
+        idx.sort_by(|a, b| lp[*b].total_cmp(&lp[*a]));
+    } else {
+        idx.clear();
+    }
+    TokenLogprob {
+        token: name(id),
+        logprob: lp.get(id as usize).copied().unwrap_or(f32::NEG_INFINITY),
+        top: idx.into_iter().map(|i| (name(i as u32), lp[i])).collect(),
+    }
+}
+
+/// Tokens per step: decode rows take one each, prefill chunks fill the rest.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenBudget {
+    /// While some sequence decodes: every step waits for its prefill tokens, so this bounds
+    /// the inter-token latency that new arrivals add.
+    pub busy: usize,
+    /// While every sequence is still prefilling: a large chunk gives a fast first token.
+    pub idle: usize,
+}
+
+impl Default for TokenBudget {
+    fn default() -> Self {
+        Self { busy: 64, idle: PREFILL_CHUNK }
+    }
+}
+
+/// Identifies a sequence in a [`Batcher`].
+pub type SeqId = u64;
+
+struct Row {
+    id: SeqId,
+    seq: Sequence,
+    cache: Box<dyn KvCache>,
+}
+
+/// What one step did to one sequence.
+pub struct Stepped {
+    pub id: SeqId,
+    pub delta: Delta,
+    /// Whether this was the sequence's first token.
+    pub first: bool,
+}
+
+/// Continuous batching over sequences that each own a cache of batch 1 (so one batch can mix
+/// KV policies). A step is one packed forward: one token for every decoding sequence, and
+/// prompt chunks, oldest sequence first, up to the token budget.
+#[derive(Default)]
+pub struct Batcher {
+    rows: Vec<Row>,
+    next_id: SeqId,
+    pub budget: TokenBudget,
+    last_tokens: usize,
+    prefix: Option<PrefixCache>,
+}
+
+impl Batcher {
+    pub fn new(budget: TokenBudget) -> Self {
+        Self { rows: vec![], next_id: 0, budget, last_tokens: 0, prefix: None }
+    }
+
+    /// Shares prompt prefixes between sequences through `cache` (see [`PrefixCache`]).
+    pub fn with_prefix_cache(mut self, cache: PrefixCache) -> Self {
+        self.prefix = Some(cache);
+        self
+    }
+
+    pub fn prefix_cache(&self) -> Option<&PrefixCache> {
+        self.prefix.as_ref()
+    }
+
+    /// Adds a sequence; its cache must be empty or hold exactly the tokens marked fed. A fresh
+    /// sequence whose policy can share starts from the longest cached prefix of its prompt.
+    pub fn add(&mut self, mut seq: Sequence, mut cache: Box<dyn KvCache>) -> Result<SeqId> {
+        if let (Some(pc), 0, 0) = (self.prefix.as_mut(), seq.position(), cache.seq_len(0)) {
+            if let Some((n, kv)) = pc.lookup(seq.prompt())? {
+                if cache.import_prefix(&kv)? {
+                    seq.fed(n);
+                    seq.cached = n;
+                }
+            }
+        }
+        if cache.batch_size() != 1 || cache.seq_len(0) != seq.position() {
+            return Err(Error::InvalidInput(format!(
+                "a sequence at position {} needs a batch-1 cache holding as many tokens, not {} rows holding {}",
+                seq.position(),
+                cache.batch_size(),
+                cache.seq_len(0)
+            )));
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        self.rows.push(Row { id, seq, cache });
+        Ok(id)
+    }
+
+    /// Takes a sequence out (finished, cancelled or failed) with its cache.
+    pub fn remove(&mut self, id: SeqId) -> Option<(Sequence, Box<dyn KvCache>)> {
+        let i = self.rows.iter().position(|r| r.id == id)?;
+        let r = self.rows.remove(i);
+        Some((r.seq, r.cache))
+    }
+
+    /// Keeps the sequences `keep` accepts; returns the ids of the others, removed.
+    pub fn retain(&mut self, mut keep: impl FnMut(SeqId) -> bool) -> Vec<SeqId> {
+        let mut gone = vec![];
+        self.rows.retain(|r| {
+            let k = keep(r.id);
+            if !k {
+                gone.push(r.id);
+            }
+            k
+        });
+        gone
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// Sequences past their prompt.
+    pub fn decoding(&self) -> usize {
+        self.rows.iter().filter(|r| !r.seq.prefilling()).count()
+    }
+
+    pub fn get(&self, id: SeqId) -> Option<&Sequence> {
+        self.rows.iter().find(|r| r.id == id).map(|r| &r.seq)
+    }
+
+    /// Tokens the last step fed (decode tokens plus prefill chunks).
+    pub fn last_step_tokens(&self) -> usize {
+        self.last_tokens
+    }
+
+    /// Bytes of KV storage the sequences hold.
+    pub fn resident_bytes(&self) -> usize {
+        self.rows.iter().map(|r| r.cache.resident_bytes()).sum()
+    }
+
+    /// Runs one step. Finished sequences stay in until removed (see [`Batcher::remove`]); they
+    /// take no part in later steps. On an error no sequence has advanced... except in its
+    /// cache: callers fail the sequences of a failed step.
+    pub fn step(&mut self, model: &Model, tok: &Tokenizer) -> Result<Vec<Stepped>> {
+        let live = |r: &Row| r.seq.finish().is_none();
+        let decoding = self.rows.iter().filter(|r| live(r) && !r.seq.prefilling()).count();
+        let mut left = if decoding > 0 { self.budget.busy.max(decoding) } else { self.budget.idle };
+        // Which rows take part and how many tokens each brings.
+        let mut take: Vec<(usize, usize)> = vec![];
+        for (i, r) in self.rows.iter().enumerate() {
+            if live(r) && !r.seq.prefilling() {
+                take.push((i, 1));
+                left -= 1;
+            }
+        }
+        for (i, r) in self.rows.iter().enumerate() {
+            if left == 0 {
+                break;
+            }
+            if live(r) && r.seq.prefilling() {
+                let most = r.cache.prefill_chunk().unwrap_or(usize::MAX).min(left);
+                let n = r.seq.pending().len().min(most);
+                take.push((i, n));
+                left -= n;
+            }
+        }
+        self.last_tokens = take.iter().map(|t| t.1).sum();
+        if take.is_empty() {
+            return Ok(vec![]);
+        }
+        take.sort_unstable();
+        let mut tokens = Vec::with_capacity(take.iter().map(|t| t.1).sum());
+        let (mut start, mut lens) = (vec![], vec![]);
+        for &(i, n) in &take {
+            tokens.extend_from_slice(&self.rows[i].seq.pending()[..n]);
+            start.push(self.rows[i].seq.position());
+            lens.push(n);
+        }
+        let logits = {
+            let mut caches: Vec<&mut dyn KvCache> = vec![];
+            let mut rows = self.rows.iter_mut().enumerate();
+            for &(i, _) in &take {
+                let (_, r) = rows.find(|(j, _)| *j == i).ok_or_else(|| Error::InvalidInput("row lost".into()))?;
+                caches.push(r.cache.as_mut());
+            }
+            model.forward_packed(&tokens, &start, &lens, &mut caches, Logits::Last)?
+        };
+        let logits: Vec<Vec<f32>> = logits.to_vec2()?;
+        let mut out = vec![];
+        for (&(i, n), mut l) in take.iter().zip(logits) {
+            let r = &mut self.rows[i];
+            let was_prefilling = r.seq.prefilling();
+            r.seq.fed(n);
+            if was_prefilling && !r.seq.prefilling() {
+                r.cache.end_prefill()?;
+                if let Some(pc) = self.prefix.as_mut() {
+                    if let Some(kv) = r.cache.export_prefix(r.seq.prompt_tokens()) {
+                        pc.insert(r.seq.prompt(), kv?);
+                    }
+                }
+            }
+            if r.seq.pending().is_empty() {
+                let first = r.seq.sampled == 0;
+                out.push(Stepped { id: r.id, delta: r.seq.accept(tok, &mut l)?, first });
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// One finished generation.
 #[derive(Debug, Clone)]
 pub struct Generation {
     pub tokens: Vec<u32>,
     pub text: String,
     pub finish: FinishReason,
     pub prompt_tokens: usize,
+    /// KV bytes the sequence's cache held at the end.
+    pub kv_bytes: usize,
 }
 
 #[derive(Debug, Clone, Default)]
 pub struct Timings {
+    /// Until every sequence had its first token.
     pub prefill_secs: f64,
     pub decode_secs: f64,
     pub prefill_tokens: usize,
+    /// Sampled tokens (a final EOS included).
     pub decode_tokens: usize,
 }
 
-/// Generates for a batch of prompts (each its own sampler, seeded `seed + row`).
-/// `on_text(row, text)` receives each row's new text as it is decoded.
-pub fn generate_batch(
+/// Generates for prompts, each with its own cache from `cache_for(prompt length)` and its own
+/// sampler (seeded `seed + row`). `on_text(row, text)` receives each row's new text as it is
+/// safe to show (never a piece of a stop string).
+pub fn generate(
     model: &Model,
     tok: &Tokenizer,
     prompts: &[Vec<u32>],
     opts: &GenerateOptions,
-    cache: &mut dyn KvCache,
+    mut cache_for: impl FnMut(usize) -> Box<dyn KvCache>,
     mut on_text: impl FnMut(usize, &str),
 ) -> Result<(Vec<Generation>, Timings)> {
-    opts.sampling.validate().map_err(Error::InvalidInput)?;
-    let n = prompts.len();
-    if n == 0 || prompts.iter().any(|p| p.is_empty()) {
-        return Err(Error::InvalidInput("every prompt needs at least one token".into()));
+    if prompts.is_empty() {
+        return Err(Error::InvalidInput("no prompts".into()));
     }
     let ctx = model.config.max_position;
-    for p in prompts {
-        if p.len() + 1 > ctx {
-            return Err(Error::ContextOverflow { tokens: p.len(), context: ctx });
-        }
+    // All rows prefill at once with the whole budget (a batch job, not a server).
+    let mut batch =
+        Batcher::new(TokenBudget { busy: PREFILL_CHUNK * prompts.len(), idle: PREFILL_CHUNK * prompts.len() });
+    let mut ids = vec![];
+    for (i, p) in prompts.iter().enumerate() {
+        let mut o = opts.clone();
+        o.sampling.seed = opts.sampling.seed.wrapping_add(i as u64);
+        ids.push(batch.add(Sequence::new(p.clone(), o, ctx)?, cache_for(p.len()))?);
     }
-    let max_new = opts.max_tokens.min(ctx - prompts.iter().map(Vec::len).max().unwrap_or(0));
-    let mut samplers: Vec<Sampler> = (0..n)
-        .map(|i| {
-            Sampler::new(SamplingParams { seed: opts.sampling.seed.wrapping_add(i as u64), ..opts.sampling.clone() })
-        })
-        .collect();
-    let mut streams: Vec<TextStream> = vec![TextStream::new(); n];
-    let mut history: Vec<Vec<u32>> = prompts.to_vec();
-    let mut out: Vec<Vec<u32>> = vec![vec![]; n];
-    let mut texts = vec![String::new(); n];
-    let mut finish: Vec<Option<FinishReason>> = vec![None; n];
     let mut timings = Timings { prefill_tokens: prompts.iter().map(Vec::len).sum(), ..Default::default() };
-    let pad = tok.eos.first().copied().unwrap_or(0);
-
-    let t0 = Instant::now();
-    let mut logits = model.prefill(prompts, cache, PREFILL_CHUNK)?;
-    timings.prefill_secs = t0.elapsed().as_secs_f64();
-    let t1 = Instant::now();
-    for _ in 0..max_new {
-        let rows: Vec<Vec<f32>> = logits.to_vec2()?;
-        let mut next: Vec<Vec<u32>> = vec![vec![]; n];
-        for b in 0..n {
-            if finish[b].is_some() {
-                continue;
-            }
-            let mut l = rows[b].clone();
-            let id = samplers[b].sample(&mut l, &history[b]);
-            history[b].push(id);
+    let (t0, mut first_all) = (Instant::now(), None);
+    // A sequence with nothing to generate is finished from the start.
+    let mut done = ids.iter().filter(|&&id| batch.get(id).is_some_and(|s| s.finish().is_some())).count();
+    while done < prompts.len() {
+        for s in batch.step(model, tok)? {
+            let row = ids.iter().position(|&i| i == s.id).unwrap_or(0);
             timings.decode_tokens += 1;
-            if !opts.ignore_eos && tok.eos.contains(&id) {
-                finish[b] = Some(FinishReason::Eos);
-                continue;
+            if !s.delta.text.is_empty() {
+                on_text(row, &s.delta.text);
             }
-            out[b].push(id);
-            let piece = streams[b].push(tok, id)?;
-            texts[b].push_str(&piece);
-            if let Some(cut) = opts.stop.iter().filter_map(|s| texts[b].find(s.as_str())).min() {
-                // Emit only what precedes the stop string.
-                let already = texts[b].len() - piece.len();
-                if cut > already {
-                    on_text(b, &texts[b][already..cut]);
-                }
-                texts[b].truncate(cut);
-                finish[b] = Some(FinishReason::Stop);
-                continue;
-            }
-            on_text(b, &piece);
-            next[b].push(id);
+            done += usize::from(s.delta.finish.is_some());
         }
-        if finish.iter().all(Option::is_some) || out.iter().all(|o| o.len() >= max_new) {
-            break;
+        if first_all.is_none() && batch.decoding() == prompts.len() {
+            first_all = Some(Instant::now());
         }
-        let (tokens, step) = step_for(&next, cache, pad);
-        logits = model.forward(&tokens, &step, cache, Logits::Last)?;
     }
-    timings.decode_secs = t1.elapsed().as_secs_f64();
-    let gens = (0..n)
-        .map(|b| Generation {
-            tokens: std::mem::take(&mut out[b]),
-            text: std::mem::take(&mut texts[b]),
-            finish: finish[b].unwrap_or(FinishReason::Length),
-            prompt_tokens: prompts[b].len(),
+    let first_all = first_all.unwrap_or_else(Instant::now);
+    timings.prefill_secs = first_all.duration_since(t0).as_secs_f64();
+    timings.decode_secs = first_all.elapsed().as_secs_f64();
+    let gens = ids
+        .into_iter()
+        .map(|id| {
+            let (seq, cache) = batch.remove(id).ok_or_else(|| Error::InvalidInput("sequence lost".into()))?;
+            Ok(Generation {
+                tokens: seq.generated().to_vec(),
+                text: seq.text().to_string(),
+                finish: seq.finish().unwrap_or(FinishReason::Length),
+                prompt_tokens: seq.prompt_tokens(),
+                kv_bytes: cache.resident_bytes(),
+            })
         })
-        .collect();
+        .collect::<Result<_>>()?;
     Ok((gens, timings))
 }

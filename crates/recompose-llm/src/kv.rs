@@ -104,6 +104,17 @@ pub trait KvCache: Send {
     }
     /// Called once per step after the last layer.
     fn end_step(&mut self) -> Result<()>;
+    /// Copies of the keys and values of row 0's first `n` tokens, per layer `(1, Hkv, n, D)`,
+    /// when the policy still holds every one of them in order: a prefix other requests may
+    /// share (see `prefix::PrefixCache`). None for policies that evict or reorder.
+    fn export_prefix(&self, _n: usize) -> Option<Result<Vec<(Tensor, Tensor)>>> {
+        None
+    }
+    /// Loads a prefix exported from a cache of the same model into this empty cache, as if its
+    /// tokens had been fed; Ok(false) when the policy cannot take one (it then stays empty).
+    fn import_prefix(&mut self, _kv: &[(Tensor, Tensor)]) -> Result<bool> {
+        Ok(false)
+    }
     /// Tokens seen so far by batch row `b` (the next token's position).
     fn seq_len(&self, b: usize) -> usize;
     fn batch_size(&self) -> usize;
@@ -261,6 +272,43 @@ impl KvCache for FullCache {
             self.lens[b] += step.lens[b];
         }
         Ok(())
+    }
+
+    fn export_prefix(&self, n: usize) -> Option<Result<Vec<(Tensor, Tensor)>>> {
+        // Row 0's first n slots must hold positions 0..n (no padding in front).
+        let in_order = self
+            .slot_pos
+            .first()
+            .is_some_and(|p| p.len() >= n && p[..n].iter().enumerate().all(|(i, &q)| q == i as i64));
+        if self.batch != 1 || n == 0 || n > self.lens[0] || !in_order || self.layers.iter().any(Option::is_none) {
+            return None;
+        }
+        let copy = |t: &Tensor| -> Result<Tensor> { Ok(t.narrow(2, 0, n)?.copy()?) };
+        Some(self.layers.iter().flatten().map(|(k, v)| Ok((copy(k)?, copy(v)?))).collect())
+    }
+
+    fn import_prefix(&mut self, kv: &[(Tensor, Tensor)]) -> Result<bool> {
+        if self.batch != 1 || self.cursor != 0 || kv.len() != self.num_layers {
+            return Ok(false);
+        }
+        let n = kv[0].0.dim(2)?;
+        if n == 0 || n > self.max_len || kv.iter().any(|(k, v)| k.dim(2).ok() != Some(n) || v.dims() != k.dims()) {
+            return Err(Error::InvalidInput("a shared prefix's layers disagree in length".into()));
+        }
+        self.grow(n)?;
+        let cap = self.cap;
+        for (slot, (k, v)) in self.layers.iter_mut().zip(kv) {
+            let (b, h, _, d) = k.dims4()?;
+            let z = || Tensor::zeros((b, h, cap, d), k.dtype(), &self.device);
+            let (ck, cv) = (z()?, z()?);
+            ck.slice_set(&k.to_device(&self.device)?.contiguous()?, 2, 0)?;
+            cv.slice_set(&v.to_device(&self.device)?.contiguous()?, 2, 0)?;
+            *slot = Some((ck, cv));
+        }
+        self.slot_pos[0] = (0..n as i64).collect();
+        self.lens[0] = n;
+        self.cursor = n;
+        Ok(true)
     }
 
     fn seq_len(&self, b: usize) -> usize {

@@ -13,6 +13,7 @@ pub mod kv;
 pub mod linear;
 pub mod lora;
 pub mod model;
+pub mod prefix;
 pub mod rope;
 pub mod sample;
 pub mod train;

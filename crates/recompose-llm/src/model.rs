@@ -402,24 +402,39 @@ impl Model {
         Ok(self.forward_with(tokens, step, &mut [cache], logits, &Plan::default())?.logits)
     }
 
-    /// One step over rows that each own a cache of batch 1 — the requests of a server, which
-    /// join and leave at token boundaries, each with its own KV policy. Projections and FFNs run
-    /// batched over the rows; attention runs row by row against each row's cache.
-    pub fn forward_rows(
+    /// One step over rows of different lengths laid end to end, each row with its own cache of
+    /// batch 1: `tokens` holds row 0's `lens[0]` tokens, then row 1's, and so on, and row r's
+    /// first token sits at position `start[r]`. Decode rows (one token) and prefill chunks
+    /// (many) run in one forward: projections and FFNs over all `sum(lens)` tokens at once,
+    /// attention row by row against each row's cache. `Logits::Last` gives each row's last
+    /// token `(rows, vocab)`; `Logits::All` every token `(1, sum(lens), vocab)`.
+    pub fn forward_packed(
         &self,
         tokens: &[u32],
-        step: &Step,
+        start: &[usize],
+        lens: &[usize],
         caches: &mut [&mut dyn KvCache],
         logits: Logits,
     ) -> Result<Tensor> {
-        if caches.len() != step.batch() || caches.iter().any(|c| c.batch_size() != 1) {
+        let n: usize = lens.iter().sum();
+        if start.len() != lens.len() || caches.len() != lens.len() || caches.iter().any(|c| c.batch_size() != 1) {
             return Err(Error::InvalidInput(format!(
-                "{} caches for a {}-row step (one cache of batch 1 per row)",
-                caches.len(),
-                step.batch()
+                "{} starts, {} lengths and {} caches in a packed step (one cache of batch 1 per row)",
+                start.len(),
+                lens.len(),
+                caches.len()
             )));
         }
-        Ok(self.forward_with(tokens, step, caches, logits, &Plan::default())?.logits)
+        if lens.contains(&0) {
+            return Err(Error::InvalidInput("every row of a packed step needs at least one token".into()));
+        }
+        if matches!(logits, Logits::From(_)) {
+            return Err(Error::InvalidInput("a packed step gives the last or all logits".into()));
+        }
+        let rows = Step { start: start.to_vec(), lens: lens.to_vec(), t: lens.iter().copied().max().unwrap_or(0) };
+        let whole = Step { start: vec![0], lens: vec![n], t: n };
+        let shape = StepShape::Packed { rows: &rows, whole: &whole };
+        Ok(self.run(tokens, shape, caches, logits, &Plan::default())?.logits)
     }
 
     /// The general step: `caches` holds one cache for every row, or one per row; `plan` sets
@@ -433,26 +448,42 @@ impl Model {
         logits: Logits,
         plan: &Plan,
     ) -> Result<Output> {
+        self.run(tokens, StepShape::Padded(step), caches, logits, plan)
+    }
+
+    fn run(
+        &self,
+        tokens: &[u32],
+        shape: StepShape,
+        caches: &mut [&mut dyn KvCache],
+        logits: Logits,
+        plan: &Plan,
+    ) -> Result<Output> {
         let c = &self.config;
-        let (b, t) = (step.batch(), step.t);
-        if tokens.len() != b * t || step.start.len() != b {
+        let whole = shape.whole();
+        let (b, t) = (whole.batch(), whole.t);
+        if tokens.len() != b * t || whole.start.len() != b {
             return Err(Error::InvalidInput(format!("{} tokens for a {b} x {t} step", tokens.len())));
         }
-        let end = step.start.iter().zip(&step.lens).map(|(s, l)| s + l).max().unwrap_or(0);
+        let rows = shape.rows();
+        let end = rows.start.iter().zip(&rows.lens).map(|(s, l)| s + l).max().unwrap_or(0);
         if end > c.max_position {
             return Err(Error::ContextOverflow { tokens: end, context: c.max_position });
         }
         plan.check(c, b, t)?;
+        if matches!(shape, StepShape::Packed { .. }) && (plan.routes.is_some() || plan.ffn_widths.is_some()) {
+            return Err(Error::InvalidInput("a packed step takes no routes or FFN widths".into()));
+        }
         let mut x = self.embed(tokens)?.reshape((b, t, c.hidden_size))?;
-        for_each_cache(caches, step, |cache, s| cache.begin_step(s))?;
+        for_each_cache(caches, shape, |cache, s| cache.begin_step(s))?;
         let mut side = Vec::with_capacity(self.layers.len());
         for li in 0..self.layers.len() {
-            let (y, s) = self.block(li, &x, step, caches, plan)?;
+            let (y, s) = self.block(li, &x, shape, caches, plan)?;
             x = y;
             side.push(s);
         }
-        for_each_cache(caches, step, |cache, _| cache.end_step())?;
-        Ok(Output { logits: self.head(&x, step, logits)?, ffn: side })
+        for_each_cache(caches, shape, |cache, _| cache.end_step())?;
+        Ok(Output { logits: self.head(&x, shape, logits)?, ffn: side })
     }
 
     /// One decoder block on `x (B, T, hidden)`.
@@ -460,17 +491,18 @@ impl Model {
         &self,
         li: usize,
         x: &Tensor,
-        step: &Step,
+        shape: StepShape,
         caches: &mut [&mut dyn KvCache],
         plan: &Plan,
     ) -> Result<(Tensor, FfnSide)> {
+        let step = shape.whole();
         let c = &self.config;
         let eps = c.rms_eps;
         let (b, t, hid) = x.dims3()?;
         let layer = &self.layers[li];
         let seed = plan.dropout_seed.map(|s| crate::lora::mix(s ^ crate::lora::mix(li as u64 + 1)));
         let h = grad::rms_norm(x, &layer.attn_norm, eps)?;
-        let mut a = self.attention(li, &layer.attn, &h, step, caches, plan, seed)?;
+        let mut a = self.attention(li, &layer.attn, &h, shape, caches, plan, seed)?;
         if let Some(n) = &layer.post_attn_norm {
             a = grad::rms_norm(&a, n, eps)?;
         }
@@ -495,18 +527,35 @@ impl Model {
     }
 
     /// Final norm and LM head on the columns `logits` asks for.
-    fn head(&self, x: &Tensor, step: &Step, logits: Logits) -> Result<Tensor> {
+    fn head(&self, x: &Tensor, shape: StepShape, logits: Logits) -> Result<Tensor> {
         let c = &self.config;
+        let step = shape.whole();
         let (b, t) = (step.batch(), step.t);
-        let x = match logits {
-            Logits::All => x.clone(),
-            Logits::From(f) if f < t => x.narrow(1, f, t - f)?,
-            Logits::From(f) => return Err(Error::InvalidInput(format!("logits from column {f} of a {t}-column step"))),
-            Logits::Last => {
-                let idx: Vec<u32> = (0..b).map(|r| (r * t + step.lens[r].max(1) - 1) as u32).collect();
-                let idx = Tensor::from_vec(idx, b, &self.device)?;
-                x.reshape((b * t, c.hidden_size))?.index_select(&idx, 0)?
+        let x = match (logits, shape) {
+            (Logits::Last, StepShape::Packed { rows, .. }) => {
+                let idx: Vec<u32> = rows
+                    .lens
+                    .iter()
+                    .scan(0, |end, l| {
+                        *end += l;
+                        Some(*end as u32 - 1)
+                    })
+                    .collect();
+                let idx = Tensor::from_vec(idx, rows.batch(), &self.device)?;
+                x.reshape((t, c.hidden_size))?.index_select(&idx, 0)?
             }
+            (logits, _) => match logits {
+                Logits::All => x.clone(),
+                Logits::From(f) if f < t => x.narrow(1, f, t - f)?,
+                Logits::From(f) => {
+                    return Err(Error::InvalidInput(format!("logits from column {f} of a {t}-column step")))
+                }
+                Logits::Last => {
+                    let idx: Vec<u32> = (0..b).map(|r| (r * t + step.lens[r].max(1) - 1) as u32).collect();
+                    let idx = Tensor::from_vec(idx, b, &self.device)?;
+                    x.reshape((b * t, c.hidden_size))?.index_select(&idx, 0)?
+                }
+            },
         };
         let x = grad::rms_norm(&x, &self.norm, c.rms_eps)?;
         let mut out = self.lm_head.forward(&x)?;
@@ -522,7 +571,7 @@ impl Model {
         li: usize,
         at: &Attention,
         x: &Tensor,
-        step: &Step,
+        shape: StepShape,
         caches: &mut [&mut dyn KvCache],
         plan: &Plan,
         seed: Option<u64>,
@@ -552,22 +601,46 @@ impl Model {
         };
         let sliding = c.is_sliding(li);
         let rope = if sliding { &self.rope_local } else { &self.rope_global };
-        let q = rope.apply(&q, &step.start)?;
-        let k = rope.apply(&k, &step.start)?;
         let window = if sliding { c.sliding_window } else { None };
-        // Query heads of a GQA group share their KV head: fold the group into the query axis.
-        let q = q.reshape((b, hkv, g * t, d))?;
-        let out = if caches.len() == 1 {
-            let view = caches[0].update(li, &k, &v, window)?;
-            self.attend(li, &q, &view, step, &mut *caches[0])?
-        } else {
-            let mut outs = Vec::with_capacity(b);
-            for (r, cache) in caches.iter_mut().enumerate() {
-                let (kr, vr) = (k.narrow(0, r, 1)?, v.narrow(0, r, 1)?);
-                let view = cache.update(li, &kr, &vr, window)?;
-                outs.push(self.attend(li, &q.narrow(0, r, 1)?, &view, &row_step(step, r), &mut **cache)?);
+        let out = match shape {
+            StepShape::Padded(step) => {
+                let q = rope.apply(&q, &step.start)?;
+                let k = rope.apply(&k, &step.start)?;
+                // Query heads of a GQA group share their KV head: fold the group into the query axis.
+                let q = q.reshape((b, hkv, g * t, d))?;
+                if caches.len() == 1 {
+                    let view = caches[0].update(li, &k, &v, window)?;
+                    self.attend(li, &q, &view, step, &mut *caches[0])?
+                } else {
+                    let mut outs = Vec::with_capacity(b);
+                    for (r, cache) in caches.iter_mut().enumerate() {
+                        let (kr, vr) = (k.narrow(0, r, 1)?, v.narrow(0, r, 1)?);
+                        let view = cache.update(li, &kr, &vr, window)?;
+                        let rs = row_step(shape, r);
+                        outs.push(self.attend(li, &q.narrow(0, r, 1)?, &view, &rs, &mut **cache)?);
+                    }
+                    Tensor::cat(&outs, 0)?
+                }
             }
-            Tensor::cat(&outs, 0)?
+            StepShape::Packed { rows, .. } => {
+                // Rows lie end to end on the column axis: rotate each column at its row's
+                // position, then attend row by row over the row's own cache.
+                let positions: Vec<usize> =
+                    rows.start.iter().zip(&rows.lens).flat_map(|(&s0, &l)| s0..s0 + l).collect();
+                let (q, k) = (rope.apply_at(&q, &positions)?, rope.apply_at(&k, &positions)?);
+                let mut outs = Vec::with_capacity(caches.len());
+                let mut off = 0;
+                for (r, cache) in caches.iter_mut().enumerate() {
+                    let len = rows.lens[r];
+                    let (kr, vr) = (k.narrow(2, off, len)?, v.narrow(2, off, len)?);
+                    let qr = q.narrow(2, off, len)?.contiguous()?.reshape((1, hkv, g * len, d))?;
+                    let view = cache.update(li, &kr, &vr, window)?;
+                    let o = self.attend(li, &qr, &view, &row_step(shape, r), &mut **cache)?;
+                    outs.push(o.reshape((1, hq, len, d))?);
+                    off += len;
+                }
+                Tensor::cat(&outs, 2)?
+            }
         };
         let out = out.reshape((b, hq, t, d))?.transpose(1, 2)?.reshape((b, t, hq * d))?;
         at.o.forward_prefix(&out, None, Some(hq * d), s(14))
@@ -628,22 +701,56 @@ impl Model {
     }
 }
 
+/// How a step's tokens sit in the layers' input.
+#[derive(Clone, Copy)]
+pub(crate) enum StepShape<'a> {
+    /// `B x T`, right-padded: one cache for all rows, or one per row.
+    Padded(&'a Step),
+    /// Rows of different lengths end to end in one `1 x N` run, one cache per row: row r's
+    /// `rows.lens[r]` tokens start at position `rows.start[r]`. `whole` is the `1 x N` step
+    /// the FFNs see.
+    Packed { rows: &'a Step, whole: &'a Step },
+}
+
+impl<'a> StepShape<'a> {
+    /// The step as the layers' input is shaped.
+    fn whole(self) -> &'a Step {
+        match self {
+            StepShape::Padded(s) => s,
+            StepShape::Packed { whole, .. } => whole,
+        }
+    }
+
+    /// Where each sequence starts and how many tokens it brings.
+    fn rows(self) -> &'a Step {
+        match self {
+            StepShape::Padded(s) => s,
+            StepShape::Packed { rows, .. } => rows,
+        }
+    }
+}
+
 /// Row `r` of a step, for that row's own cache.
-fn row_step(step: &Step, r: usize) -> Step {
-    Step { start: vec![step.start[r]], lens: vec![step.lens[r]], t: step.t }
+fn row_step(shape: StepShape, r: usize) -> Step {
+    match shape {
+        StepShape::Padded(step) => Step { start: vec![step.start[r]], lens: vec![step.lens[r]], t: step.t },
+        StepShape::Packed { rows, .. } => {
+            Step { start: vec![rows.start[r]], lens: vec![rows.lens[r]], t: rows.lens[r] }
+        }
+    }
 }
 
 /// Calls `f` on the one shared cache with the whole step, or on each row's cache with its row.
 fn for_each_cache(
     caches: &mut [&mut dyn KvCache],
-    step: &Step,
+    shape: StepShape,
     mut f: impl FnMut(&mut dyn KvCache, &Step) -> Result<()>,
 ) -> Result<()> {
-    if caches.len() == 1 {
+    if let (StepShape::Padded(step), 1) = (shape, caches.len()) {
         return f(&mut *caches[0], step);
     }
     for (r, cache) in caches.iter_mut().enumerate() {
-        f(&mut **cache, &row_step(step, r))?;
+        f(&mut **cache, &row_step(shape, r))?;
     }
     Ok(())
 }

@@ -10,7 +10,7 @@ use crate::grad::{self, IGNORE};
 use crate::kv::{KvCache, Step, StepCache};
 use crate::linear::{Linear, Weight};
 use crate::lora::{LoraBranch, LoraConfig};
-use crate::model::{Model, Output, Plan};
+use crate::model::{Model, Output, Plan, StepShape};
 use candle_core::{Tensor, Var};
 
 /// Rows of tokens with their next-token targets, right-padded to `t` columns. A target of
@@ -115,7 +115,7 @@ impl Model {
         caches[0].begin_step(&step)?;
         let mut aux: Option<Tensor> = None;
         for li in 0..self.layers.len() {
-            let (y, side) = self.block(li, &x, &step, caches, plan)?;
+            let (y, side) = self.block(li, &x, StepShape::Padded(&step), caches, plan)?;
             x = y;
             aux = add(aux, side.aux_loss)?;
         }
@@ -169,7 +169,7 @@ impl Model {
         let emb = self.embed(&batch.tokens)?.reshape((batch.rows, batch.t, h))?;
         let mut inputs = vec![emb.detach()];
         for li in 0..self.layers.len() {
-            let (y, _) = self.block(li, &inputs[li], &step, caches, plan)?;
+            let (y, _) = self.block(li, &inputs[li], StepShape::Padded(&step), caches, plan)?;
             inputs.push(y.detach());
         }
         // Head: the loss from the last hidden states.
@@ -186,7 +186,7 @@ impl Model {
         let mut aux_total = 0.0;
         for li in (0..self.layers.len()).rev() {
             let input = Var::from_tensor(&inputs[li])?;
-            let (y, side) = self.block(li, input.as_tensor(), &step, caches, plan)?;
+            let (y, side) = self.block(li, input.as_tensor(), StepShape::Padded(&step), caches, plan)?;
             let mut obj = (y * &upstream)?.sum_all()?;
             if let Some(a) = side.aux_loss {
                 aux_total += scalar(&a)?;

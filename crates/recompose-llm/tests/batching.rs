@@ -88,7 +88,7 @@ fn chunked_prefill_equals_one_shot() {
 }
 
 /// Rows with caches of their own (a server's requests): each row prefilled alone, then decoded
-/// together with `forward_rows`, rows joining late and leaving early, must match decoding alone.
+/// together in packed steps, rows joining late and leaving early, must match decoding alone.
 fn check_rows(arch: &'static str, mode: WeightMode) {
     let (_d, model) = load(arch, mode);
     let rows: Vec<Vec<u32>> = vec![
@@ -122,28 +122,41 @@ fn check_rows(arch: &'static str, mode: WeightMode) {
             continue;
         }
         let toks: Vec<u32> = live.iter().map(|&r| next[r]).collect();
-        let s = recompose_llm::kv::Step {
-            start: live.iter().map(|&r| caches[r].seq_len(0)).collect(),
-            lens: vec![1; live.len()],
-            t: 1,
-        };
-        let mut refs: Vec<&mut dyn recompose_llm::kv::KvCache> = caches
-            .iter_mut()
-            .enumerate()
-            .filter(|(r, _)| live.contains(r))
-            .map(|(_, c)| c as &mut dyn recompose_llm::kv::KvCache)
-            .collect();
-        let l: Vec<Vec<f32>> = model.forward_rows(&toks, &s, &mut refs, Logits::Last).unwrap().to_vec2().unwrap();
+        let start: Vec<usize> = live.iter().map(|&r| caches[r].seq_len(0)).collect();
+        let mut refs = live_caches(&mut caches, &live);
+        let l: Vec<Vec<f32>> = model
+            .forward_packed(&toks, &start, &vec![1; live.len()], &mut refs, Logits::Last)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
         for (i, &r) in live.iter().enumerate() {
             next[r] = argmax(&l[i]);
             got[r].push(l[i].clone());
         }
     }
-    for r in 0..rows.len() {
-        assert!(got[r].len() >= 3, "row {r} ran {} steps", got[r].len());
-        for (k, l) in got[r].iter().enumerate() {
+    assert_match_alone(&got, &alone, 3, &format!("{arch} {mode:?}"));
+}
+
+/// The caches of the rows in `live`, in order, for one packed step.
+fn live_caches<'a>(
+    caches: &'a mut [recompose_llm::FullCache],
+    live: &[usize],
+) -> Vec<&'a mut dyn recompose_llm::kv::KvCache> {
+    caches
+        .iter_mut()
+        .enumerate()
+        .filter(|(r, _)| live.contains(r))
+        .map(|(_, c)| c as &mut dyn recompose_llm::kv::KvCache)
+        .collect()
+}
+
+/// Every row produced at least `min` logits, each within 1e-4 of the row's logits alone.
+fn assert_match_alone(got: &[Vec<Vec<f32>>], alone: &[Vec<Vec<f32>>], min: usize, what: &str) {
+    for (r, g) in got.iter().enumerate() {
+        assert!(g.len() >= min, "{what}: row {r} produced {} logits", g.len());
+        for (k, l) in g.iter().enumerate() {
             let d = l.iter().zip(&alone[r][k]).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-            assert!(d < 1e-4, "{arch} {mode:?}: row {r} step {k} differs by {d}");
+            assert!(d < 1e-4, "{what}: row {r} logits {k} differ by {d}");
         }
     }
 }
@@ -156,4 +169,62 @@ fn rows_with_own_caches_match_single_rows_llama() {
 #[test]
 fn rows_with_own_caches_match_single_rows_gemma3_quantized() {
     check_rows("gemma3", WeightMode::Quantized);
+}
+
+/// A packed step mixes prefill chunks and decode tokens of different rows in one forward: each
+/// row must get the logits it gets alone, whatever the rows beside it bring.
+fn check_mixed(arch: &'static str, mode: WeightMode) {
+    let (_d, model) = load(arch, mode);
+    let rows: Vec<Vec<u32>> = vec![
+        (0..11).map(|i| 40 + i).collect(),
+        (0..13).map(|i| 60 + 3 * i).collect(),
+        (0..7).map(|i| 100 + i).collect(),
+    ];
+    let alone: Vec<Vec<Vec<f32>>> = rows.iter().map(|r| run(&model, std::slice::from_ref(r), 4).remove(0)).collect();
+    let mut caches: Vec<_> = rows.iter().map(|_| model.new_cache(1)).collect();
+    // fed[r]: prompt tokens fed; got[r]: logits after the whole prompt, then per decode token.
+    let mut fed = [0usize; 3];
+    let mut got: Vec<Vec<Vec<f32>>> = vec![vec![]; 3];
+    // Chunks per step and row (0: the row sits the step out): rows finish their prompts at
+    // different steps, so later steps mix decode tokens with prefill chunks.
+    let plan: [[usize; 3]; 5] = [[4, 13, 0], [4, 1, 3], [3, 1, 4], [1, 1, 1], [1, 1, 1]];
+    for chunks in plan {
+        let mut toks = vec![];
+        let (mut start, mut lens, mut live) = (vec![], vec![], vec![]);
+        for r in 0..3 {
+            if chunks[r] == 0 {
+                continue;
+            }
+            let piece: Vec<u32> = if fed[r] < rows[r].len() {
+                rows[r][fed[r]..(fed[r] + chunks[r]).min(rows[r].len())].to_vec()
+            } else {
+                vec![argmax(got[r].last().unwrap())]
+            };
+            start.push(caches[r].seq_len(0));
+            lens.push(piece.len());
+            toks.extend(piece);
+            live.push(r);
+        }
+        let mut refs = live_caches(&mut caches, &live);
+        let l: Vec<Vec<f32>> =
+            model.forward_packed(&toks, &start, &lens, &mut refs, Logits::Last).unwrap().to_vec2().unwrap();
+        for (i, &r) in live.iter().enumerate() {
+            let was_prefilling = fed[r] < rows[r].len();
+            fed[r] = (fed[r] + lens[i]).min(rows[r].len());
+            if !was_prefilling || fed[r] == rows[r].len() {
+                got[r].push(l[i].clone());
+            }
+        }
+    }
+    assert_match_alone(&got, &alone, 2, &format!("{arch} {mode:?}, mixed steps"));
+}
+
+#[test]
+fn mixed_prefill_and_decode_rows_match_single_rows_llama() {
+    check_mixed("llama", WeightMode::F32);
+}
+
+#[test]
+fn mixed_prefill_and_decode_rows_match_single_rows_gemma3_quantized() {
+    check_mixed("gemma3", WeightMode::Quantized);
 }

@@ -4,7 +4,7 @@
 //! bench/make_fixtures.py.
 
 use recompose_core::weights::ModelFile;
-use recompose_llm::generate::{generate_batch, GenerateOptions};
+use recompose_llm::generate::{generate, GenerateOptions};
 use recompose_llm::model::step_for;
 use recompose_llm::{Logits, Model, WeightMode};
 use serde_json::Value;
@@ -147,9 +147,8 @@ fn check_greedy(asset: &str) {
             max_diff <= exact_diff + 0.5,
             "{asset}: quantised logits differ from llama.cpp's by {max_diff}, the exact path's by {exact_diff}"
         );
-        let mut cache = model.new_cache(1);
         let opts = GenerateOptions { max_tokens: want.len(), ignore_eos: true, ..Default::default() };
-        let (gens, _) = generate_batch(&model, &tok, &[prompt], &opts, &mut cache, |_, _| {}).unwrap();
+        let (gens, _) = generate(&model, &tok, &[prompt], &opts, |_| Box::new(model.new_cache(1)), |_, _| {}).unwrap();
         let got = &gens[0].tokens;
         let split = got.iter().zip(&want).position(|(a, b)| a != b);
         eprintln!(

@@ -1,136 +1,145 @@
-//! Prometheus metrics, kept by hand: a few counters, gauges and two latency histograms, rendered
-//! as the text exposition format on GET /metrics.
+//! Prometheus metrics through the prometheus-client crate: request counts by status, token
+//! counters, scheduler gauges and latency histograms, rendered in the OpenMetrics text format on
+//! GET /metrics.
 
-use std::collections::BTreeMap;
-use std::sync::Mutex;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 
-const BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+const LATENCY_BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+const STEP_TOKEN_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0];
 
-#[derive(Default, Clone)]
-struct Histogram {
-    /// Cumulative: counts[i] = observations <= BUCKETS[i].
-    counts: [u64; BUCKETS.len()],
-    sum: f64,
-    n: u64,
+/// The content type of [`Metrics::render`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Status {
+    status: u16,
 }
 
-impl Histogram {
-    fn observe(&mut self, v: f64) {
-        for (c, b) in self.counts.iter_mut().zip(BUCKETS) {
-            if v <= *b {
-                *c += 1;
-            }
-        }
-        self.sum += v;
-        self.n += 1;
-    }
-
-    fn render(&self, name: &str, help: &str, out: &mut String) {
-        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} histogram\n"));
-        for (i, b) in BUCKETS.iter().enumerate() {
-            let c = self.counts[i];
-            out.push_str(&format!("{name}_bucket{{le=\"{b}\"}} {c}\n"));
-        }
-        out.push_str(&format!(
-            "{name}_bucket{{le=\"+Inf\"}} {}\n{name}_sum {}\n{name}_count {}\n",
-            self.n, self.sum, self.n
-        ));
-    }
-}
-
-#[derive(Default)]
-struct Inner {
-    requests: BTreeMap<u16, u64>,
-    prompt_tokens: u64,
-    generated_tokens: u64,
-    queue: usize,
-    running: usize,
-    batch: usize,
-    kv_bytes: usize,
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<Status, Counter>,
+    prompt_tokens: Counter,
+    generated_tokens: Counter,
+    cached_prompt_tokens: Counter,
+    queue: Gauge,
+    running: Gauge,
+    batch: Gauge,
+    kv_bytes: Gauge,
+    prefix_cache_bytes: Gauge,
     ttft: Histogram,
     itl: Histogram,
+    step_tokens: Histogram,
 }
 
-#[derive(Default)]
-pub struct Metrics {
-    inner: Mutex<Inner>,
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::<Status, Counter>::default();
+        let (prompt_tokens, generated_tokens, cached_prompt_tokens) =
+            (Counter::default(), Counter::default(), Counter::default());
+        let (queue, running, batch, kv_bytes, prefix_cache_bytes) =
+            (Gauge::default(), Gauge::default(), Gauge::default(), Gauge::default(), Gauge::default());
+        let latency = || Histogram::new(LATENCY_BUCKETS.iter().copied());
+        let (ttft, itl) = (latency(), latency());
+        let step_tokens = Histogram::new(STEP_TOKEN_BUCKETS.iter().copied());
+        // Counters get their `_total` suffix from the registry.
+        registry.register("recompose_requests", "HTTP requests by status code", requests.clone());
+        registry.register("recompose_prompt_tokens", "Prompt tokens of finished requests", prompt_tokens.clone());
+        registry.register("recompose_generated_tokens", "Tokens generated", generated_tokens.clone());
+        registry.register(
+            "recompose_cached_prompt_tokens",
+            "Prompt tokens taken from the prefix cache instead of prefilled",
+            cached_prompt_tokens.clone(),
+        );
+        registry.register("recompose_queue_length", "Requests waiting to start", queue.clone());
+        registry.register("recompose_running_requests", "Requests being prefilled or decoded", running.clone());
+        registry.register("recompose_batch_size", "Requests past their prompt in the last step", batch.clone());
+        registry.register("recompose_kv_bytes", "Bytes of KV cache held by running requests", kv_bytes.clone());
+        registry.register(
+            "recompose_prefix_cache_bytes",
+            "Bytes of KV held by the prefix cache",
+            prefix_cache_bytes.clone(),
+        );
+        registry.register(
+            "recompose_time_to_first_token_seconds",
+            "Time from arrival to the first token",
+            ttft.clone(),
+        );
+        registry.register(
+            "recompose_inter_token_latency_seconds",
+            "Time between successive tokens of a request",
+            itl.clone(),
+        );
+        registry.register(
+            "recompose_step_tokens",
+            "Tokens in each batched step (decode plus prefill)",
+            step_tokens.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            prompt_tokens,
+            generated_tokens,
+            cached_prompt_tokens,
+            queue,
+            running,
+            batch,
+            kv_bytes,
+            prefix_cache_bytes,
+            ttft,
+            itl,
+            step_tokens,
+        }
+    }
+}
+
+fn gauge(g: &Gauge, v: usize) {
+    g.set(i64::try_from(v).unwrap_or(i64::MAX));
 }
 
 impl Metrics {
-    fn with(&self, f: impl FnOnce(&mut Inner)) {
-        if let Ok(mut g) = self.inner.lock() {
-            f(&mut g)
-        }
-    }
     pub fn request(&self, status: u16) {
-        self.with(|m| *m.requests.entry(status).or_default() += 1)
+        self.requests.get_or_create(&Status { status }).inc();
     }
-    pub fn tokens(&self, prompt: usize, generated: usize) {
-        self.with(|m| {
-            m.prompt_tokens += prompt as u64;
-            m.generated_tokens += generated as u64;
-        })
+
+    /// A finished request's prompt tokens, those of them the prefix cache supplied, and its
+    /// generated tokens.
+    pub fn tokens(&self, prompt: usize, cached: usize, generated: usize) {
+        self.prompt_tokens.inc_by(prompt as u64);
+        self.cached_prompt_tokens.inc_by(cached as u64);
+        self.generated_tokens.inc_by(generated as u64);
     }
+
     /// Scheduler state after a step.
-    pub fn state(&self, queue: usize, running: usize, batch: usize, kv_bytes: usize) {
-        self.with(|m| {
-            m.queue = queue;
-            m.running = running;
-            m.batch = batch;
-            m.kv_bytes = kv_bytes;
-        })
+    pub fn state(&self, queue: usize, running: usize, batch: usize, kv_bytes: usize, prefix_bytes: usize) {
+        gauge(&self.queue, queue);
+        gauge(&self.running, running);
+        gauge(&self.batch, batch);
+        gauge(&self.kv_bytes, kv_bytes);
+        gauge(&self.prefix_cache_bytes, prefix_bytes);
     }
+
     pub fn ttft(&self, secs: f64) {
-        self.with(|m| m.ttft.observe(secs))
+        self.ttft.observe(secs)
     }
+
     pub fn itl(&self, secs: f64) {
-        self.with(|m| m.itl.observe(secs))
+        self.itl.observe(secs)
+    }
+
+    pub fn step(&self, tokens: usize) {
+        self.step_tokens.observe(tokens as f64)
     }
 
     pub fn render(&self) -> String {
-        let Ok(m) = self.inner.lock() else { return String::new() };
         let mut out = String::new();
-        out.push_str(
-            "# HELP recompose_requests_total HTTP requests by status code.\n# TYPE recompose_requests_total counter\n",
-        );
-        for (s, n) in &m.requests {
-            out.push_str(&format!("recompose_requests_total{{status=\"{s}\"}} {n}\n"));
-        }
-        let scalar = |out: &mut String, name: &str, kind: &str, help: &str, v: String| {
-            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"));
-        };
-        scalar(
-            &mut out,
-            "recompose_prompt_tokens_total",
-            "counter",
-            "Prompt tokens processed.",
-            m.prompt_tokens.to_string(),
-        );
-        scalar(
-            &mut out,
-            "recompose_generated_tokens_total",
-            "counter",
-            "Tokens generated.",
-            m.generated_tokens.to_string(),
-        );
-        scalar(&mut out, "recompose_queue_length", "gauge", "Requests waiting to start.", m.queue.to_string());
-        scalar(
-            &mut out,
-            "recompose_running_requests",
-            "gauge",
-            "Requests being prefilled or decoded.",
-            m.running.to_string(),
-        );
-        scalar(&mut out, "recompose_batch_size", "gauge", "Rows in the last decode step.", m.batch.to_string());
-        scalar(
-            &mut out,
-            "recompose_kv_bytes",
-            "gauge",
-            "Bytes of KV cache held by running requests.",
-            m.kv_bytes.to_string(),
-        );
-        m.ttft.render("recompose_time_to_first_token_seconds", "Time from arrival to the first token.", &mut out);
-        m.itl.render("recompose_inter_token_latency_seconds", "Time between successive tokens of a request.", &mut out);
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
 }
@@ -147,13 +156,16 @@ mod tests {
         m.request(429);
         m.ttft(0.02);
         m.ttft(3.0);
-        m.state(2, 3, 3, 1024);
+        m.state(2, 3, 3, 1024, 0);
+        m.tokens(10, 4, 7);
         let t = m.render();
-        assert!(t.contains("recompose_requests_total{status=\"200\"} 2"));
+        assert!(t.contains("recompose_requests_total{status=\"200\"} 2"), "{t}");
         assert!(t.contains("recompose_requests_total{status=\"429\"} 1"));
         assert!(t.contains("recompose_time_to_first_token_seconds_bucket{le=\"0.025\"} 1"));
-        assert!(t.contains("recompose_time_to_first_token_seconds_bucket{le=\"5\"} 2"));
+        assert!(t.contains("recompose_time_to_first_token_seconds_bucket{le=\"5.0\"} 2"));
         assert!(t.contains("recompose_time_to_first_token_seconds_count 2"));
         assert!(t.contains("recompose_kv_bytes 1024"));
+        assert!(t.contains("recompose_cached_prompt_tokens_total 4"));
+        assert!(t.ends_with("# EOF\n"));
     }
 }

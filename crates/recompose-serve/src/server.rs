@@ -2,7 +2,7 @@
 //! scheduler jobs, events become JSON or server-sent events.
 
 use crate::api::{self, ApiError, Params, Prompt};
-use crate::engine::{Engine, Event, Finish, Job, TokenLogprob};
+use crate::engine::{Engine, Event, Job};
 use crate::listen::Limits;
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -16,6 +16,7 @@ use futures_util::Stream;
 use recompose_core::chat::{self, Message};
 use recompose_core::Tokenizer;
 use recompose_kv::KvSpec;
+use recompose_llm::generate::{FinishReason, GenerateOptions, TokenLogprob};
 use serde_json::{json, Value};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -96,7 +97,7 @@ async fn health(State(s): State<Shared>) -> Response {
 }
 
 async fn metrics(State(s): State<Shared>) -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.engine.metrics.render()).into_response()
+    ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], s.engine.metrics.render()).into_response()
 }
 
 async fn models(State(s): State<Shared>) -> Response {
@@ -196,12 +197,15 @@ async fn handle(s: Shared, headers: HeaderMap, body: Body, kind: Kind) -> Respon
     });
     let job = Job {
         prompt: ids,
-        max_tokens,
-        sampling: p.sampling.clone(),
-        presence_penalty: p.presence_penalty,
-        frequency_penalty: p.frequency_penalty,
-        stop: p.stop.clone(),
-        logprobs: p.logprobs,
+        opts: GenerateOptions {
+            max_tokens,
+            sampling: p.sampling.clone(),
+            presence_penalty: p.presence_penalty,
+            frequency_penalty: p.frequency_penalty,
+            stop: p.stop.clone(),
+            logprobs: p.logprobs,
+            ignore_eos: false,
+        },
         kv: p.kv.clone().unwrap_or_else(|| s.default_kv.clone()),
         events: tx,
         arrived: Instant::now(),
@@ -246,8 +250,9 @@ impl Reply {
     }
 }
 
-fn usage(prompt: usize, completion: usize) -> Value {
-    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+fn usage(prompt: usize, cached: usize, completion: usize) -> Value {
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+           "prompt_tokens_details": {"cached_tokens": cached}})
 }
 
 fn chat_logprob(l: &TokenLogprob) -> Value {
@@ -286,16 +291,16 @@ async fn collect(reply: Reply, mut rx: UnboundedReceiver<Event>) -> Response {
                 let e = ApiError::status(500, "server_error", e);
                 return (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(e.body())).into_response();
             }
-            Event::Done { finish, prompt_tokens, completion_tokens } => {
+            Event::Done { finish, prompt_tokens, cached_tokens, completion_tokens } => {
                 let choice = match reply.kind {
-                    Kind::Completion => json!({"index": 0, "text": text, "finish_reason": finish.as_str(),
+                    Kind::Completion => json!({"index": 0, "text": text, "finish_reason": finish.as_openai(),
                         "logprobs": if reply.logprobs { completion_logprobs(&lps, 0) } else { Value::Null }}),
                     Kind::Chat => json!({"index": 0, "message": {"role": "assistant", "content": text},
-                        "finish_reason": finish.as_str(),
+                        "finish_reason": finish.as_openai(),
                         "logprobs": if reply.logprobs { json!({"content": lps.iter().map(chat_logprob).collect::<Vec<_>>()}) } else { Value::Null }}),
                 };
                 let mut v = reply.wrap(false, json!([choice]));
-                v["usage"] = usage(prompt_tokens, completion_tokens);
+                v["usage"] = usage(prompt_tokens, cached_tokens, completion_tokens);
                 return axum::Json(v).into_response();
             }
         }
@@ -331,8 +336,8 @@ fn sse_stream(
         if st.done {
             return None;
         }
-        let chunk = |st: &St, text: &str, finish: Option<Finish>, lp: Option<&TokenLogprob>| -> Value {
-            let f = finish.map(Finish::as_str);
+        let chunk = |st: &St, text: &str, finish: Option<FinishReason>, lp: Option<&TokenLogprob>| -> Value {
+            let f = finish.map(FinishReason::as_openai);
             let choice = match st.reply.kind {
                 Kind::Completion => json!({"index": 0, "text": text, "finish_reason": f,
                     "logprobs": lp.map(|l| completion_logprobs(std::slice::from_ref(l), st.offset))}),
@@ -359,13 +364,13 @@ fn sse_stream(
                     st.offset += text.len();
                     return Some((Ok(Sse::default().data(v.to_string())), st));
                 }
-                Some(Event::Done { finish, prompt_tokens, completion_tokens }) => {
+                Some(Event::Done { finish, prompt_tokens, cached_tokens, completion_tokens }) => {
                     let v = chunk(&st, "", Some(finish), None);
                     // Sent in reverse: the finish chunk now, then usage, then [DONE].
                     st.tail.push(Value::Null);
                     if include_usage {
                         let mut u = st.reply.wrap(true, json!([]));
-                        u["usage"] = usage(prompt_tokens, completion_tokens);
+                        u["usage"] = usage(prompt_tokens, cached_tokens, completion_tokens);
                         st.tail.push(u);
                     }
                     st.done = true;

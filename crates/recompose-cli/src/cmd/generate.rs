@@ -3,7 +3,7 @@
 use crate::common::ModelArgs;
 use anyhow::{Context, Result};
 use recompose_core::chat::{self, Message};
-use recompose_llm::generate::{generate_batch, GenerateOptions};
+use recompose_llm::generate::{generate, GenerateOptions};
 use recompose_llm::sample::SamplingParams;
 use std::io::Write;
 
@@ -75,6 +75,7 @@ impl GenArgs {
             },
             stop: self.stop.clone(),
             ignore_eos: self.ignore_eos,
+            ..Default::default()
         }
     }
 }
@@ -86,7 +87,7 @@ pub fn run(a: Args) -> Result<()> {
         (None, None) => anyhow::bail!("give a prompt with --prompt or --prompt-file"),
     };
     let opts = a.gen.options();
-    opts.sampling.validate().map_err(anyhow::Error::msg)?;
+    opts.validate().map_err(anyhow::Error::msg)?;
     let (_file, model, tok) = a.model.load()?;
     let text = if a.chat {
         let template = tok.chat_template.as_deref().context("this model has no chat template")?;
@@ -102,13 +103,20 @@ pub fn run(a: Args) -> Result<()> {
     };
     // A chat template writes BOS itself when the model wants one.
     let ids = tok.encode(&text, !a.chat)?;
-    let mut cache = a.kv.build(&model.cache_layout(), &[ids.len()]);
+    let layout = model.cache_layout();
     let stdout = std::io::stdout();
-    let (gens, t) = generate_batch(&model, &tok, &[ids], &opts, cache.as_mut(), |_, piece| {
-        let mut out = stdout.lock();
-        let _ = out.write_all(piece.as_bytes());
-        let _ = out.flush();
-    })?;
+    let (gens, t) = generate(
+        &model,
+        &tok,
+        &[ids],
+        &opts,
+        |n| a.kv.build(&layout, &[n]),
+        |_, piece| {
+            let mut out = stdout.lock();
+            let _ = out.write_all(piece.as_bytes());
+            let _ = out.flush();
+        },
+    )?;
     println!();
     let g = &gens[0];
     let decode_steps = t.decode_tokens.saturating_sub(1).max(1);
@@ -120,7 +128,7 @@ pub fn run(a: Args) -> Result<()> {
         decode_steps as f64 / t.decode_secs.max(1e-9),
         g.finish,
         a.kv,
-        cache.resident_bytes() as f64 / 1048576.0
+        g.kv_bytes as f64 / 1048576.0
     );
     Ok(())
 }

@@ -2,6 +2,7 @@
 
 use crate::common::{parse_kv, ModelArgs, KV_HELP};
 use anyhow::{Context, Result};
+use recompose_llm::generate::TokenBudget;
 use recompose_serve::{router, serve, AppState, Engine, EngineConfig, Limits};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -23,6 +24,23 @@ pub struct Args {
     /// Most requests decoded together (the running batch).
     #[arg(long, default_value_t = 16)]
     max_batch: usize,
+    /// Tokens per step while requests are decoding: one per decoding request, the rest spent on
+    /// waiting prompts (chunked prefill). Larger gives new requests their first token sooner,
+    /// smaller keeps the running streams' inter-token latency low.
+    #[arg(long, default_value_t = TokenBudget::default().busy)]
+    step_tokens: usize,
+    /// Tokens per step while every request is still on its prompt (long prompts are prefilled
+    /// in chunks of this many).
+    #[arg(long, default_value_t = TokenBudget::default().idle)]
+    prefill_chunk: usize,
+    /// MiB of KV kept for prompt prefixes (system prompts, earlier chat turns) that later
+    /// requests reuse instead of prefilling; least recently used evicted first. Requests with a
+    /// bounded KV policy neither use nor fill it (see docs/SERVE.md).
+    #[arg(long, default_value_t = 256, value_name = "MIB")]
+    prefix_cache: usize,
+    /// Turn the prefix cache off.
+    #[arg(long, conflicts_with = "prefix_cache")]
+    no_prefix_cache: bool,
     /// Most requests waiting for a place in the batch; beyond it requests get 429.
     #[arg(long, default_value_t = 64)]
     max_queue: usize,
@@ -70,10 +88,31 @@ fn return_freed_memory() {
     }
 }
 
-pub fn run(a: Args) -> Result<()> {
-    if a.max_batch == 0 || a.max_queue == 0 || a.max_connections == 0 || a.read_timeout == 0 {
-        anyhow::bail!("--max-batch, --max-queue, --max-connections and --read-timeout must be at least 1");
+/// The prefix cache's budget in bytes: at least 1 MiB and no more than the machine's memory.
+fn prefix_cache_bytes(mib: usize) -> Result<usize> {
+    if mib == 0 {
+        anyhow::bail!("--prefix-cache must be at least 1 MiB (--no-prefix-cache turns it off)");
     }
+    let bytes = mib.checked_mul(1 << 20).context("--prefix-cache is too large")?;
+    let total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        let line = m.lines().find(|l| l.starts_with("MemTotal:"))?.to_string();
+        line.split_whitespace().nth(1)?.parse::<usize>().ok().map(|kib| kib * 1024)
+    });
+    if let Some(total) = total.filter(|&t| bytes > t) {
+        anyhow::bail!("--prefix-cache {mib} MiB is more than this machine's {} MiB of memory", total >> 20);
+    }
+    Ok(bytes)
+}
+
+pub fn run(a: Args) -> Result<()> {
+    if [a.max_batch, a.max_queue, a.max_connections, a.read_timeout as usize, a.step_tokens, a.prefill_chunk]
+        .contains(&0)
+    {
+        anyhow::bail!(
+            "--max-batch, --max-queue, --max-connections, --read-timeout, --step-tokens and --prefill-chunk must be at least 1"
+        );
+    }
+    let prefix_cache = if a.no_prefix_cache { None } else { Some(prefix_cache_bytes(a.prefix_cache)?) };
     let limits = Limits {
         max_connections: a.max_connections,
         read_timeout: Duration::from_secs(a.read_timeout),
@@ -84,7 +123,13 @@ pub fn run(a: Args) -> Result<()> {
     let (engine, scheduler) = Engine::start(
         model,
         tok.clone(),
-        EngineConfig { max_batch: a.max_batch, max_queue: a.max_queue, on_idle: Some(return_freed_memory) },
+        EngineConfig {
+            max_batch: a.max_batch,
+            max_queue: a.max_queue,
+            budget: TokenBudget { busy: a.step_tokens, idle: a.prefill_chunk },
+            prefix_cache,
+            on_idle: Some(return_freed_memory),
+        },
     )
     .context("starting the scheduler")?;
     let state = Arc::new(AppState {
