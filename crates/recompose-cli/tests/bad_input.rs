@@ -837,3 +837,17 @@ fn an_interrupted_convert_leaves_no_temporaries() {
         assert!(!out.exists(), "SIG{sig} left a half-written output");
     }
 }
+
+#[test]
+fn serve_refuses_a_prefix_cache_of_zero_or_beyond_memory_and_an_empty_step_budget() {
+    let d = tempfile::tempdir().unwrap();
+    let m = tiny(d.path(), TinySpec::default());
+    let m = m.to_str().unwrap();
+    let e = fails(d.path(), &["serve", "--model", m, "--port", "0", "--prefix-cache", "0"]);
+    assert!(e.contains("--prefix-cache must be at least 1 MiB"), "{e}");
+    // 2^40 MiB is a zettabyte-scale budget: more than any machine's memory.
+    let e = fails(d.path(), &["serve", "--model", m, "--port", "0", "--prefix-cache", "1099511627776"]);
+    assert!(e.contains("more than this machine's") || e.contains("too large"), "{e}");
+    let e = fails(d.path(), &["serve", "--model", m, "--port", "0", "--step-tokens", "0"]);
+    assert!(e.contains("--step-tokens"), "{e}");
+}
