@@ -2,20 +2,28 @@
 """Open-loop load generator for an OpenAI-compatible /v1/completions endpoint.
 
     python bench/serve/load.py --url http://127.0.0.1:8080 --model smollm2-135m \
-        --requests 200 --rates 0.5,1,2,4 --seed 0 [--json OUT] [--label NAME] [--kv SPEC]
+        --requests 200 --rates 0.5,1,2,4 --seed 0 [--json OUT] [--label NAME] [--kv SPEC] \
+        [--shared-prefix-tokens N] [--prompt-words W,...]
 
 For each rate (requests/s) it replays the same --requests requests with Poisson
 arrivals (exponential inter-arrival gaps from a fixed seed, scaled by 1/rate), each a
 streaming, temperature-0 completion. The request mix is fixed by --seed: prompts of
 ~32/128/512 tokens (24/96/384 words cut from a fixed English text at seeded offsets)
-in a 40/40/20 mix, max_tokens drawn from 32/64/96/128.
+in a 40/40/20 mix, max_tokens drawn from 32/64/96/128. --shared-prefix-tokens N puts the
+same ~N-token text (round(0.75 N) words from the start of the corpus, then a blank line) in
+front of every prompt, for prefix-cache tests; the seeded draws do not change with it, so the
+trace is the same one with the prefix added.
 
 Per request it records the time to first token (first non-empty text chunk), the gaps
 between successive text chunks (inter-token latency), the generated tokens (the
-stream's usage chunk when present, else the number of text chunks) and the error
-(HTTP status or exception name). Per rate it reports throughput (generated tokens/s
-over the rate's wall time), completed requests/s, p50/p95 TTFT, p50/p95 ITL (pooled
-over all gaps) and the error count, as a markdown table and optionally JSON.
+stream's usage chunk when present, else the number of text chunks), the prompt tokens
+(usage only) and the error (HTTP status or exception name). Every request asks for
+stream_options.include_usage (llama.cpp's llama-server, like OpenAI, sends the final usage
+chunk only then); the JSON says per rate how many streams carried usage ("usage_reported")
+and the mean prompt tokens the server counted, so two servers can be checked to have seen
+the same trace. Per rate it reports throughput (generated tokens/s over the rate's wall
+time), completed requests/s, p50/p95 TTFT, p50/p95 ITL (pooled over all gaps) and the
+error count, as a markdown table and optionally JSON.
 --kv SPEC adds the extension field "kv": SPEC to every request.
 """
 import argparse
@@ -49,22 +57,34 @@ def load_words():
     return (FALLBACK * 40).split()
 
 
-def make_requests(n, seed):
+def shared_prefix(words, tokens):
+    """The same ~`tokens`-token text for every prompt (0: none): English prose runs ~0.75
+    words per token with these tokenizers (24 words ~ 32 tokens)."""
+    nw = round(0.75 * tokens)
+    if nw <= 0:
+        return ""
+    text = " ".join((words * (nw // max(1, len(words)) + 1))[:nw])
+    return text + "\n\n"
+
+
+def make_requests(n, seed, prefix_tokens=0):
     """The fixed request list: (prompt, max_tokens) and standard-exponential gaps."""
     rng = np.random.default_rng(seed)
     words = load_words()
+    prefix = shared_prefix(words, prefix_tokens)
     reqs = []
     for _ in range(n):
         nw = int(rng.choice(PROMPT_WORDS, p=PROMPT_MIX))
         start = int(rng.integers(0, len(words) - nw))
-        reqs.append((" ".join(words[start:start + nw]), int(rng.choice(MAX_TOKENS))))
+        reqs.append((prefix + " ".join(words[start:start + nw]), int(rng.choice(MAX_TOKENS))))
     gaps = rng.exponential(1.0, size=n)
     return reqs, gaps
 
 
 async def one(client, url, body):
     """Send one streaming request; return its measurements."""
-    rec = {"ttft": None, "itl": [], "tokens": 0, "error": None, "e2e": None}
+    rec = {"ttft": None, "itl": [], "tokens": 0, "prompt_tokens": None, "usage": False, "error": None,
+           "e2e": None}
     t0 = time.perf_counter()
     last = None
     chunks = 0
@@ -82,7 +102,9 @@ async def one(client, url, body):
                     break
                 ev = json.loads(data)
                 if ev.get("usage"):
+                    rec["usage"] = True
                     rec["tokens"] = ev["usage"].get("completion_tokens", 0)
+                    rec["prompt_tokens"] = ev["usage"].get("prompt_tokens")
                 if "error" in ev:
                     rec["error"] = "stream-error"
                 text = "".join(c.get("text") or "" for c in ev.get("choices") or [])
@@ -124,12 +146,16 @@ async def run_rate(url, model, reqs, gaps, rate, kv, timeout):
     e2e = [r["e2e"] for r in ok]
     pct = lambda xs, q: float(np.percentile(xs, q)) if xs else None  # noqa: E731
     tokens = sum(r["tokens"] for r in ok)
+    ptoks = [r["prompt_tokens"] for r in ok if r["prompt_tokens"] is not None]
     return {
         "rate": rate, "requests": len(recs), "ok": len(ok), "errors": len(recs) - len(ok),
         "error_codes": dict(Counter(r["error"] for r in recs if r["error"])),
         "wall_s": wall, "tokens": tokens, "throughput_tok_s": tokens / wall, "req_s": len(ok) / wall,
         "ttft_p50_s": pct(ttft, 50), "ttft_p95_s": pct(ttft, 95),
         "itl_p50_s": pct(itl, 50), "itl_p95_s": pct(itl, 95), "e2e_p50_s": pct(e2e, 50),
+        "usage_reported": sum(r["usage"] for r in ok),
+        "prompt_tokens_mean": float(np.mean(ptoks)) if ptoks else None,
+        "prompt_tokens_max": max(ptoks) if ptoks else None,
     }
 
 
@@ -149,6 +175,8 @@ def main():
     ap.add_argument("--kv")
     ap.add_argument("--prompt-words", help="comma-separated prompt lengths in words, drawn uniformly "
                     "(default: 24,96,384 mixed 40/40/20); e.g. 3000 for a long-prompt memory run")
+    ap.add_argument("--shared-prefix-tokens", type=int, default=0, metavar="N",
+                    help="prepend the same ~N-token text to every prompt (prefix-cache tests)")
     ap.add_argument("--timeout", type=float, default=900.0, help="per-request timeout, seconds")
     a = ap.parse_args()
     if a.prompt_words:
@@ -156,7 +184,7 @@ def main():
         PROMPT_WORDS = [int(w) for w in a.prompt_words.split(",")]
         PROMPT_MIX = [1.0 / len(PROMPT_WORDS)] * len(PROMPT_WORDS)
     url = a.url.rstrip("/").removesuffix("/v1") + "/v1/completions"
-    reqs, gaps = make_requests(a.requests, a.seed)
+    reqs, gaps = make_requests(a.requests, a.seed, a.shared_prefix_tokens)
 
     # warm-up, not measured
     asyncio.run(run_rate(url, a.model, reqs[:1], gaps[:1], 1.0, a.kv, a.timeout))
@@ -168,7 +196,8 @@ def main():
               flush=True)
 
     print(f"\n### {a.label or a.url} ({a.model}, {a.requests} requests/rate, seed {a.seed}"
-          + (f", kv {a.kv}" if a.kv else "") + ")\n")
+          + (f", kv {a.kv}" if a.kv else "")
+          + (f", shared prefix ~{a.shared_prefix_tokens} tokens" if a.shared_prefix_tokens else "") + ")\n")
     print("| rate (req/s) | tok/s | req/s | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | ITL p95 ms | errors |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
@@ -178,7 +207,8 @@ def main():
         os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
         with open(a.json, "w") as f:
             json.dump({"label": a.label, "url": a.url, "model": a.model, "requests": a.requests,
-                       "seed": a.seed, "kv": a.kv, "prompt_words": PROMPT_WORDS, "prompt_mix": PROMPT_MIX,
+                       "seed": a.seed, "kv": a.kv, "shared_prefix_tokens": a.shared_prefix_tokens,
+                       "prompt_words": PROMPT_WORDS, "prompt_mix": PROMPT_MIX,
                        "max_tokens": MAX_TOKENS, "results": results}, f, indent=2)
 
 
