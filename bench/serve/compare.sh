@@ -14,7 +14,9 @@
 #                 slots, so each slot gets SLOT_CTX). Its prompt cache is off because the trace
 #                 is replayed once per rate (and its first request once more as the warm-up):
 #                 with it, later rates would find their prompts' KV cached from earlier ones;
-#                 PROMPT_CACHE=1 keeps llama-server's default (prompt cache on, 8 GiB host cache).
+#                 PROMPT_CACHE=1 keeps llama-server's default (prompt cache on, 8 GiB host cache)
+#                 and recompose's (--prefix-cache 256); otherwise recompose runs --no-prefix-cache.
+#                 STEP_TOKENS=N passes --step-tokens N to recompose.
 #                 PARALLEL=N fixes P; PARALLEL=best (default) first runs the highest rate of
 #                 RATES with P = 1, 2, 4, 8 (PROBE_REQUESTS requests, default REQUESTS), keeps
 #                 the P with the best throughput, then runs every rate with it.
@@ -86,7 +88,11 @@ start() {
     port="$(free_port)"
     case "$name" in
         recompose)
-            CMD=("$BIN" serve --model "$GGUF" --threads "$THREADS" --host 127.0.0.1 --port "$port") ;;
+            CMD=("$BIN" serve --model "$GGUF" --threads "$THREADS" --host 127.0.0.1 --port "$port")
+            # Each rate replays the same prompts: a prefix cache would serve later rates from
+            # earlier ones, so it is off unless PROMPT_CACHE=1 (as llama-server's below).
+            [[ "${PROMPT_CACHE:-0}" == 1 ]] || CMD+=(--no-prefix-cache)
+            [[ -z "${STEP_TOKENS:-}" ]] || CMD+=(--step-tokens "$STEP_TOKENS") ;;
         llama-server)
             CMD=("$LLAMA_BIN/llama-server" -m "$GGUF" --alias smollm2-135m -t "$THREADS" -tb "$THREADS"
                  -c $(( SLOT_CTX * p )) --parallel "$p" --cont-batching --host 127.0.0.1 --port "$port")

@@ -2,10 +2,10 @@
 //! tokens/s at a batch size, peak RSS and KV bytes. Warm-up first, then the median of runs.
 
 use crate::error::{Error, Result};
+use recompose_core::Tokenizer;
 use recompose_kv::KvSpec;
-use recompose_llm::model::step_for;
-use recompose_llm::sample::argmax;
-use recompose_llm::{Logits, Model};
+use recompose_llm::generate::{Batcher, GenerateOptions, Sequence, TokenBudget, PREFILL_CHUNK};
+use recompose_llm::Model;
 use serde::Serialize;
 use std::time::Instant;
 
@@ -36,35 +36,39 @@ pub struct BenchResult {
 }
 
 struct Run {
-    prefill_s: f64,
+    /// Until every row had its first token: the prefill and the first sampling.
     ttft_s: f64,
     decode_s: f64,
     kv_bytes: usize,
 }
 
-fn one_run(model: &Model, source: &[u32], o: &BenchOptions) -> Result<Run> {
-    // Each row reads its own stretch of the source text.
-    let rows: Vec<Vec<u32>> = (0..o.batch)
-        .map(|b| {
-            let off = (b * 7) % source.len().saturating_sub(o.prompt_tokens).max(1);
-            source[off..off + o.prompt_tokens].to_vec()
-        })
-        .collect();
-    let mut cache = o.kv.build(&model.cache_layout(), &vec![o.prompt_tokens; o.batch]);
-    let cache = cache.as_mut();
+fn one_run(model: &Model, tok: &Tokenizer, source: &[u32], o: &BenchOptions) -> Result<Run> {
+    // Each row reads its own stretch of the source text, with a cache of its own: the loop a
+    // server runs (recompose_llm::generate::Batcher), all rows' prompts in one packed step.
+    let layout = model.cache_layout();
+    let budget = PREFILL_CHUNK * o.batch;
+    let mut batch = Batcher::new(TokenBudget { busy: budget, idle: budget });
+    let opts = GenerateOptions { max_tokens: o.gen_tokens, ignore_eos: true, ..Default::default() };
+    for b in 0..o.batch {
+        let off = (b * 7) % source.len().saturating_sub(o.prompt_tokens).max(1);
+        let row = source[off..off + o.prompt_tokens].to_vec();
+        batch.add(
+            Sequence::new(row, opts.clone(), model.config.max_position)?,
+            o.kv.build(&layout, &[o.prompt_tokens]),
+        )?;
+    }
     let t0 = Instant::now();
-    let logits = model.prefill(&rows, cache, recompose_llm::generate::PREFILL_CHUNK)?;
-    let prefill_s = t0.elapsed().as_secs_f64();
-    let mut next: Vec<Vec<u32>> = logits.to_vec2::<f32>()?.iter().map(|l| vec![argmax(l)]).collect();
+    while batch.decoding() < o.batch {
+        batch.step(model, tok)?;
+    }
     let ttft_s = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
-    for _ in 1..o.gen_tokens {
-        let (tokens, step) = step_for(&next, cache, 0);
-        let logits = model.forward(&tokens, &step, cache, Logits::Last)?;
-        next = logits.to_vec2::<f32>()?.iter().map(|l| vec![argmax(l)]).collect();
+    let mut done = 0;
+    while done < o.batch {
+        done += batch.step(model, tok)?.iter().filter(|s| s.delta.finish.is_some()).count();
     }
     let decode_s = t1.elapsed().as_secs_f64();
-    Ok(Run { prefill_s, ttft_s, decode_s, kv_bytes: cache.resident_bytes() })
+    Ok(Run { ttft_s, decode_s, kv_bytes: batch.resident_bytes() })
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -73,7 +77,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Benchmarks `model` on prompts cut from `source` (token ids of a long text).
-pub fn run(model: &Model, source: &[u32], o: &BenchOptions) -> Result<BenchResult> {
+pub fn run(model: &Model, tok: &Tokenizer, source: &[u32], o: &BenchOptions) -> Result<BenchResult> {
     if o.batch == 0 || o.runs == 0 || o.gen_tokens < 2 || o.prompt_tokens == 0 {
         return Err(Error::Invalid("batch, runs and prompt tokens must be >= 1, generated tokens >= 2".into()));
     }
@@ -95,8 +99,8 @@ pub fn run(model: &Model, source: &[u32], o: &BenchOptions) -> Result<BenchResul
     // only repeat the prefill).
     let warm =
         BenchOptions { gen_tokens: 4.min(o.gen_tokens), runs: 1, prompt_tokens: o.prompt_tokens.min(128), ..o.clone() };
-    one_run(model, source, &warm)?;
-    let runs: Vec<Run> = (0..o.runs).map(|_| one_run(model, source, o)).collect::<Result<_>>()?;
+    one_run(model, tok, source, &warm)?;
+    let runs: Vec<Run> = (0..o.runs).map(|_| one_run(model, tok, source, o)).collect::<Result<_>>()?;
     let steps = (o.gen_tokens - 1) * o.batch;
     Ok(BenchResult {
         kv: o.kv.to_string(),
@@ -104,7 +108,7 @@ pub fn run(model: &Model, source: &[u32], o: &BenchOptions) -> Result<BenchResul
         batch: o.batch,
         prompt_tokens: o.prompt_tokens,
         gen_tokens: o.gen_tokens,
-        prefill_tok_s: median(runs.iter().map(|r| (o.prompt_tokens * o.batch) as f64 / r.prefill_s).collect()),
+        prefill_tok_s: median(runs.iter().map(|r| (o.prompt_tokens * o.batch) as f64 / r.ttft_s).collect()),
         decode_tok_s: median(runs.iter().map(|r| steps as f64 / r.decode_s).collect()),
         ttft_ms: median(runs.iter().map(|r| r.ttft_s * 1e3).collect()),
         kv_bytes: runs.last().map(|r| r.kv_bytes).unwrap_or(0),

@@ -59,7 +59,7 @@ pub fn run(a: Args, _quiet: bool) -> Result<()> {
         }
         for (prompt_tokens, b, kv) in configs {
             let o = BenchOptions { prompt_tokens, gen_tokens: a.gen_tokens, batch: b, runs: a.runs, kv: kv.clone() };
-            let r = pool.install(|| bench::run(&model, &source, &o))?;
+            let r = pool.install(|| bench::run(&model, &tok, &source, &o))?;
             println!(
                 "{:<28} {:>7} {:>5} {:>7} {:>6} {:>12.1} {:>11.1} {:>9.1} {:>10.2} {:>9.1}",
                 r.kv,

@@ -599,8 +599,13 @@ impl CustomOp3 for Rope {
 
 /// `act(g) * u`, SiLU (Llama) or tanh-GELU (Gemma).
 pub fn gated(g: &Tensor, u: &Tensor, act: Activation) -> CResult<Tensor> {
-    if !wants_grad(&[g, u]) || !cpu_float(g) || g.dtype() != u.dtype() {
+    if !cpu_float(g) || g.dtype() != u.dtype() {
         return gated_composed(g, u, act);
+    }
+    // One pass with the fast exp, in inference too: candle's silu then mul is two passes and
+    // two allocations.
+    if !wants_grad(&[g, u]) {
+        return g.contiguous()?.apply_op2_no_bwd(&u.contiguous()?, &Gated { act });
     }
     g.contiguous()?.apply_op2(&u.contiguous()?, Gated { act })
 }
@@ -932,6 +937,18 @@ mod tests {
                 1e-6,
             );
             check_finite_differences(&[g, u], |t| gated(&t[0], &t[1], act).unwrap());
+        }
+    }
+
+    #[test]
+    fn inference_gated_activation_matches_candle_ops_in_f32() {
+        // Untracked f32: the fused one-pass kernel against candle's silu/gelu then mul.
+        for act in [Activation::Silu, Activation::GeluTanh] {
+            let g = (rand(&[37, 300], 3, DType::F32) * 6.0).unwrap();
+            let u = rand(&[37, 300], 4, DType::F32);
+            let (got, want) = (gated(&g, &u, act).unwrap(), gated_composed(&g, &u, act).unwrap());
+            let d = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(d < 1e-5, "{act:?}: fused and composed differ by {d}");
         }
     }
 
