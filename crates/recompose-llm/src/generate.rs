@@ -361,10 +361,17 @@ impl Batcher {
         Ok(id)
     }
 
-    /// Takes a sequence out (finished, cancelled or failed) with its cache.
+    /// Takes a sequence out (finished, cancelled or failed) with its cache. With a prefix
+    /// cache, what it fed (its prompt and all but its last generated token) is kept there, so
+    /// the next turn of a chat, which repeats the conversation so far, prefills only what is new.
     pub fn remove(&mut self, id: SeqId) -> Option<(Sequence, Box<dyn KvCache>)> {
         let i = self.rows.iter().position(|r| r.id == id)?;
         let r = self.rows.remove(i);
+        if let (Some(pc), false) = (self.prefix.as_mut(), r.seq.prefilling()) {
+            if let Some(Ok(kv)) = r.cache.export_prefix(r.seq.position()) {
+                pc.insert(&r.seq.tokens[..r.seq.position()], kv);
+            }
+        }
         Some((r.seq, r.cache))
     }
 

@@ -219,3 +219,23 @@ fn requests_racing_on_one_prefix_match_sequential_runs() {
         }
     }
 }
+
+#[test]
+fn the_next_turn_of_a_conversation_reuses_the_whole_previous_turn() {
+    let (_d, engine, _tok) = start_with(TokenBudget::default(), 4, 16, Some(64 << 20));
+    let opts = GenerateOptions { max_tokens: 12, ignore_eos: true, ..Default::default() };
+    let first = prompt(40, 8);
+    let (j, mut rx) = job(first.clone(), opts.clone(), "full");
+    engine.submit(j).unwrap();
+    collect(&mut rx);
+    // The reply's tokens as `generate` makes them, then a new question after them.
+    let (_m, model, tok) = tiny();
+    let (g, _) = generate(&model, &tok, &[first.clone()], &opts, |_| Box::new(model.new_cache(1)), |_, _| {}).unwrap();
+    let second: Vec<u32> = first.iter().chain(&g[0].tokens).copied().chain(prompt(6, 9)).collect();
+    let (j, mut rx) = job(second.clone(), opts.clone(), "full");
+    engine.submit(j).unwrap();
+    let (text, finish, n, cached) = collect_cached(&mut rx);
+    // Everything the first request fed: its prompt and all but its last generated token.
+    assert_eq!(cached, first.len() + g[0].tokens.len() - 1);
+    assert_eq!((text, finish, n), alone(&second, &opts, "full"));
+}
