@@ -628,17 +628,25 @@ impl Model {
                 let positions: Vec<usize> =
                     rows.start.iter().zip(&rows.lens).flat_map(|(&s0, &l)| s0..s0 + l).collect();
                 let (q, k) = (rope.apply_at(&q, &positions)?, rope.apply_at(&k, &positions)?);
-                let mut outs = Vec::with_capacity(caches.len());
+                let mut work = Vec::with_capacity(caches.len());
                 let mut off = 0;
                 for (r, cache) in caches.iter_mut().enumerate() {
                     let len = rows.lens[r];
                     let (kr, vr) = (k.narrow(2, off, len)?, v.narrow(2, off, len)?);
                     let qr = q.narrow(2, off, len)?.contiguous()?.reshape((1, hkv, g * len, d))?;
                     let view = cache.update(li, &kr, &vr, window)?;
-                    let o = self.attend(li, &qr, &view, &row_step(shape, r), &mut **cache)?;
-                    outs.push(o.reshape((1, hq, len, d))?);
+                    work.push((r, qr, view, cache));
                     off += len;
                 }
+                // Rows attend in parallel: one row has only its few KV heads to spread over the
+                // threads, a batch of rows has plenty.
+                let outs: Vec<Tensor> = work
+                    .into_par_iter()
+                    .map(|(r, qr, view, cache)| {
+                        let o = self.attend(li, &qr, &view, &row_step(shape, r), &mut **cache)?;
+                        Ok(o.reshape((1, hq, rows.lens[r], d))?)
+                    })
+                    .collect::<Result<_>>()?;
                 Tensor::cat(&outs, 2)?
             }
         };
