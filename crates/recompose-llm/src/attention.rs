@@ -1,19 +1,40 @@
-//! Fused attention for short query blocks (decode and small chunks): scores, mask, softmax and
-//! the weighted sum of values in one pass per (row, KV head), reading the cache's keys and values
-//! in place through their strides. Replaces per-head batched matmuls and cache copies whose
-//! fixed costs dominate decode at batch > 1. The plain candle composition in `model.rs` is the
-//! oracle it is tested against.
+//! Fused CPU attention over a cache view: scores, mask, softmax and the weighted sum of values
+//! without materialising the `(B, H, T, L)` score matrix, reading the cache's keys and values in
+//! place through their strides. Two kernels, both split across threads beyond (row, KV head):
+//!
+//! - `split` (query blocks up to `SPLIT_MAX_T` columns: decode, small chunks): the keys are cut
+//!   into fixed chunks (flash-decoding); every chunk's scores are computed in parallel, then the
+//!   exponentials and weighted values, with the denominators and value sums in f64, combined in
+//!   chunk order. A slot's probability does not depend on where it sits, so caches holding the
+//!   same entries in another order give the same result to the last bit or so (bounded caches
+//!   are tested against a sorted oracle).
+//! - `tiled` (longer blocks: prefill): query tiles x key tiles with an online softmax
+//!   (FlashAttention), f32, tiles the mask hides entirely skipped; the attention mass, when
+//!   asked, comes from a second pass that recomputes the scores against each row's log-sum-exp.
+//!
+//! The chunk and tile sizes are fixed, so results do not depend on the thread count. The plain
+//! candle composition (matmul, mask, softmax, matmul) is the oracle both are tested against.
+//! Owns no cache and no masking policy: masks come from the `KvView`.
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
-use rayon::prelude::*;
+mod lanes;
+mod simd;
+mod split;
+#[cfg(test)]
+mod tests;
+mod tiled;
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor};
 use std::sync::Mutex;
 
+/// Query columns up to which the split (decode) kernel runs; longer blocks run tiled.
+pub const SPLIT_MAX_T: usize = 16;
+
 /// `q (B, Hkv, G*T, D)` contiguous, `k, v (B, Hkv, L, D)` any strides with a unit last stride,
-/// `mask` additive `(B, T, L)` or per KV head `(B, Hkv, T, L)` -> `(B, Hkv, G*T, D)`.
+/// `mask` additive `(B, 1, T, L)` or per KV head `(B, Hkv, T, L)` -> `(B, Hkv, G*T, D)`.
 pub struct FusedAttention {
     pub scale: f32,
     pub t: usize,
-    pub mask: Option<Vec<f32>>,
+    pub mask: Option<Tensor>,
     /// When set (each row's real query count), the kernel also sums every slot's probabilities
     /// over those queries into `mass`, laid out `(B, Hkv * G, L)`.
     pub mass_lens: Option<Vec<usize>>,
@@ -24,6 +45,68 @@ fn f32s<'a>(s: &'a CpuStorage, what: &str) -> candle_core::Result<&'a [f32]> {
     match s {
         CpuStorage::F32(v) => Ok(v),
         _ => candle_core::bail!("fused attention: {what} must be f32"),
+    }
+}
+
+/// Everything a task needs, shared by all tasks: the inputs in place and the geometry.
+pub(crate) struct Job<'a> {
+    pub q: &'a [f32],
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    /// Strides of the batch, head and slot axes of `k` and `v`, and their start offsets.
+    pub ks: [usize; 3],
+    pub vs: [usize; 3],
+    pub ko: usize,
+    pub vo: usize,
+    pub b: usize,
+    pub h: usize,
+    /// Query rows per (row, KV head): the group's heads stacked, `g * t`.
+    pub gt: usize,
+    pub g: usize,
+    pub t: usize,
+    pub d: usize,
+    pub l: usize,
+    pub scale: f32,
+    /// Contiguous `(B, mask_heads, T, L)`.
+    pub mask: Option<&'a [f32]>,
+    pub mask_heads: usize,
+    pub mass_lens: Option<&'a [usize]>,
+}
+
+impl Job<'_> {
+    #[inline(always)]
+    pub fn krow(&self, bi: usize, hi: usize, x: usize) -> &[f32] {
+        let at = self.ko + bi * self.ks[0] + hi * self.ks[1] + x * self.ks[2];
+        &self.k[at..at + self.d]
+    }
+
+    #[inline(always)]
+    pub fn vrow(&self, bi: usize, hi: usize, x: usize) -> &[f32] {
+        let at = self.vo + bi * self.vs[0] + hi * self.vs[1] + x * self.vs[2];
+        &self.v[at..at + self.d]
+    }
+
+    /// Query row `r` (of `gt`) of (row, KV head) `bh`.
+    #[inline(always)]
+    pub fn qrow(&self, bh: usize, r: usize) -> &[f32] {
+        let at = (bh * self.gt + r) * self.d;
+        &self.q[at..at + self.d]
+    }
+
+    /// The mask over all `L` slots for query column `t` of row `bi`, KV head `hi`.
+    #[inline(always)]
+    pub fn mask_row(&self, bi: usize, hi: usize, t: usize) -> Option<&[f32]> {
+        let mh = if self.mask_heads > 1 { hi } else { 0 };
+        self.mask.map(|m| {
+            let at = ((bi * self.mask_heads + mh) * self.t + t) * self.l;
+            &m[at..at + self.l]
+        })
+    }
+
+    /// Whether query column `t` of row `bi` counts towards the attention mass.
+    #[inline(always)]
+    pub fn real(&self, bi: usize, t: usize) -> bool {
+        self.mass_lens.is_some_and(|lens| t < lens[bi])
     }
 }
 
@@ -46,170 +129,95 @@ impl CustomOp3 for FusedAttention {
         if (kb, kh, kd) != (b, h, d) || vl.shape().dims() != kl.shape().dims() {
             candle_core::bail!("fused attention: shapes {:?} {:?} {:?}", ql.shape(), kl.shape(), vl.shape());
         }
+        if self.t == 0 || gt % self.t != 0 {
+            candle_core::bail!("fused attention: {gt} query rows are not a multiple of {} columns", self.t);
+        }
         let Some((qo, _)) = ql.contiguous_offsets() else {
             candle_core::bail!("fused attention: q must be contiguous")
         };
         if kl.stride()[3] != 1 || vl.stride()[3] != 1 {
             candle_core::bail!("fused attention: k and v need a unit last stride");
         }
-        let mut mask_heads = 1;
-        if let Some(m) = &self.mask {
-            if m.len() == b * h * self.t * l {
-                mask_heads = h;
-            } else if m.len() != b * self.t * l {
-                candle_core::bail!("fused attention: mask has {} values, expected {}", m.len(), b * self.t * l);
-            }
-        }
         if self.mass_lens.as_ref().is_some_and(|m| m.len() != b) {
             candle_core::bail!("fused attention: query lengths for {b} rows needed");
         }
-        let (q, k, v) = (&f32s(qs, "q")?[qo..], f32s(ks, "k")?, f32s(vs, "v")?);
-        let (ks_, vs_) = (kl.stride(), vl.stride());
-        let (ko, vo) = (kl.start_offset(), vl.start_offset());
-        let mut out = vec![0f32; b * h * gt * d];
+        // The mask is read in place (one (T, L) mask serves every layer of a step).
+        let mask_t = match &self.mask {
+            Some(m) if m.dtype() == candle_core::DType::F32 => Some(m.contiguous()?),
+            Some(m) => Some(m.to_dtype(candle_core::DType::F32)?.contiguous()?),
+            None => None,
+        };
+        let guard = mask_t.as_ref().map(|m| m.storage_and_layout());
+        let (mask, mask_heads) = match &guard {
+            Some((storage, layout)) => {
+                let Storage::Cpu(s) = &**storage else {
+                    candle_core::bail!("fused attention: mask must be on the CPU")
+                };
+                let Some((o0, o1)) = layout.contiguous_offsets() else { candle_core::bail!("mask not contiguous") };
+                let m = &f32s(s, "mask")?[o0..o1];
+                let heads = if m.len() == b * h * self.t * l {
+                    h
+                } else if m.len() == b * self.t * l {
+                    1
+                } else {
+                    candle_core::bail!("fused attention: mask has {} values, expected {}", m.len(), b * self.t * l);
+                };
+                (Some(m), heads)
+            }
+            None => (None, 1),
+        };
+        let (k, v) = (f32s(ks, "k")?, f32s(vs, "v")?);
+        let (kst, vst) = (kl.stride(), vl.stride());
         let job = Job {
-            q,
+            q: &f32s(qs, "q")?[qo..qo + b * h * gt * d],
             k,
             v,
-            ks: ks_,
-            vs: vs_,
-            ko,
-            vo,
+            ks: [kst[0], kst[1], kst[2]],
+            vs: [vst[0], vst[1], vst[2]],
+            ko: kl.start_offset(),
+            vo: vl.start_offset(),
+            b,
             h,
             gt,
+            g: gt / self.t,
+            t: self.t,
             d,
             l,
-            t: self.t,
             scale: self.scale,
-            mask: self.mask.as_deref(),
+            mask,
             mask_heads,
             mass_lens: self.mass_lens.as_deref(),
         };
-        let g = gt / self.t;
-        let mut mass = vec![0f32; if self.mass_lens.is_some() { b * h * g * l } else { 0 }];
-        let simd = crate::kernels::quant::level() != crate::kernels::quant::Level::Scalar;
-        let run = |(bh, (o, m)): (usize, (&mut [f32], &mut [f32]))| {
-            #[cfg(target_arch = "x86_64")]
-            if simd {
-                // SAFETY: `level()` found AVX2 and FMA on this CPU.
-                unsafe { attend_avx2(&job, bh, o, m) };
-                return;
+        let mut out = vec![0f32; b * h * gt * d];
+        let mut mass = vec![0f32; if self.mass_lens.is_some() { b * h * job.g * l } else { 0 }];
+        let mass_out = self.mass_lens.is_some().then_some(mass.as_mut_slice());
+        if l > 0 {
+            if self.t <= SPLIT_MAX_T {
+                split::run(&job, &mut out, mass_out);
+            } else {
+                tiled::run(&job, &mut out, mass_out);
             }
-            let _ = simd;
-            attend(&job, bh, o, m);
-        };
+        }
         if self.mass_lens.is_some() {
-            out.par_chunks_mut(gt * d).zip(mass.par_chunks_mut(g * l)).enumerate().for_each(run);
             if let Ok(mut m) = self.mass.lock() {
                 *m = mass;
             }
-        } else {
-            out.par_chunks_mut(gt * d).enumerate().for_each(|(bh, o)| run((bh, (o, &mut []))));
         }
         Ok((CpuStorage::F32(out), Shape::from((b, h, gt, d))))
     }
 }
 
-/// Everything one (row, KV head) needs, shared by all tasks.
-struct Job<'a> {
-    q: &'a [f32],
-    k: &'a [f32],
-    v: &'a [f32],
-    ks: &'a [usize],
-    vs: &'a [usize],
-    ko: usize,
-    vo: usize,
-    h: usize,
-    gt: usize,
-    d: usize,
-    l: usize,
-    t: usize,
-    scale: f32,
-    mask: Option<&'a [f32]>,
-    mask_heads: usize,
-    mass_lens: Option<&'a [usize]>,
+/// Splits `buf` into consecutive pieces of the given lengths.
+fn pieces<T>(mut buf: &mut [T], lens: impl Iterator<Item = usize>) -> Vec<&mut [T]> {
+    lens.map(|n| {
+        let (a, b) = std::mem::take(&mut buf).split_at_mut(n);
+        buf = b;
+        a
+    })
+    .collect()
 }
 
-/// The same loop compiled with AVX2/FMA enabled (the baseline build is SSE2 only).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn attend_avx2(j: &Job, bh: usize, o: &mut [f32], mass: &mut [f32]) {
-    attend(j, bh, o, mass)
-}
-
-/// Attention of the `G*T` query rows of one (batch row, KV head) into `o`; with `mass_lens`,
-/// the probabilities of each real query are also summed into `mass` `(G, L)`.
-#[inline(always)]
-fn attend(j: &Job, bh: usize, o: &mut [f32], mass: &mut [f32]) {
-    let (bi, hi) = (bh / j.h, bh % j.h);
-    let (d, l, t_) = (j.d, j.l, j.t);
-    let kbase = j.ko + bi * j.ks[0] + hi * j.ks[1];
-    let vbase = j.vo + bi * j.vs[0] + hi * j.vs[1];
-    let mhead = if j.mask_heads > 1 { hi } else { 0 };
-    let mut scores = vec![0f32; l];
-    let mut acc = vec![0f64; d];
-    for r in 0..j.gt {
-        let qr = &j.q[(bh * j.gt + r) * d..(bh * j.gt + r + 1) * d];
-        let t = r % t_;
-        let mrow = j.mask.map(|m| {
-            let at = ((bi * j.mask_heads + mhead) * t_ + t) * l;
-            &m[at..at + l]
-        });
-        let mut max = f32::NEG_INFINITY;
-        for (x, s) in scores.iter_mut().enumerate() {
-            let kr = &j.k[kbase + x * j.ks[2]..kbase + x * j.ks[2] + d];
-            *s = dot(qr, kr) * j.scale + mrow.map_or(0.0, |m| m[x]);
-            max = max.max(*s);
-        }
-        // Sums in f64: the result then hardly depends on the order of the slots, so a cache that
-        // keeps its entries in any order gives the logits of one that keeps them sorted.
-        let mut sum = 0f64;
-        for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s as f64;
-        }
-        let inv = (1.0 / sum) as f32;
-        if let Some(lens) = j.mass_lens {
-            if t < lens[bi] {
-                let mrow = &mut mass[(r / t_) * l..(r / t_ + 1) * l];
-                for (m, s) in mrow.iter_mut().zip(&scores) {
-                    *m += s * inv;
-                }
-            }
-        }
-        acc.fill(0.0);
-        for (x, s) in scores.iter().enumerate() {
-            if *s == 0.0 {
-                continue; // masked
-            }
-            let p = (s * inv) as f64;
-            let vr = &j.v[vbase + x * j.vs[2]..vbase + x * j.vs[2] + d];
-            for (a, vv) in acc.iter_mut().zip(vr) {
-                *a += p * *vv as f64;
-            }
-        }
-        for (oo, a) in o[r * d..(r + 1) * d].iter_mut().zip(&acc) {
-            *oo = *a as f32;
-        }
-    }
-}
-
-/// Dot product with 8 independent partial sums, so the compiler keeps SIMD lanes busy instead of
-/// one serial chain of dependent adds.
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
-/// Runs the fused kernel: `q (B, Hkv, G*T, D)`, `k/v (B, Hkv, L, D)`, mask `(B, 1, T, L)` or
+/// Runs the fused kernels: `q (B, Hkv, G*T, D)`, `k/v (B, Hkv, L, D)`, mask `(B, 1, T, L)` or
 /// `(B, Hkv, T, L)`. With `mass_lens` also returns the attention mass `(B, Hkv * G, L)` of each
 /// row's first `mass_lens[b]` queries.
 pub fn fused_attention(
@@ -221,11 +229,13 @@ pub fn fused_attention(
     t: usize,
     mass_lens: Option<&[usize]>,
 ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
-    let mask = match mask {
-        Some(m) => Some(m.flatten_all()?.to_vec1::<f32>()?),
-        None => None,
+    let op = FusedAttention {
+        scale,
+        t,
+        mask: mask.cloned(),
+        mass_lens: mass_lens.map(<[usize]>::to_vec),
+        mass: Mutex::new(vec![]),
     };
-    let op = FusedAttention { scale, t, mask, mass_lens: mass_lens.map(<[usize]>::to_vec), mass: Mutex::new(vec![]) };
     let out = q.contiguous()?.apply_op3_no_bwd(k, v, &op)?;
     let mass = match mass_lens {
         Some(_) => {
@@ -237,61 +247,4 @@ pub fn fused_attention(
         None => None,
     };
     Ok((out, mass))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use candle_core::{Device, D};
-
-    /// The plain composition: matmul, mask, softmax, matmul. Returns the output and the
-    /// probabilities `(B, Hkv, G*T, L)`.
-    fn reference(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64, t: usize) -> (Tensor, Tensor) {
-        let (b, h, gt, _) = q.dims4().unwrap();
-        let l = k.dim(2).unwrap();
-        let s = (q.matmul(&k.t().unwrap().contiguous().unwrap()).unwrap() * scale).unwrap();
-        let s = match mask {
-            Some(m) => s
-                .reshape((b, h, gt / t, t, l))
-                .unwrap()
-                .broadcast_add(&m.unsqueeze(2).unwrap())
-                .unwrap()
-                .reshape((b, h, gt, l))
-                .unwrap(),
-            None => s,
-        };
-        let p = candle_nn::ops::softmax(&s, D::Minus1).unwrap();
-        (p.matmul(&v.contiguous().unwrap()).unwrap(), p)
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
-    }
-
-    #[test]
-    fn matches_plain_attention_on_strided_cache_with_mask() {
-        let dev = Device::Cpu;
-        let (b, h, g, t, d, cap, l) = (3, 2, 3, 2, 16, 20, 13);
-        let q = Tensor::randn(0f32, 1.0, (b, h, g * t, d), &dev).unwrap();
-        // A cache with spare capacity, narrowed to the used slots: strided like the real one.
-        let kc = Tensor::randn(0f32, 1.0, (b, h, cap, d), &dev).unwrap();
-        let vc = Tensor::randn(0f32, 1.0, (b, h, cap, d), &dev).unwrap();
-        let (k, v) = (kc.narrow(2, 0, l).unwrap(), vc.narrow(2, 0, l).unwrap());
-        let masked = |i: usize, m: usize| if (i * 7) % m == 0 { crate::kv::MASKED } else { 0.0 };
-        let shared = Tensor::from_vec((0..b * t * l).map(|i| masked(i, 5)).collect(), (b, 1, t, l), &dev).unwrap();
-        let per_head =
-            Tensor::from_vec((0..b * h * t * l).map(|i| masked(i, 3)).collect(), (b, h, t, l), &dev).unwrap();
-        let lens = [2, 1, 0];
-        for mask in [None, Some(&shared), Some(&per_head)] {
-            let (want, probs) = reference(&q, &k, &v, mask, 0.25, t);
-            let (got, mass) = fused_attention(&q, &k, &v, mask, 0.25, t, Some(&lens)).unwrap();
-            assert!(max_diff(&want, &got) < 1e-5);
-            // Mass: probabilities of each row's real queries, summed per query head.
-            let valid: Vec<f32> = (0..b * t).map(|i| if i % t < lens[i / t] { 1.0 } else { 0.0 }).collect();
-            let valid = Tensor::from_vec(valid, (b, 1, 1, t, 1), &dev).unwrap();
-            let want_mass = probs.reshape((b, h, g, t, l)).unwrap().broadcast_mul(&valid).unwrap().sum(3).unwrap();
-            let want_mass = want_mass.reshape((b, h * g, l)).unwrap();
-            assert!(max_diff(&want_mass, &mass.unwrap()) < 1e-5);
-        }
-    }
 }
