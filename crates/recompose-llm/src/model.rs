@@ -12,13 +12,10 @@ use crate::linear::Linear;
 use crate::rope::Rope;
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor, Var};
+use rayon::prelude::*;
 use recompose_core::config::{Arch, ModelConfig};
 use recompose_core::weights::ModelFile;
 use std::sync::Arc;
-
-/// Query columns up to which attention runs fused (decode, small chunks); longer prefills use
-/// batched matmuls, which win when there are many queries per key.
-const FUSED_ATTENTION_MAX_T: usize = 16;
 
 /// Which weight form the model computes with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -664,7 +661,9 @@ impl Model {
         let l = view.k.dim(2)?;
         let wants_mass = cache.wants_probs();
         let tracked = q.track_op() || view.k.track_op() || view.v.track_op();
-        let fused = t <= FUSED_ATTENTION_MAX_T && !tracked && q.device().is_cpu() && q.dtype() == DType::F32;
+        // On the CPU in f32 without gradients every block runs fused (`attention`: split for
+        // decode, tiled for prefill); the plain composition serves other devices and autograd.
+        let fused = !tracked && q.device().is_cpu() && q.dtype() == DType::F32;
         let out = if let (Some(causal), false) = (view.causal, wants_mass) {
             // The step's own keys under a causal mask: the blocked kernel (with a backward).
             grad::causal_attention(q, &view.k, &view.v, c.attn_scale, causal.window)?
