@@ -91,7 +91,7 @@ start() {
             CMD=("$BIN" serve --model "$GGUF" --threads "$THREADS" --host 127.0.0.1 --port "$port")
             # Each rate replays the same prompts: a prefix cache would serve later rates from
             # earlier ones, so it is off unless PROMPT_CACHE=1 (as llama-server's below).
-            [[ "${PROMPT_CACHE:-0}" == 1 ]] || CMD+=(--no-prefix-cache)
+            [[ "${PROMPT_CACHE:-0}" == 1 ]] && CMD+=(--prefix-cache 256) || CMD+=(--no-prefix-cache)
             [[ -z "${STEP_TOKENS:-}" ]] || CMD+=(--step-tokens "$STEP_TOKENS") ;;
         llama-server)
             CMD=("$LLAMA_BIN/llama-server" -m "$GGUF" --alias smollm2-135m -t "$THREADS" -tb "$THREADS"
