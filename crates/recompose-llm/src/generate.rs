@@ -454,12 +454,16 @@ impl Batcher {
             lens.push(n);
         }
         let logits = {
-            let mut caches: Vec<&mut dyn KvCache> = vec![];
-            let mut rows = self.rows.iter_mut().enumerate();
-            for &(i, _) in &take {
-                let (_, r) = rows.find(|(j, _)| *j == i).ok_or_else(|| Error::InvalidInput("row lost".into()))?;
-                caches.push(r.cache.as_mut());
-            }
+            // `take` is sorted by row, so the taking rows' caches come out in its order.
+            let mut takes = vec![false; self.rows.len()];
+            take.iter().for_each(|&(i, _)| takes[i] = true);
+            let mut caches: Vec<&mut dyn KvCache> = self
+                .rows
+                .iter_mut()
+                .zip(&takes)
+                .filter(|(_, &t)| t)
+                .map(|(r, _)| -> &mut dyn KvCache { r.cache.as_mut() })
+                .collect();
             model.forward_packed(&tokens, &start, &lens, &mut caches, Logits::Last)?
         };
         let logits: Vec<Vec<f32>> = logits.to_vec2()?;

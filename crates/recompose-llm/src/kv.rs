@@ -283,7 +283,9 @@ impl KvCache for FullCache {
         if self.batch != 1 || n == 0 || n > self.lens[0] || !in_order || self.layers.iter().any(Option::is_none) {
             return None;
         }
-        let copy = |t: &Tensor| -> Result<Tensor> { Ok(t.narrow(2, 0, n)?.copy()?) };
+        // A compact copy: `copy()` would clone the whole storage, spare capacity included, and
+        // the prefix cache would hold more than it counts.
+        let copy = |t: &Tensor| -> Result<Tensor> { Ok(t.narrow(2, 0, n)?.force_contiguous()?) };
         Some(self.layers.iter().flatten().map(|(k, v)| Ok((copy(k)?, copy(v)?))).collect())
     }
 

@@ -402,7 +402,7 @@ unsafe fn attend_tile_v<V: Lanes, const NV: usize, const RB: usize>(
         let kt = &keys[(bh * cls.nk + ki) * d * BK..(bh * cls.nk + ki + 1) * d * BK];
         scores::<V, NV, RB>(qs, kt, s, d, rows);
         for i in 0..nq {
-            let row: &mut [f32; BK] = (&mut s[i * BK..(i + 1) * BK]).try_into().unwrap();
+            let row: &mut [f32; BK] = (&mut s[i * BK..(i + 1) * BK]).try_into().unwrap(); // ok: the slice is BK long
             if class == MIXED {
                 if let Some(mr) = j.mask_row(bi, hi, t0 + i) {
                     for (e, mm) in row[..n].iter_mut().zip(&mr[x0..x0 + n]) {
@@ -520,7 +520,7 @@ unsafe fn mass_tile_v<V: Lanes, const NV: usize, const RB: usize>(
         scores::<V, NV, RB>(qs, kt, s, d, rows);
         for i in (0..nq).take_while(|&i| j.real(bi, t0 + i)) {
             let (mx, inv) = st(i);
-            let srow: &mut [f32; BK] = (&mut s[i * BK..(i + 1) * BK]).try_into().unwrap();
+            let srow: &mut [f32; BK] = (&mut s[i * BK..(i + 1) * BK]).try_into().unwrap(); // ok: the slice is BK long
             if class == MIXED {
                 if let Some(mr) = j.mask_row(bi, hi, t0 + i) {
                     for (e, mm) in srow[..n].iter_mut().zip(&mr[x0..x0 + n]) {
