@@ -2,18 +2,20 @@
 //! without materialising the `(B, H, T, L)` score matrix, reading the cache's keys and values in
 //! place through their strides. Two kernels, both split across threads beyond (row, KV head):
 //!
-//! - `split` (query blocks up to `SPLIT_MAX_T` columns: decode, small chunks): the keys are cut
+//! - `split` (decode, and by default blocks up to `SPLIT_MAX_T` columns): the keys are cut
 //!   into fixed chunks (flash-decoding); every chunk's scores are computed in parallel, then the
 //!   exponentials and weighted values, with the denominators and value sums in f64, combined in
 //!   chunk order. A slot's probability does not depend on where it sits, so caches holding the
 //!   same entries in another order give the same result to the last bit or so (bounded caches
 //!   are tested against a sorted oracle).
-//! - `tiled` (longer blocks: prefill): query tiles x key tiles with an online softmax
-//!   (FlashAttention), f32, tiles the mask hides entirely skipped; the attention mass, when
-//!   asked, comes from a second pass that recomputes the scores against each row's log-sum-exp.
+//! - `tiled` (prefill: in serving every prompt piece, whatever its length): query tiles x key
+//!   tiles with an online softmax (FlashAttention), f32, tiles the mask hides entirely skipped;
+//!   the attention mass, when asked, comes from a second pass that recomputes the scores
+//!   against each row's log-sum-exp.
 //!
-//! The chunk and tile sizes are fixed, so results do not depend on the thread count. The plain
-//! candle composition (matmul, mask, softmax, matmul) is the oracle both are tested against.
+//! The chunk and tile sizes are fixed and aligned to slot 0, so results depend neither on the
+//! thread count nor, for one query, on the other queries of its call. The plain candle
+//! composition (matmul, mask, softmax, matmul) is the oracle both are tested against.
 //! Owns no cache and no masking policy: masks come from the `KvView`.
 
 mod lanes;
@@ -26,14 +28,36 @@ mod tiled;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor};
 use std::sync::Mutex;
 
-/// Query columns up to which the split (decode) kernel runs; longer blocks run tiled.
+/// Query columns up to which the split (decode) kernel runs by default; longer blocks run tiled.
 pub const SPLIT_MAX_T: usize = 16;
+
+/// Which kernel attends. Each gives a query the same result however many other queries share
+/// its call (its keys being the same), but the two differ from each other in the last bits: a
+/// prompt must go through one of them whatever pieces it is cut into, or its KV (and so a
+/// prefix cache's) would depend on the cutting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    Split,
+    Tiled,
+}
+
+impl Kernel {
+    /// The faster kernel for a block of `t` query columns.
+    pub fn for_columns(t: usize) -> Self {
+        if t <= SPLIT_MAX_T {
+            Kernel::Split
+        } else {
+            Kernel::Tiled
+        }
+    }
+}
 
 /// `q (B, Hkv, G*T, D)` contiguous, `k, v (B, Hkv, L, D)` any strides with a unit last stride,
 /// `mask` additive `(B, 1, T, L)` or per KV head `(B, Hkv, T, L)` -> `(B, Hkv, G*T, D)`.
 pub struct FusedAttention {
     pub scale: f32,
     pub t: usize,
+    pub kernel: Kernel,
     pub mask: Option<Tensor>,
     /// When set (each row's real query count), the kernel also sums every slot's probabilities
     /// over those queries into `mass`, laid out `(B, Hkv * G, L)`.
@@ -192,10 +216,9 @@ impl CustomOp3 for FusedAttention {
         let mut mass = vec![0f32; if self.mass_lens.is_some() { b * h * job.g * l } else { 0 }];
         let mass_out = self.mass_lens.is_some().then_some(mass.as_mut_slice());
         if l > 0 {
-            if self.t <= SPLIT_MAX_T {
-                split::run(&job, &mut out, mass_out);
-            } else {
-                tiled::run(&job, &mut out, mass_out);
+            match self.kernel {
+                Kernel::Split => split::run(&job, &mut out, mass_out),
+                Kernel::Tiled => tiled::run(&job, &mut out, mass_out),
             }
         }
         if self.mass_lens.is_some() {
@@ -217,9 +240,10 @@ fn pieces<T>(mut buf: &mut [T], lens: impl Iterator<Item = usize>) -> Vec<&mut [
     .collect()
 }
 
-/// Runs the fused kernels: `q (B, Hkv, G*T, D)`, `k/v (B, Hkv, L, D)`, mask `(B, 1, T, L)` or
+/// Runs a fused kernel: `q (B, Hkv, G*T, D)`, `k/v (B, Hkv, L, D)`, mask `(B, 1, T, L)` or
 /// `(B, Hkv, T, L)`. With `mass_lens` also returns the attention mass `(B, Hkv * G, L)` of each
 /// row's first `mass_lens[b]` queries.
+#[allow(clippy::too_many_arguments)]
 pub fn fused_attention(
     q: &Tensor,
     k: &Tensor,
@@ -227,11 +251,13 @@ pub fn fused_attention(
     mask: Option<&Tensor>,
     scale: f32,
     t: usize,
+    kernel: Kernel,
     mass_lens: Option<&[usize]>,
 ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
     let op = FusedAttention {
         scale,
         t,
+        kernel,
         mask: mask.cloned(),
         mass_lens: mass_lens.map(<[usize]>::to_vec),
         mass: Mutex::new(vec![]),

@@ -361,17 +361,15 @@ impl Batcher {
         Ok(id)
     }
 
-    /// Takes a sequence out (finished, cancelled or failed) with its cache. With a prefix
-    /// cache, what it fed (its prompt and all but its last generated token) is kept there, so
-    /// the next turn of a chat, which repeats the conversation so far, prefills only what is new.
+    /// Takes a sequence out (finished, cancelled or failed) with its cache.
+    ///
+    /// Its prompt went to the prefix cache when its prefill ended; its generated tokens do not:
+    /// their KV came from the decode kernel, which differs in the last bits from the prefill
+    /// kernel a later prompt holding them runs, so the next turn of a chat reuses the previous
+    /// turn's prompt and prefills the reply again, to give exactly what it gives uncached.
     pub fn remove(&mut self, id: SeqId) -> Option<(Sequence, Box<dyn KvCache>)> {
         let i = self.rows.iter().position(|r| r.id == id)?;
         let r = self.rows.remove(i);
-        if let (Some(pc), false) = (self.prefix.as_mut(), r.seq.prefilling()) {
-            if let Some(Ok(kv)) = r.cache.export_prefix(r.seq.position()) {
-                pc.insert(&r.seq.tokens[..r.seq.position()], kv);
-            }
-        }
         Some((r.seq, r.cache))
     }
 
@@ -447,11 +445,12 @@ impl Batcher {
         }
         take.sort_unstable();
         let mut tokens = Vec::with_capacity(take.iter().map(|t| t.1).sum());
-        let (mut start, mut lens) = (vec![], vec![]);
+        let (mut start, mut lens, mut prompt) = (vec![], vec![], vec![]);
         for &(i, n) in &take {
             tokens.extend_from_slice(&self.rows[i].seq.pending()[..n]);
             start.push(self.rows[i].seq.position());
             lens.push(n);
+            prompt.push(self.rows[i].seq.prefilling());
         }
         let logits = {
             // `take` is sorted by row, so the taking rows' caches come out in its order.
@@ -464,7 +463,7 @@ impl Batcher {
                 .filter(|(_, &t)| t)
                 .map(|(r, _)| -> &mut dyn KvCache { r.cache.as_mut() })
                 .collect();
-            model.forward_packed(&tokens, &start, &lens, &mut caches, Logits::Last)?
+            model.forward_packed(&tokens, &start, &lens, &prompt, &mut caches, Logits::Last)?
         };
         let logits: Vec<Vec<f32>> = logits.to_vec2()?;
         let mut out = vec![];

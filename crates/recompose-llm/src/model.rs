@@ -3,6 +3,7 @@
 //! embeddings, GELU). Weights are read by HF name from a `ModelFile`; attention talks to a
 //! `KvCache`, the MLP is an `Ffn`. Owns no sampling and no cache policy.
 
+use crate::attention::Kernel;
 use crate::error::{Error, Result};
 use crate::ffn::{DenseFfn, Ffn, FfnContext};
 use crate::grad;
@@ -403,22 +404,28 @@ impl Model {
     /// batch 1: `tokens` holds row 0's `lens[0]` tokens, then row 1's, and so on, and row r's
     /// first token sits at position `start[r]`. Decode rows (one token) and prefill chunks
     /// (many) run in one forward: projections and FFNs over all `sum(lens)` tokens at once,
-    /// attention row by row against each row's cache. `Logits::Last` gives each row's last
-    /// token `(rows, vocab)`; `Logits::All` every token `(1, sum(lens), vocab)`.
+    /// attention row by row against each row's cache. `prompt[r]` marks row r's tokens as a
+    /// piece of its prompt: those attend through the prefill kernel however few they are, so a
+    /// prompt's KV (and a prefix cached from it) is the same to the last bit however the prompt
+    /// was cut into pieces. `Logits::Last` gives each row's last token `(rows, vocab)`;
+    /// `Logits::All` every token `(1, sum(lens), vocab)`.
     pub fn forward_packed(
         &self,
         tokens: &[u32],
         start: &[usize],
         lens: &[usize],
+        prompt: &[bool],
         caches: &mut [&mut dyn KvCache],
         logits: Logits,
     ) -> Result<Tensor> {
         let n: usize = lens.iter().sum();
-        if start.len() != lens.len() || caches.len() != lens.len() || caches.iter().any(|c| c.batch_size() != 1) {
+        let rows_agree = start.len() == lens.len() && prompt.len() == lens.len() && caches.len() == lens.len();
+        if !rows_agree || caches.iter().any(|c| c.batch_size() != 1) {
             return Err(Error::InvalidInput(format!(
-                "{} starts, {} lengths and {} caches in a packed step (one cache of batch 1 per row)",
+                "{} starts, {} lengths, {} prompt flags and {} caches in a packed step (one cache of batch 1 per row)",
                 start.len(),
                 lens.len(),
+                prompt.len(),
                 caches.len()
             )));
         }
@@ -430,7 +437,7 @@ impl Model {
         }
         let rows = Step { start: start.to_vec(), lens: lens.to_vec(), t: lens.iter().copied().max().unwrap_or(0) };
         let whole = Step { start: vec![0], lens: vec![n], t: n };
-        let shape = StepShape::Packed { rows: &rows, whole: &whole };
+        let shape = StepShape::Packed { rows: &rows, whole: &whole, prompt };
         Ok(self.run(tokens, shape, caches, logits, &Plan::default())?.logits)
     }
 
@@ -607,19 +614,20 @@ impl Model {
                 let q = q.reshape((b, hkv, g * t, d))?;
                 if caches.len() == 1 {
                     let view = caches[0].update(li, &k, &v, window)?;
-                    self.attend(li, &q, &view, step, &mut *caches[0])?
+                    self.attend(li, &q, &view, step, Kernel::for_columns(t), &mut *caches[0])?
                 } else {
                     let mut outs = Vec::with_capacity(b);
                     for (r, cache) in caches.iter_mut().enumerate() {
                         let (kr, vr) = (k.narrow(0, r, 1)?, v.narrow(0, r, 1)?);
                         let view = cache.update(li, &kr, &vr, window)?;
                         let rs = row_step(shape, r);
-                        outs.push(self.attend(li, &q.narrow(0, r, 1)?, &view, &rs, &mut **cache)?);
+                        let kernel = Kernel::for_columns(t);
+                        outs.push(self.attend(li, &q.narrow(0, r, 1)?, &view, &rs, kernel, &mut **cache)?);
                     }
                     Tensor::cat(&outs, 0)?
                 }
             }
-            StepShape::Packed { rows, .. } => {
+            StepShape::Packed { rows, prompt, .. } => {
                 // Rows lie end to end on the column axis: rotate each column at its row's
                 // position, then attend row by row over the row's own cache.
                 let positions: Vec<usize> =
@@ -640,7 +648,10 @@ impl Model {
                 let outs: Vec<Tensor> = work
                     .into_par_iter()
                     .map(|(r, qr, view, cache)| {
-                        let o = self.attend(li, &qr, &view, &row_step(shape, r), &mut **cache)?;
+                        // A prompt's every piece runs tiled, so its KV does not depend on how it
+                        // was cut (into chunks, or after a cached prefix).
+                        let kernel = if prompt[r] { Kernel::Tiled } else { Kernel::for_columns(rows.lens[r]) };
+                        let o = self.attend(li, &qr, &view, &row_step(shape, r), kernel, &mut **cache)?;
                         Ok(o.reshape((1, hq, rows.lens[r], d))?)
                     })
                     .collect::<Result<_>>()?;
@@ -652,7 +663,15 @@ impl Model {
     }
 
     /// Attention of queries `(B, Hkv, G*T, D)` over a cache view; `(B, Hkv, G*T, D)` out.
-    fn attend(&self, li: usize, q: &Tensor, view: &KvView, step: &Step, cache: &mut dyn KvCache) -> Result<Tensor> {
+    fn attend(
+        &self,
+        li: usize,
+        q: &Tensor,
+        view: &KvView,
+        step: &Step,
+        kernel: Kernel,
+        cache: &mut dyn KvCache,
+    ) -> Result<Tensor> {
         let c = &self.config;
         let (b, hkv, gt, _) = q.dims4()?;
         let t = step.t;
@@ -661,8 +680,8 @@ impl Model {
         let l = view.k.dim(2)?;
         let wants_mass = cache.wants_probs();
         let tracked = q.track_op() || view.k.track_op() || view.v.track_op();
-        // On the CPU in f32 without gradients every block runs fused (`attention`: split for
-        // decode, tiled for prefill); the plain composition serves other devices and autograd.
+        // On the CPU in f32 without gradients every block runs fused (`attention`: `kernel`);
+        // the plain composition serves other devices and autograd.
         let fused = !tracked && q.device().is_cpu() && q.dtype() == DType::F32;
         let out = if let (Some(causal), false) = (view.causal, wants_mass) {
             // The step's own keys under a causal mask: the blocked kernel (with a backward).
@@ -676,6 +695,7 @@ impl Model {
                 view.mask.as_ref(),
                 c.attn_scale as f32,
                 t,
+                kernel,
                 lens,
             )?;
             if let Some(m) = mass {
@@ -715,8 +735,8 @@ pub(crate) enum StepShape<'a> {
     Padded(&'a Step),
     /// Rows of different lengths end to end in one `1 x N` run, one cache per row: row r's
     /// `rows.lens[r]` tokens start at position `rows.start[r]`. `whole` is the `1 x N` step
-    /// the FFNs see.
-    Packed { rows: &'a Step, whole: &'a Step },
+    /// the FFNs see. `prompt[r]`: row r's tokens are a piece of its prompt.
+    Packed { rows: &'a Step, whole: &'a Step, prompt: &'a [bool] },
 }
 
 impl<'a> StepShape<'a> {

@@ -35,11 +35,11 @@ pub struct Args {
     prefill_chunk: usize,
     /// Keep up to MIB of KV for prompt prefixes (system prompts, earlier chat turns) that later
     /// requests reuse instead of prefilling; least recently used evicted first. Requests with a
-    /// bounded KV policy neither use nor fill it. Off by default: on smollm2 its greedy outputs
-    /// still differ from a full prefill's in some requests (docs/SERVE.md).
-    #[arg(long, value_name = "MIB")]
-    prefix_cache: Option<usize>,
-    /// No prefix cache (the default).
+    /// bounded KV policy neither use nor fill it. With quantised weights a reused prefix gives
+    /// exactly the outputs of a full prefill (docs/SERVE.md).
+    #[arg(long, default_value_t = 256, value_name = "MIB")]
+    prefix_cache: usize,
+    /// Turn the prefix cache off.
     #[arg(long, conflicts_with = "prefix_cache")]
     no_prefix_cache: bool,
     /// Most requests waiting for a place in the batch; beyond it requests get 429.
@@ -113,10 +113,7 @@ pub fn run(a: Args) -> Result<()> {
             "--max-batch, --max-queue, --max-connections, --read-timeout, --step-tokens and --prefill-chunk must be at least 1"
         );
     }
-    let prefix_cache = match a.prefix_cache {
-        Some(mib) if !a.no_prefix_cache => Some(prefix_cache_bytes(mib)?),
-        _ => None,
-    };
+    let prefix_cache = if a.no_prefix_cache { None } else { Some(prefix_cache_bytes(a.prefix_cache)?) };
     let limits = Limits {
         max_connections: a.max_connections,
         read_timeout: Duration::from_secs(a.read_timeout),

@@ -105,12 +105,14 @@ fn check(c: &Case) {
         ("a hidden row", Some(mk(hidden_row, 1))),
     ];
     let scale = 1.0 / (d as f64).sqrt();
-    for (name, mask) in &masks {
+    // Short blocks run either kernel (prompt pieces always run tiled).
+    let kernels: &[Kernel] = if t <= SPLIT_MAX_T { &[Kernel::Split, Kernel::Tiled] } else { &[Kernel::Tiled] };
+    for ((name, mask), &kernel) in masks.iter().flat_map(|m| kernels.iter().map(move |k| (m, k))) {
         let (want, probs) = reference(&q, &k, &v, mask.as_ref(), scale, t);
-        let (got, mass) = fused_attention(&q, &k, &v, mask.as_ref(), scale as f32, t, Some(&c.lens)).unwrap();
+        let (got, mass) = fused_attention(&q, &k, &v, mask.as_ref(), scale as f32, t, kernel, Some(&c.lens)).unwrap();
         let e = max_diff(&want, &got);
-        assert!(e < 2e-5, "b{b} h{h} g{g} t{t} d{d} l{l} mask {name}: output off by {e}");
-        let (plain, none) = fused_attention(&q, &k, &v, mask.as_ref(), scale as f32, t, None).unwrap();
+        assert!(e < 2e-5, "{kernel:?} b{b} h{h} g{g} t{t} d{d} l{l} mask {name}: output off by {e}");
+        let (plain, none) = fused_attention(&q, &k, &v, mask.as_ref(), scale as f32, t, kernel, None).unwrap();
         assert!(none.is_none());
         assert_eq!(max_diff(&plain, &got), 0.0, "asking for the mass changed the output");
         // Mass: probabilities of each row's real queries, summed per query head.
@@ -119,7 +121,7 @@ fn check(c: &Case) {
         let want_mass = probs.reshape((b, h, g, t, l)).unwrap().broadcast_mul(&valid).unwrap().sum(3).unwrap();
         let want_mass = want_mass.reshape((b, h * g, l)).unwrap();
         let e = rel_diff(&mass.unwrap(), &want_mass);
-        assert!(e < 1e-5, "b{b} h{h} g{g} t{t} d{d} l{l} mask {name}: mass off by {e} (relative)");
+        assert!(e < 1e-5, "{kernel:?} b{b} h{h} g{g} t{t} d{d} l{l} mask {name}: mass off by {e} (relative)");
     }
 }
 
@@ -172,10 +174,39 @@ fn split_kernel_gives_the_same_result_for_slots_in_any_order() {
         (Tensor::from_vec(mask, (b, 1, t, l), &dev).unwrap(), Tensor::from_vec(permuted, (b, 1, t, l), &dev).unwrap());
     let idx = Tensor::from_vec(perm, l, &dev).unwrap();
     let (kp, vp) = (k.index_select(&idx, 2).unwrap(), v.index_select(&idx, 2).unwrap());
-    let (a, ma) = fused_attention(&q, &k, &v, Some(&mask), 0.125, t, Some(&[2])).unwrap();
-    let (p, mp) = fused_attention(&q, &kp, &vp, Some(&permuted), 0.125, t, Some(&[2])).unwrap();
+    let (a, ma) = fused_attention(&q, &k, &v, Some(&mask), 0.125, t, Kernel::Split, Some(&[2])).unwrap();
+    let (p, mp) = fused_attention(&q, &kp, &vp, Some(&permuted), 0.125, t, Kernel::Split, Some(&[2])).unwrap();
     let e = max_diff(&a, &p);
     assert!(e < 1e-6, "slot order changed the output by {e}");
     let e = max_diff(&ma.unwrap().index_select(&idx, 2).unwrap(), &mp.unwrap());
     assert_eq!(e, 0.0, "slot order changed the mass by {e}");
+}
+
+#[test]
+fn tiled_kernel_gives_a_query_the_same_bits_however_its_block_is_cut() {
+    // What makes a prefix cache exact: the last T queries of a causal prompt over L keys, attended
+    // in one block or as pieces (each over the keys up to its own end, as a cache holds them),
+    // give every query the same result to the last bit, windowed or not, one row or a tile's worth.
+    let dev = Device::Cpu;
+    let (h, g, d, l, t) = (2, 3, 64, 300, 150);
+    let k = Tensor::randn(0f32, 1.0, (1, h, l, d), &dev).unwrap();
+    let v = Tensor::randn(0f32, 1.0, (1, h, l, d), &dev).unwrap();
+    let q = Tensor::randn(0f32, 1.0, (1, h, g, t, d), &dev).unwrap();
+    // Query columns c0..c1 of the block, over the keys up to the last of them.
+    let run = |c0: usize, c1: usize, window: Option<usize>| -> Tensor {
+        let (n, keys) = (c1 - c0, l - t + c1);
+        let qs = q.narrow(3, c0, n).unwrap().reshape((1, h, g * n, d)).unwrap();
+        let mask = Tensor::from_vec(causal(1, n, keys, &[n], &[0], window), (1, 1, n, keys), &dev).unwrap();
+        let (kk, vv) = (k.narrow(2, 0, keys).unwrap(), v.narrow(2, 0, keys).unwrap());
+        let (o, _) = fused_attention(&qs, &kk, &vv, Some(&mask), 0.125, n, Kernel::Tiled, None).unwrap();
+        o.reshape((1, h, g, n, d)).unwrap()
+    };
+    for window in [None, Some(70)] {
+        let whole = run(0, t, window);
+        for cuts in [vec![0, 1, t], vec![0, 99, 100, t], vec![0, 64, 65, 130, t], vec![0, 17, t]] {
+            let parts: Vec<Tensor> = cuts.windows(2).map(|c| run(c[0], c[1], window)).collect();
+            let cut = Tensor::cat(&parts, 3).unwrap();
+            assert_eq!(max_diff(&whole, &cut), 0.0, "cut at {cuts:?}, window {window:?}");
+        }
+    }
 }
