@@ -6,7 +6,7 @@
 use crate::error::{Error, Result};
 use crate::kernels::quant::{self, PackedWeight};
 use crate::lora::LoraBranch;
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use std::sync::Arc;
 
 pub enum Weight {
@@ -126,10 +126,14 @@ impl Linear {
 /// Several layers over one input `x`, each restricted to its first `rows` outputs: `parts` are
 /// (layer, rows, dropout seed). While training they run as one matmul (weights concatenated, the
 /// LoRA branches one low-rank product: A stacked, B block-diagonal), since Q, K and V (or gate and
-/// up) share an input and one wide matmul is faster than three narrow ones; otherwise (inference,
-/// packed weights, LoRA dropout this step, branches of different scales) one by one.
+/// up) share an input and one wide matmul is faster than three narrow ones. Packed weights in
+/// inference quantise the input once and run as one parallel matmul group. Otherwise (LoRA
+/// dropout this step, branches of different scales, dense inference) one by one.
 pub fn forward_group<const N: usize>(parts: [(&Linear, usize, Option<u64>); N], x: &Tensor) -> Result<[Tensor; N]> {
-    let fused = fused(&parts, x)?;
+    let fused = match packed_group(&parts, x)? {
+        Some(ys) => Some(ys),
+        None => fused(&parts, x)?,
+    };
     let ys = match fused {
         Some(ys) => ys,
         None => parts
@@ -138,6 +142,41 @@ pub fn forward_group<const N: usize>(parts: [(&Linear, usize, Option<u64>); N], 
             .collect::<Result<Vec<_>>>()?,
     };
     ys.try_into().map_err(|_| Error::InvalidInput("linear group: wrong number of outputs".into()))
+}
+
+/// Packed weights without LoRA over one input, in inference: the input quantised once and the
+/// weights' tiles in one parallel region (`quant::matmul_group`); None when that does not apply.
+fn packed_group(parts: &[(&Linear, usize, Option<u64>)], x: &Tensor) -> Result<Option<Vec<Tensor>>> {
+    let mut ws = vec![];
+    for (l, rows, _) in parts {
+        match &l.weight {
+            Weight::Packed(w) if l.lora.is_none() && *rows <= w.rows() => ws.push(w.as_ref()),
+            _ => return Ok(None),
+        }
+    }
+    if x.track_op() || !x.device().is_cpu() || x.dtype() != DType::F32 {
+        return Ok(None);
+    }
+    let dims = x.dims().to_vec();
+    let (&k, lead) = dims.split_last().ok_or_else(|| candle_core::Error::Msg("linear on a scalar".into()))?;
+    if let Some(w) = ws.iter().find(|w| w.cols() != k) {
+        return Err(Error::InvalidInput(format!("input of width {k} for a weight of {} columns", w.cols())));
+    }
+    let n: usize = lead.iter().product();
+    let data: Vec<f32> = x.reshape((n, k))?.contiguous()?.flatten_all()?.to_vec1()?;
+    let acts = quant::quantize_acts(&data, n, k);
+    let mut bufs: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; n * w.rows()]).collect();
+    let mut outs: Vec<&mut [f32]> = bufs.iter_mut().map(Vec::as_mut_slice).collect();
+    quant::matmul_group(&ws, &acts, &mut outs, quant::level());
+    let mut ys = Vec::with_capacity(parts.len());
+    for ((buf, w), (_, rows, _)) in bufs.into_iter().zip(&ws).zip(parts) {
+        let y = Tensor::from_vec(buf, (n, w.rows()), x.device())?;
+        let y = if *rows < w.rows() { y.narrow(1, 0, *rows)? } else { y };
+        let mut shape = lead.to_vec();
+        shape.push(*rows);
+        ys.push(y.reshape(shape)?);
+    }
+    Ok(Some(ys))
 }
 
 fn fused(parts: &[(&Linear, usize, Option<u64>)], x: &Tensor) -> Result<Option<Vec<Tensor>>> {

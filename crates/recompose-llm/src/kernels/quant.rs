@@ -339,31 +339,45 @@ const PAR_MIN_MACS: usize = 1 << 19;
 /// -127..=127, which the AVX2 sign trick relies on). Parallel over tiles on the current rayon
 /// pool once the product is big enough to pay for waking it.
 pub fn matmul(w: &PackedWeight, x: &Q8Acts, out: &mut [f32], lvl: Level) {
-    let rows = w.rows();
-    assert_eq!(out.len(), x.rows * rows, "output buffer size"); // ok: internal invariant
-    assert_eq!(x.blocks * QK, w.cols(), "activation width"); // ok: internal invariant
-    assert!(x.qs.len() == x.rows * w.cols() && x.d.len() == x.rows * x.blocks, "activation buffers"); // ok: internal invariant
+    matmul_group(&[w], x, &mut [out], lvl);
+}
+
+/// [`matmul`] for several weights over one input (Q, K and V; gate and up): `outs[i]` is
+/// `x.rows x ws[i].rows()`. Their tiles are shared out in one parallel region, so the pool is
+/// woken once for the group, and a group too big to run alone runs parallel even when each of
+/// its weights is too small to.
+pub fn matmul_group(ws: &[&PackedWeight], x: &Q8Acts, outs: &mut [&mut [f32]], lvl: Level) {
+    assert_eq!(ws.len(), outs.len(), "one output per weight"); // ok: internal invariant
+    for (w, out) in ws.iter().zip(outs.iter()) {
+        assert_eq!(out.len(), x.rows * w.rows(), "output buffer size"); // ok: internal invariant
+        assert_eq!(x.blocks * QK, w.cols(), "activation width"); // ok: internal invariant
+    }
+    assert!(x.qs.len() == x.rows * x.blocks * QK && x.d.len() == x.rows * x.blocks, "activation buffers"); // ok: internal invariant
     assert!(x.s.len() == x.d.len() && x.isum.len() == x.d.len(), "activation buffers"); // ok: internal invariant
     let lvl = lvl.min(supported());
-    if x.rows == 0 {
+    if x.rows == 0 || ws.is_empty() {
         return;
     }
     let threads = rayon::current_num_threads().max(1);
-    let macs = x.rows * rows * w.cols();
-    let tasks = if threads == 1 || macs < PAR_MIN_MACS { 1 } else { (threads * 4).min(w.tiles) };
-    let chunk = w.tiles.div_ceil(tasks);
-    let out_ptr = SendPtr(out.as_mut_ptr());
-    let work = |c: usize| {
-        let t0 = c * chunk;
-        let t1 = (t0 + chunk).min(w.tiles);
-        // SAFETY: tasks own disjoint tile ranges, so disjoint output columns; sizes asserted above.
-        unsafe { tiles(w, x, out_ptr.get(), t0, t1, lvl) };
+    let macs: usize = ws.iter().map(|w| x.rows * w.rows() * w.cols()).sum();
+    let all_tiles: usize = ws.iter().map(|w| w.tiles).sum();
+    let tasks = if threads == 1 || macs < PAR_MIN_MACS { 1 } else { (threads * 4).min(all_tiles) };
+    let chunk = all_tiles.div_ceil(tasks);
+    // (weight, first tile, end tile) pieces of about `chunk` tiles; a piece never spans weights.
+    let mut work: Vec<(usize, usize, usize)> = vec![];
+    for (i, w) in ws.iter().enumerate() {
+        work.extend((0..w.tiles).step_by(chunk).map(|t0| (i, t0, (t0 + chunk).min(w.tiles))));
+    }
+    let ptrs: Vec<SendPtr> = outs.iter_mut().map(|o| SendPtr(o.as_mut_ptr())).collect();
+    let run = |&(i, t0, t1): &(usize, usize, usize)| {
+        // SAFETY: pieces own disjoint tile ranges of their weight, so disjoint output columns;
+        // sizes asserted above.
+        unsafe { tiles(ws[i], x, ptrs[i].get(), t0, t1, lvl) };
     };
-    let n_tasks = w.tiles.div_ceil(chunk);
-    if n_tasks == 1 {
-        work(0);
+    if tasks == 1 {
+        work.iter().for_each(run);
     } else {
-        (0..n_tasks).into_par_iter().for_each(work);
+        work.par_iter().for_each(run);
     }
 }
 

@@ -240,3 +240,40 @@ fn simd_quantiser_matches_scalar_bit_for_bit() {
         assert_eq!(bits(&got.s), bits(&reference.s), "{lvl:?}");
     }
 }
+
+#[test]
+fn matmul_group_equals_each_weight_alone() {
+    // Q, K and V of a decode step: each too small to run parallel alone, the group big enough.
+    // Every weight's output must equal its own matmul bit for bit, on every level, parallel or not.
+    let mut rng = StdRng::seed_from_u64(3);
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    let cols = 576;
+    let kinds = [GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q4_0];
+    let shapes = [576, 200, 193];
+    let ws: Vec<PackedWeight> = kinds
+        .iter()
+        .zip(shapes)
+        .map(|(&k, rows)| PackedWeight::from_ggml(k, &random_ggml(k, rows, cols, &mut rng), rows, cols).unwrap())
+        .collect();
+    for n in [1, 3, 9] {
+        let x: Vec<f32> = (0..n * cols).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let acts = quantize_acts(&x, n, cols);
+        for lvl in std::iter::once(Level::Scalar).chain(simd_levels()) {
+            let alone: Vec<Vec<f32>> = ws
+                .iter()
+                .map(|w| {
+                    let mut o = vec![0f32; n * w.rows()];
+                    matmul(w, &acts, &mut o, lvl);
+                    o
+                })
+                .collect();
+            let mut bufs: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; n * w.rows()]).collect();
+            let refs: Vec<&PackedWeight> = ws.iter().collect();
+            pool.install(|| {
+                let mut outs: Vec<&mut [f32]> = bufs.iter_mut().map(Vec::as_mut_slice).collect();
+                matmul_group(&refs, &acts, &mut outs, lvl)
+            });
+            assert!(bufs == alone, "{lvl:?} n {n}: the group differs from the weights alone");
+        }
+    }
+}
