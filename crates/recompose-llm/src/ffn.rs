@@ -54,6 +54,12 @@ pub trait Ffn: Send + Sync {
     /// `x: (N, hidden) -> (N, hidden)` plus side outputs.
     fn forward(&self, x: &Tensor, ctx: &FfnContext) -> Result<FfnOutput>;
 
+    /// The dense FFN this is, if it is one: what tools that cut a model's FFNs apart (Read-ME's
+    /// experts, elastic widths) read the weights from. None by default.
+    fn as_dense(&self) -> Option<&DenseFfn> {
+        None
+    }
+
     /// The linear layers adapters may attach to, by their path inside the block
     /// (`mlp.gate_proj`, ...). None by default.
     fn linears(&mut self) -> Vec<(&'static str, &mut Linear)> {
@@ -71,12 +77,18 @@ pub struct DenseFfn {
 }
 
 impl DenseFfn {
-    fn run(&self, x: &Tensor, width: Option<usize>, seed: Option<u64>) -> Result<Tensor> {
+    /// The down projection's input `act(gate(x)) * up(x)`, `(N, width)`: the channels Read-ME
+    /// ranks and splits into experts.
+    pub fn hidden(&self, x: &Tensor, width: Option<usize>, seed: Option<u64>) -> Result<Tensor> {
         let s = |k: u64| seed.map(|s| crate::lora::mix(s ^ k));
         let w = width.unwrap_or(self.gate.dims().0);
         let [g, u] = crate::linear::forward_group([(&self.gate, w, s(1)), (&self.up, w, s(2))], x)?;
-        let a = crate::grad::gated(&g, &u, self.activation)?;
-        self.down.forward_prefix(&a, None, width, s(3))
+        Ok(crate::grad::gated(&g, &u, self.activation)?)
+    }
+
+    fn run(&self, x: &Tensor, width: Option<usize>, seed: Option<u64>) -> Result<Tensor> {
+        let a = self.hidden(x, width, seed)?;
+        self.down.forward_prefix(&a, None, width, seed.map(|s| crate::lora::mix(s ^ 3)))
     }
 }
 
@@ -116,6 +128,10 @@ impl Ffn for DenseFfn {
         }
         let y = Tensor::cat(&parts, 0)?.index_select(&Tensor::new(inv.as_slice(), x.device())?, 0)?;
         Ok(FfnOutput::plain(y))
+    }
+
+    fn as_dense(&self) -> Option<&DenseFfn> {
+        Some(self)
     }
 
     fn linears(&mut self) -> Vec<(&'static str, &mut Linear)> {

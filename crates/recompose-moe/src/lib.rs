@@ -1,0 +1,21 @@
+//! recompose-moe: Read-ME's refactorisation of a dense model into a pre-gated mixture of experts.
+//!
+//! - [`stats`]: the mean |activation| of every FFN channel (the down projection's input,
+//!   `act(gate(x)) * up(x)`), per layer, over a calibration set; one set per data domain.
+//! - [`experts`]: from one set of statistics per domain, each domain's top `keep` channels per
+//!   layer. Channels every domain keeps form the permanent expert that every token runs; each
+//!   domain's expert is the rest of its set (channels kept by several, not all, domains are in
+//!   each of their experts).
+//! - [`ffn`]: the MoE FFN (an `Ffn` for the decoder's seam): the permanent channels over every
+//!   token, then each token's routed expert over the tokens routed to it. Routes come from the
+//!   step's plan, decided before the backbone ran (the pre-gating router).
+
+pub mod error;
+pub mod experts;
+pub mod ffn;
+pub mod stats;
+
+pub use error::{Error, Result};
+pub use experts::ExpertSplit;
+pub use ffn::MoeFfn;
+pub use stats::ChannelStats;
