@@ -46,6 +46,9 @@ enum Command {
     Bench(cmd::bench::Args),
     /// Merge models with a mergekit YAML config (linear, ties, dare, slerp, model_stock, ...).
     Merge(cmd::merge::Args),
+    /// Read-ME: split a dense model's FFN channels into a permanent part and one expert per
+    /// calibration domain (shakespeare, austen, mmlu, text files).
+    Moefy(cmd::moefy::Args),
     /// Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming, metrics).
     Serve(cmd::serve::Args),
     /// Fine-tune a language model (LoRA or full) on text or chat data.
@@ -102,6 +105,7 @@ fn main() {
         Command::Eval(a) => cmd::eval::run(a, quiet),
         Command::Bench(a) => cmd::bench::run(a, quiet),
         Command::Merge(a) => cmd::merge::run(a, quiet),
+        Command::Moefy(a) => cmd::moefy::run(a, quiet),
         Command::Serve(a) => cmd::serve::run(a),
         Command::Finetune(a) => cmd::finetune::run(a, quiet),
         Command::Lora(c) => cmd::lora::run(c, quiet),

@@ -97,6 +97,18 @@ fn format_question(q: &Question, with_answer: bool) -> String {
     s
 }
 
+/// Every question of a split (`dev`, `val`, `test`) of every subject, in subject order, as the
+/// prompts show worked examples (question, choices, answer): MMLU as plain text, for calibration.
+pub fn split_text(dir: &Path, split: &str) -> Result<String> {
+    let mut out = String::new();
+    for s in subjects(dir, split)? {
+        for q in load(&dir.join(split).join(format!("{s}_{split}.csv")))? {
+            out.push_str(&format_question(&q, true));
+        }
+    }
+    Ok(out)
+}
+
 /// All subjects present in the split folder, sorted.
 pub fn subjects(dir: &Path, split: &str) -> Result<Vec<String>> {
     let d = dir.join(split);

@@ -88,6 +88,43 @@ impl ExpertSplit {
         Ok(Self { names: stats.iter().map(|s| s.name.clone()).collect(), channels, keep, permanent, experts })
     }
 
+    /// The dense model pruned to the same active size, the baseline the paper's MoE is set
+    /// against: per layer, the top `keep` channels by the domains' means averaged (each domain
+    /// weighs the same), all permanent, and one empty expert named "pruned".
+    pub fn pruned(stats: &[ChannelStats], keep: f64) -> Result<Self> {
+        let by_domain = Self::from_domains(stats, keep)?;
+        let n = stats.len() as f64;
+        let pooled = ChannelStats {
+            name: "pruned".into(),
+            sums: (0..stats[0].layers())
+                .map(|l| {
+                    let means: Vec<Vec<f64>> = stats.iter().map(|s| s.mean(l)).collect();
+                    (0..stats[0].channels()).map(|c| means.iter().map(|m| m[c]).sum::<f64>() / n).collect()
+                })
+                .collect(),
+            tokens: 1,
+        };
+        let k = by_domain.active(0, 0);
+        let permanent = (0..pooled.layers())
+            .map(|l| {
+                let m = pooled.mean(l);
+                let mut order: Vec<usize> = (0..m.len()).collect();
+                order.sort_by(|&a, &b| m[b].total_cmp(&m[a]).then(a.cmp(&b)));
+                let mut top: Vec<u32> = order[..k].iter().map(|&c| c as u32).collect();
+                top.sort_unstable();
+                top
+            })
+            .collect::<Vec<Vec<u32>>>();
+        let layers = permanent.len();
+        Ok(Self {
+            names: vec!["pruned".into()],
+            channels: by_domain.channels,
+            keep,
+            permanent,
+            experts: vec![vec![vec![]]; layers],
+        })
+    }
+
     pub fn layers(&self) -> usize {
         self.permanent.len()
     }
@@ -181,6 +218,17 @@ mod tests {
         let r = &s.report()[0];
         assert_eq!((r.permanent, r.shared, r.dropped), (2, 1, 1));
         s.check(1, 8).unwrap();
+    }
+
+    #[test]
+    fn pruned_keeps_the_top_channels_of_the_averaged_means() {
+        // Averaged means: [5, 4.5, 3.5, 3, 3.5, 3, 0, 0]; keep 4 -> {0, 1, 2, 4} (ties by index).
+        let a = stats("a", vec![vec![9., 8., 7., 6., 0., 0., 0., 0.]]);
+        let b = stats("b", vec![vec![1., 1., 0., 0., 7., 6., 0., 0.]]);
+        let p = ExpertSplit::pruned(&[a, b], 0.5).unwrap();
+        assert_eq!(p.permanent, vec![vec![0, 1, 2, 4]]);
+        assert_eq!((p.names.clone(), p.active(0, 0)), (vec!["pruned".to_string()], 4));
+        p.check(1, 8).unwrap();
     }
 
     #[test]

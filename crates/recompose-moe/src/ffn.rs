@@ -132,3 +132,23 @@ impl Ffn for MoeFfn {
         Ok(FfnOutput { y, aux_loss: None, usage: Some(usage) })
     }
 }
+
+/// Replaces every layer's dense FFN by its MoE cut under `split` (checked against the model
+/// first); returns the dense FFNs, in layer order, for [`restore`].
+pub fn install(model: &mut recompose_llm::Model, split: &ExpertSplit) -> Result<Vec<Box<dyn Ffn>>> {
+    let channels = model.layers.first().and_then(|b| b.ffn.as_dense()).map_or(0, |d| d.gate.dims().0);
+    split.check(model.layers.len(), channels)?;
+    let mut moes = Vec::with_capacity(model.layers.len());
+    for (l, block) in model.layers.iter().enumerate() {
+        let dense = block.ffn.as_dense().ok_or_else(|| Error::Config(format!("layer {l}: not a dense FFN")))?;
+        moes.push(MoeFfn::from_dense(dense, split, l)?);
+    }
+    Ok(model.layers.iter_mut().zip(moes).map(|(b, m)| std::mem::replace(&mut b.ffn, Box::new(m))).collect())
+}
+
+/// Puts back the FFNs [`install`] returned.
+pub fn restore(model: &mut recompose_llm::Model, ffns: Vec<Box<dyn Ffn>>) {
+    for (b, f) in model.layers.iter_mut().zip(ffns) {
+        b.ffn = f;
+    }
+}

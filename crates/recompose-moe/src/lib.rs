@@ -1,5 +1,7 @@
 //! recompose-moe: Read-ME's refactorisation of a dense model into a pre-gated mixture of experts.
 //!
+//! - [`domains`]: calibration texts (Shakespeare, Austen, MMLU, any text) cut into rows, the
+//!   last tenth held out.
 //! - [`stats`]: the mean |activation| of every FFN channel (the down projection's input,
 //!   `act(gate(x)) * up(x)`), per layer, over a calibration set; one set per data domain.
 //! - [`experts`]: from one set of statistics per domain, each domain's top `keep` channels per
@@ -9,10 +11,14 @@
 //! - [`ffn`]: the MoE FFN (an `Ffn` for the decoder's seam): the permanent channels over every
 //!   token, then each token's routed expert over the tokens routed to it. Routes come from the
 //!   step's plan, decided before the backbone ran (the pre-gating router).
+//! - [`quality`]: held-out NLL of a model as its FFNs stand, with every token routed to one
+//!   expert.
 
+pub mod domains;
 pub mod error;
 pub mod experts;
 pub mod ffn;
+pub mod quality;
 pub mod stats;
 
 pub use error::{Error, Result};

@@ -8,5 +8,6 @@ pub mod generate;
 pub mod inspect;
 pub mod lora;
 pub mod merge;
+pub mod moefy;
 pub mod serve;
 pub mod vision;

@@ -1,0 +1,227 @@
+//! `recompose moefy`: Read-ME's refactorisation of a dense model's FFNs into experts, by
+//! calibration statistics per data domain. Writes the expert split (which channels of each
+//! layer are permanent, which belong to each domain's expert) and the statistics it came from,
+//! with the model's identity, into the output folder. Training the pre-gating router and the
+//! experts, and the runnable MoE model, are the next stages.
+
+use crate::common::{progress, ModelArgs};
+use anyhow::{Context, Result};
+use recompose_moe::{domains, stats, ExpertSplit};
+use std::path::PathBuf;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Calibration domains, one expert each (comma-separated): shakespeare, austen, mmlu, or
+    /// text files or folders of .txt files.
+    #[arg(long, value_delimiter = ',', required = true)]
+    calib: Vec<String>,
+    /// Fraction of each layer's FFN channels a domain keeps: what a token runs.
+    #[arg(long, default_value_t = 0.5)]
+    keep: f64,
+    /// Calibration rows per domain, drawn evenly from all but the domain's last tenth.
+    #[arg(long, default_value_t = 64)]
+    rows: usize,
+    /// Tokens per calibration row.
+    #[arg(long, default_value_t = 256)]
+    ctx: usize,
+    /// Held-out rows per domain to score the split on (dense, each expert, the dense model
+    /// pruned to the same size); 0 skips it.
+    #[arg(long, default_value_t = 16)]
+    eval_rows: usize,
+    /// Output folder: experts.json (the split, a per-layer report, the model's identity) and
+    /// stats.json (the per-domain channel statistics).
+    #[arg(short, long)]
+    output: PathBuf,
+}
+
+#[derive(serde::Serialize)]
+struct Calibration {
+    name: String,
+    rows: usize,
+    tokens: u64,
+    held_out_rows: usize,
+}
+
+#[derive(serde::Serialize)]
+struct ExpertsFile<'a> {
+    format: &'static str,
+    /// What the split was made from: architecture, tensor layout hash, and a hash of the first
+    /// layer's FFN weights.
+    model: serde_json::Value,
+    calibration: Vec<Calibration>,
+    ctx: usize,
+    split: &'a ExpertSplit,
+    report: Vec<recompose_moe::experts::LayerReport>,
+    /// Held-out perplexity per domain, before any training.
+    quality: Vec<Quality>,
+}
+
+/// One domain's held-out perplexity: the dense model, each expert (own and others), and the
+/// dense model pruned to the same active FFN size.
+#[derive(serde::Serialize)]
+struct Quality {
+    domain: String,
+    tokens: usize,
+    dense: f64,
+    experts: Vec<f64>,
+    pruned: f64,
+}
+
+pub fn run(a: Args, quiet: bool) -> Result<()> {
+    anyhow::ensure!(a.keep > 0.0 && a.keep <= 1.0, "--keep {} is not a fraction in (0, 1]", a.keep);
+    anyhow::ensure!(a.rows > 0 && a.ctx > 1, "--rows must be at least 1 and --ctx at least 2");
+    let mut names = a.calib.clone();
+    names.sort();
+    names.dedup();
+    anyhow::ensure!(names.len() == a.calib.len(), "--calib names a domain twice");
+    anyhow::ensure!(a.calib.len() >= 2, "--calib needs at least two domains (one expert each)");
+    anyhow::ensure!(!a.output.is_file(), "{} is a file; -o takes a folder", a.output.display());
+    let (file, mut model, tok) = a.model.load()?;
+    anyhow::ensure!(
+        a.ctx <= model.config.max_position,
+        "--ctx {} is longer than the model's context of {}",
+        a.ctx,
+        model.config.max_position
+    );
+    // Every domain's text first: a thin or missing one fails before any statistics are taken.
+    let mut loaded = vec![];
+    for name in &a.calib {
+        let d = domains::load(name, &tok, a.ctx, a.rows).with_context(|| format!("calibration domain {name}"))?;
+        let tokens: usize = d.calib.iter().map(Vec::len).sum();
+        anyhow::ensure!(
+            tokens as u64 >= recompose_moe::experts::MIN_TOKENS,
+            "calibration domain {name}: {tokens} calibration tokens, too few to rank channels (at least {}; raise --rows or --ctx)",
+            recompose_moe::experts::MIN_TOKENS
+        );
+        loaded.push(d);
+    }
+    let mut all = vec![];
+    let mut held = vec![];
+    let mut calibration = vec![];
+    for (name, d) in a.calib.iter().zip(loaded) {
+        let pb = progress(d.calib.len() as u64, &format!("statistics: {name}"), quiet);
+        let s = stats::collect(&mut model, name, &d.calib, |done, _| pb.set_position(done as u64))?;
+        pb.finish_and_clear();
+        tracing::info!("{name}: {} rows, {} tokens ({} rows held out)", d.calib.len(), s.tokens, d.held_out.len());
+        calibration.push(Calibration {
+            name: name.clone(),
+            rows: d.calib.len(),
+            tokens: s.tokens,
+            held_out_rows: d.held_out.len(),
+        });
+        all.push(s);
+        held.push(d.held_out.into_iter().take(a.eval_rows).collect::<Vec<_>>());
+    }
+    let split = ExpertSplit::from_domains(&all, a.keep)?;
+    let shapes = recompose_core::identity::shapes(&file)?;
+    let ffn0: Vec<String> =
+        ["gate_proj", "up_proj", "down_proj"].iter().map(|p| format!("model.layers.0.mlp.{p}.weight")).collect();
+    let identity = serde_json::json!({
+        "arch": format!("{:?}", file.config.arch),
+        "layout": recompose_core::identity::layout_hash(&shapes),
+        "ffn0": recompose_core::identity::fingerprint(&file, &ffn0)?,
+    });
+    let report = split.report();
+    let quality = if a.eval_rows > 0 { score(&mut model, &a.calib, &held, &split, &all, quiet)? } else { vec![] };
+    let out = ExpertsFile {
+        format: "recompose-moe-split/1",
+        model: identity,
+        calibration,
+        ctx: a.ctx,
+        split: &split,
+        report: report.clone(),
+        quality,
+    };
+    std::fs::create_dir_all(&a.output).with_context(|| format!("creating {}", a.output.display()))?;
+    recompose_core::atomic::write_bytes(&a.output.join("stats.json"), serde_json::to_string(&all)?.as_bytes())?;
+    recompose_core::atomic::write_bytes(
+        &a.output.join("experts.json"),
+        serde_json::to_string_pretty(&out)?.as_bytes(),
+    )?;
+    print_report(&split, &report);
+    print_quality(&out.quality, &split.names);
+    println!("wrote {}", a.output.join("experts.json").display());
+    Ok(())
+}
+
+fn print_report(split: &ExpertSplit, report: &[recompose_moe::experts::LayerReport]) {
+    let c = split.channels;
+    println!(
+        "{} experts ({}), keep {} of {c} channels per layer",
+        split.names.len(),
+        split.names.join(", "),
+        split.keep
+    );
+    println!("{:>5} {:>10} {:>24} {:>7} {:>8}", "layer", "permanent", "expert channels", "shared", "dropped");
+    for r in report {
+        let e: Vec<String> = r.experts.iter().map(usize::to_string).collect();
+        println!("{:>5} {:>10} {:>24} {:>7} {:>8}", r.layer, r.permanent, e.join("/"), r.shared, r.dropped);
+    }
+    let perm: usize = report.iter().map(|r| r.permanent).sum();
+    println!(
+        "permanent: {:.1}% of the kept channels on average",
+        100.0 * perm as f64 / (report.len() as f64 * (c as f64 * split.keep).round()).max(1.0)
+    );
+}
+
+/// Held-out perplexity of every domain under the dense model, each expert, and pruning.
+fn score(
+    model: &mut recompose_llm::Model,
+    names: &[String],
+    held: &[Vec<Vec<u32>>],
+    split: &ExpertSplit,
+    stats: &[recompose_moe::ChannelStats],
+    quiet: bool,
+) -> Result<Vec<Quality>> {
+    use recompose_moe::{ffn, quality::held_out_nll};
+    let runs = names.len() * (2 + split.names.len());
+    let pb = progress(runs as u64, "held-out perplexity", quiet);
+    let ppl = |model: &recompose_llm::Model, rows: &[Vec<u32>], e: Option<u32>| -> Result<(f64, usize)> {
+        let (nll, n) = held_out_nll(model, rows, e)?;
+        pb.inc(1);
+        Ok((nll.exp(), n))
+    };
+    let mut q: Vec<Quality> = vec![];
+    for (name, rows) in names.iter().zip(held) {
+        let (dense, tokens) = ppl(model, rows, None)?;
+        q.push(Quality { domain: name.clone(), tokens, dense, experts: vec![], pruned: f64::NAN });
+    }
+    let dense = ffn::install(model, split)?;
+    let scored = (|| -> Result<()> {
+        for (qd, rows) in q.iter_mut().zip(held) {
+            for e in 0..split.names.len() {
+                qd.experts.push(ppl(model, rows, Some(e as u32))?.0);
+            }
+        }
+        Ok(())
+    })();
+    ffn::restore(model, dense);
+    scored?;
+    let pruned = ExpertSplit::pruned(stats, split.keep)?;
+    let dense = ffn::install(model, &pruned)?;
+    let scored = (|| -> Result<()> {
+        for (qd, rows) in q.iter_mut().zip(held) {
+            qd.pruned = ppl(model, rows, Some(0))?.0;
+        }
+        Ok(())
+    })();
+    ffn::restore(model, dense);
+    scored?;
+    pb.finish_and_clear();
+    Ok(q)
+}
+
+fn print_quality(q: &[Quality], experts: &[String]) {
+    if q.is_empty() {
+        return;
+    }
+    println!("held-out perplexity before training (dense / through each expert / pruned to the same size):");
+    let heads: Vec<String> = experts.iter().map(|e| format!("{e:>12}")).collect();
+    println!("{:>12} {:>7} {:>10} {} {:>10}", "domain", "tokens", "dense", heads.join(" "), "pruned");
+    for d in q {
+        let cells: Vec<String> = d.experts.iter().map(|p| format!("{p:>12.2}")).collect();
+        println!("{:>12} {:>7} {:>10.2} {} {:>10.2}", d.domain, d.tokens, d.dense, cells.join(" "), d.pruned);
+    }
+}

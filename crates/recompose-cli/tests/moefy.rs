@@ -1,0 +1,93 @@
+//! `recompose moefy` through the binary: a tiny model split by two text domains, and every bad
+//! setting refused with one line.
+
+use recompose_core::testing::{write_tiny_gguf, TinySpec};
+use std::path::{Path, PathBuf};
+
+mod common;
+use common::{fails, succeeds};
+
+/// A tiny model and two domain texts of distinct character (the tiny tokenizer is byte-level).
+fn setup(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let m = dir.join("tiny.gguf");
+    write_tiny_gguf(&m, &TinySpec::default()).unwrap();
+    let a = dir.join("verse.txt");
+    std::fs::write(&a, "O that this too too solid flesh would melt, thaw and resolve itself. ".repeat(60)).unwrap();
+    let b = dir.join("sums.txt");
+    std::fs::write(&b, "12 + 7 = 19; 45 - 3 = 42; 6 * 8 = 48; 81 / 9 = 9. ".repeat(80)).unwrap();
+    (m, a, b)
+}
+
+#[test]
+fn moefy_splits_a_tiny_model_by_two_domains_and_scores_the_split() {
+    let d = tempfile::tempdir().unwrap();
+    let (m, a, b) = setup(d.path());
+    let out = d.path().join("moe");
+    let calib = format!("{},{}", a.display(), b.display());
+    let (stdout, _) = succeeds(
+        d.path(),
+        &[
+            "moefy",
+            "-q",
+            "-m",
+            m.to_str().unwrap(),
+            "--calib",
+            &calib,
+            "--rows",
+            "8",
+            "--ctx",
+            "64",
+            "--eval-rows",
+            "2",
+            "-o",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(stdout.contains("permanent"), "{stdout}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("experts.json")).unwrap()).unwrap();
+    assert_eq!(v["format"], "recompose-moe-split/1");
+    assert_eq!(v["split"]["names"].as_array().unwrap().len(), 2);
+    assert_eq!(v["calibration"][0]["tokens"], 8 * 64);
+    let q = v["quality"].as_array().unwrap();
+    assert_eq!(q.len(), 2);
+    for d in q {
+        assert!(d["dense"].as_f64().unwrap().is_finite() && d["pruned"].as_f64().unwrap().is_finite(), "{d}");
+        assert_eq!(d["experts"].as_array().unwrap().len(), 2);
+    }
+    let stats: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("stats.json")).unwrap()).unwrap();
+    assert_eq!(stats.as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn moefy_refuses_bad_settings_and_thin_or_missing_text() {
+    let d = tempfile::tempdir().unwrap();
+    let (m, a, b) = setup(d.path());
+    let (m, a, b) = (m.to_str().unwrap(), a.to_str().unwrap(), b.to_str().unwrap());
+    let out = d.path().join("moe");
+    let o = out.to_str().unwrap();
+    let two = format!("{a},{b}");
+    let run = |extra: &[&str]| {
+        let mut args = vec!["moefy", "-m", m, "-o", o];
+        args.extend_from_slice(extra);
+        fails(d.path(), &args)
+    };
+    assert!(run(&["--calib", a]).contains("at least two domains"));
+    assert!(run(&["--calib", &format!("{a},{a}")]).contains("names a domain twice"));
+    assert!(run(&["--calib", &two, "--keep", "1.5"]).contains("not a fraction"));
+    assert!(run(&["--calib", &two, "--ctx", "4096"]).contains("longer than the model's context"));
+    let e = run(&["--calib", &two, "--rows", "1", "--ctx", "64"]);
+    assert!(e.contains("too few to rank channels"), "{e}");
+    let short = d.path().join("short.txt");
+    std::fs::write(&short, "too short").unwrap();
+    let e = run(&["--calib", &format!("{a},{}", short.display()), "--ctx", "64"]);
+    assert!(e.contains("fewer than two rows"), "{e}");
+    let e = run(&["--calib", &format!("{a},/no/such/text")]);
+    assert!(e.contains("not a domain"), "{e}");
+    let file = d.path().join("a-file");
+    std::fs::write(&file, "x").unwrap();
+    let e = fails(d.path(), &["moefy", "-m", m, "--calib", &two, "-o", file.to_str().unwrap()]);
+    assert!(e.contains("-o takes a folder"), "{e}");
+    assert!(!out.exists(), "a refused run left an output folder");
+}
