@@ -11,6 +11,8 @@
 //! - [`ffn`]: the MoE FFN (an `Ffn` for the decoder's seam): the permanent channels over every
 //!   token, then each token's routed expert over the tokens routed to it. Routes come from the
 //!   step's plan, decided before the backbone ran (the pre-gating router).
+//! - [`oracle`]: each token's oracle expert (its most active channels' overlap with each
+//!   expert's, summed over layers), the target the pre-gating router is distilled towards.
 //! - [`quality`]: held-out NLL of a model as its FFNs stand, with every token routed to one
 //!   expert.
 
@@ -18,6 +20,7 @@ pub mod domains;
 pub mod error;
 pub mod experts;
 pub mod ffn;
+pub mod oracle;
 pub mod quality;
 pub mod stats;
 

@@ -7,6 +7,7 @@ use candle_core::Tensor;
 use recompose_llm::ffn::{Ffn, FfnContext, FfnOutput};
 use recompose_llm::model::step_for;
 use recompose_llm::{Logits, Model};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Sums of |a| per layer and channel, and the tokens they were taken over.
@@ -35,11 +36,16 @@ impl ChannelStats {
     }
 }
 
-/// Stands in for a dense FFN while statistics are taken: the same output, and the |a| of every
-/// real row added to `sums`.
+/// What an observer is handed while rows run: the row (of the rows given), the layer, and |a|
+/// of each of the row's tokens, in order.
+pub type Sink = dyn Fn(usize, usize, &[Vec<f32>]) + Send + Sync;
+
+/// Stands in for a dense FFN while it is observed: the same output, and |a| of every real token
+/// handed to the sink.
 struct Recorder {
     inner: Arc<Box<dyn Ffn>>,
-    sums: Arc<Mutex<Vec<f64>>>,
+    sink: Arc<Sink>,
+    row: Arc<AtomicUsize>,
 }
 
 impl Ffn for Recorder {
@@ -51,69 +57,86 @@ impl Ffn for Recorder {
             )));
         };
         let a = dense.hidden(x, None, None)?;
-        let rows: Vec<Vec<f32>> = a.abs()?.to_vec2()?;
-        let mut sums =
-            self.sums.lock().map_err(|_| recompose_llm::Error::InvalidInput("statistics poisoned".into()))?;
-        for (i, row) in rows.iter().enumerate() {
-            // Padding columns carry no text.
-            if i % ctx.t.max(1) < ctx.lens[ctx.sequence_of(i)] {
-                for (s, v) in sums.iter_mut().zip(row) {
-                    *s += *v as f64;
-                }
-            }
-        }
+        let mut rows: Vec<Vec<f32>> = a.abs()?.to_vec2()?;
+        // Padding columns carry no text.
+        let mut i = 0;
+        rows.retain(|_| {
+            let real = i % ctx.t.max(1) < ctx.lens[ctx.sequence_of(i)];
+            i += 1;
+            real
+        });
+        (self.sink)(self.row.load(Ordering::Relaxed), ctx.layer, &rows);
         Ok(FfnOutput::plain(dense.down.forward(&a)?))
     }
 }
 
-/// Runs every row of `rows` (token ids, each a separate sequence) through `model` and returns the
-/// FFN statistics of all their tokens, named `name`. `progress(done, total)` follows the rows.
-/// The model's FFNs are its own again afterwards, whether or not this succeeded.
-pub fn collect(
+/// Runs every row of `rows` (token ids, each a separate sequence) through `model` with every
+/// layer's dense FFN observed by `sink`. `progress(done, total)` follows the rows. The model's
+/// FFNs are its own again afterwards, whether or not this succeeded.
+pub fn observe(
     model: &mut Model,
-    name: &str,
     rows: &[Vec<u32>],
+    sink: Arc<Sink>,
     mut progress: impl FnMut(usize, usize),
-) -> Result<ChannelStats> {
+) -> Result<()> {
     if rows.is_empty() || rows.iter().any(Vec::is_empty) {
-        return Err(Error::Data(format!("{name}: no calibration tokens")));
+        return Err(Error::Data("no calibration tokens".into()));
     }
+    let row = Arc::new(AtomicUsize::new(0));
     let mut originals: Vec<Arc<Box<dyn Ffn>>> = vec![];
-    let mut sums = vec![];
     let mut wrapped = Ok(());
     for (li, block) in model.layers.iter_mut().enumerate() {
-        let Some(channels) = block.ffn.as_dense().map(|d| d.gate.dims().0) else {
+        if block.ffn.as_dense().is_none() {
             wrapped = Err(Error::Config(format!("layer {li}: channel statistics need a dense FFN")));
             break;
-        };
-        let s = Arc::new(Mutex::new(vec![0f64; channels]));
+        }
         let inner = Arc::new(std::mem::replace(&mut block.ffn, Box::new(Hollow)));
-        block.ffn = Box::new(Recorder { inner: inner.clone(), sums: s.clone() });
+        block.ffn = Box::new(Recorder { inner: inner.clone(), sink: sink.clone(), row: row.clone() });
         originals.push(inner);
-        sums.push(s);
     }
     let run = wrapped.and_then(|()| {
-        let mut tokens = 0u64;
-        for (i, row) in rows.iter().enumerate() {
+        for (i, r) in rows.iter().enumerate() {
+            row.store(i, Ordering::Relaxed);
             let mut cache = model.new_cache(1);
-            let (t, step) = step_for(std::slice::from_ref(row), &cache, 0);
+            let (t, step) = step_for(std::slice::from_ref(r), &cache, 0);
             model.forward(&t, &step, &mut cache, Logits::Last)?;
-            tokens += row.len() as u64;
             progress(i + 1, rows.len());
         }
-        Ok(tokens)
+        Ok(())
     });
     // Dropping the recorders leaves each original with one owner again.
     for (block, inner) in model.layers.iter_mut().zip(originals) {
         block.ffn = Box::new(Hollow);
         block.ffn = Arc::try_unwrap(inner).map_err(|_| Error::Data("an FFN is still shared after the run".into()))?;
     }
-    let tokens = run?;
-    let sums = sums
-        .into_iter()
-        .map(|s| Arc::try_unwrap(s).ok().and_then(|m| m.into_inner().ok()))
-        .collect::<Option<Vec<_>>>()
-        .ok_or_else(|| Error::Data(format!("{name}: statistics still shared after the run")))?;
+    run
+}
+
+/// The FFN statistics of all tokens of `rows`, named `name` (see [`observe`]).
+pub fn collect(
+    model: &mut Model,
+    name: &str,
+    rows: &[Vec<u32>],
+    progress: impl FnMut(usize, usize),
+) -> Result<ChannelStats> {
+    let channels: Vec<usize> = model.layers.iter().map(|b| b.ffn.as_dense().map_or(0, |d| d.gate.dims().0)).collect();
+    let sums = Arc::new(Mutex::new(channels.iter().map(|&c| vec![0f64; c]).collect::<Vec<_>>()));
+    let s = sums.clone();
+    let sink: Arc<Sink> = Arc::new(move |_row, layer, a: &[Vec<f32>]| {
+        if let Ok(mut sums) = s.lock() {
+            for row in a {
+                for (x, v) in sums[layer].iter_mut().zip(row) {
+                    *x += *v as f64;
+                }
+            }
+        }
+    });
+    observe(model, rows, sink, progress).map_err(|e| match e {
+        Error::Data(m) => Error::Data(format!("{name}: {m}")),
+        e => e,
+    })?;
+    let sums = sums.lock().map_err(|_| Error::Data(format!("{name}: statistics poisoned")))?.clone();
+    let tokens = rows.iter().map(|r| r.len() as u64).sum();
     Ok(ChannelStats { name: name.to_string(), sums, tokens })
 }
 

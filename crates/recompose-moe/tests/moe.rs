@@ -191,3 +191,63 @@ fn statistics_leave_the_model_as_it_was_and_add_up_over_rows() {
     let e = stats::collect(&mut model, "none", &[], |_, _| {}).unwrap_err().to_string();
     assert!(e.contains("no calibration tokens"), "{e}");
 }
+
+#[test]
+fn oracle_overlaps_of_experts_partitioning_the_channels_sum_to_the_active_count() {
+    // No permanent channels, experts = channels mod 3: every one of a token's k active channels
+    // of every layer lands in exactly one expert.
+    let (_d, mut model) = load("llama", WeightMode::Quantized);
+    let layers = model.layers.len();
+    let channels = model.layers[0].ffn.as_dense().unwrap().gate.dims().0;
+    let split = ExpertSplit {
+        names: vec!["a".into(), "b".into(), "c".into()],
+        channels,
+        keep: 0.25,
+        permanent: vec![vec![]; layers],
+        experts: vec![(0..3).map(|e| (0..channels as u32).filter(|c| c % 3 == e).collect()).collect(); layers],
+    };
+    let rows: Vec<Vec<u32>> = vec![(0..9).map(|i| 7 + 5 * i).collect(), (0..4).map(|i| 50 + i).collect()];
+    let o = recompose_moe::oracle::overlaps(&mut model, &split, &rows, |_, _| {}).unwrap();
+    let k = (channels as f64 * 0.25).round() as u32;
+    assert_eq!(o.iter().map(Vec::len).collect::<Vec<_>>(), vec![9, 4]);
+    for (r, row) in o.iter().enumerate() {
+        for (t, s) in row.iter().enumerate() {
+            assert_eq!(s.iter().sum::<u32>(), k * layers as u32, "row {r} token {t}: {s:?}");
+        }
+    }
+    // A split for another model is refused.
+    let mut other = split.clone();
+    other.channels += 1;
+    assert!(recompose_moe::oracle::overlaps(&mut model, &other, &rows, |_, _| {}).is_err());
+}
+
+#[test]
+fn oracle_overlaps_equal_a_full_sort_of_each_tokens_activations() {
+    let (_d, mut model) = load("gemma3", WeightMode::Quantized);
+    let layers = model.layers.len();
+    let channels = model.layers[0].ffn.as_dense().unwrap().gate.dims().0;
+    let split = random_split(layers, channels, 3, 0.5);
+    let rows: Vec<Vec<u32>> = vec![(0..11).map(|i| 9 + 3 * i).collect()];
+    let got = recompose_moe::oracle::overlaps(&mut model, &split, &rows, |_, _| {}).unwrap();
+    // The reference: every token's |a| per layer through the observer, sorted in full.
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(vec![vec![vec![0u32; 3]; 11]]));
+    let s = seen.clone();
+    let sp = split.clone();
+    let sink: std::sync::Arc<stats::Sink> = std::sync::Arc::new(move |row, layer, a: &[Vec<f32>]| {
+        let k = (sp.channels as f64 * sp.keep).round() as usize;
+        let mut s = s.lock().unwrap();
+        for (t, act) in a.iter().enumerate() {
+            let mut order: Vec<usize> = (0..act.len()).collect();
+            order.sort_by(|&x, &y| act[y].total_cmp(&act[x]).then(x.cmp(&y)));
+            for &c in &order[..k] {
+                for e in 0..3 {
+                    if sp.experts[layer][e].contains(&(c as u32)) {
+                        s[row][t][e] += 1;
+                    }
+                }
+            }
+        }
+    });
+    stats::observe(&mut model, &rows, sink, |_, _| {}).unwrap();
+    assert_eq!(got, *seen.lock().unwrap());
+}

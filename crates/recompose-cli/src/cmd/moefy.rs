@@ -66,7 +66,15 @@ struct Quality {
     tokens: usize,
     dense: f64,
     experts: Vec<f64>,
+    /// Every token through its oracle expert (the best overlap of its active channels).
+    oracle: f64,
     pruned: f64,
+    /// Tokens whose oracle expert is the domain's own.
+    oracle_is_own: f64,
+    /// Consecutive tokens with the same oracle expert.
+    oracle_locality: f64,
+    /// Share of the domain's tokens per oracle expert.
+    oracle_load: Vec<f64>,
 }
 
 pub fn run(a: Args, quiet: bool) -> Result<()> {
@@ -175,25 +183,45 @@ fn score(
     stats: &[recompose_moe::ChannelStats],
     quiet: bool,
 ) -> Result<Vec<Quality>> {
-    use recompose_moe::{ffn, quality::held_out_nll};
-    let runs = names.len() * (2 + split.names.len());
+    use recompose_moe::ffn;
+    use recompose_moe::oracle;
+    use recompose_moe::quality::{everyone_to, held_out_nll};
+    let runs = names.len() * (3 + split.names.len());
     let pb = progress(runs as u64, "held-out perplexity", quiet);
     let ppl = |model: &recompose_llm::Model, rows: &[Vec<u32>], e: Option<u32>| -> Result<(f64, usize)> {
-        let (nll, n) = held_out_nll(model, rows, e)?;
+        let routes = e.map(|e| everyone_to(rows, e));
+        let (nll, n) = held_out_nll(model, rows, routes.as_deref())?;
         pb.inc(1);
         Ok((nll.exp(), n))
     };
     let mut q: Vec<Quality> = vec![];
-    for (name, rows) in names.iter().zip(held) {
+    let mut oracles = vec![];
+    for (d, (name, rows)) in names.iter().zip(held).enumerate() {
         let (dense, tokens) = ppl(model, rows, None)?;
-        q.push(Quality { domain: name.clone(), tokens, dense, experts: vec![], pruned: f64::NAN });
+        let best = oracle::best(&oracle::overlaps(model, split, rows, |_, _| {})?);
+        let all: Vec<u32> = best.iter().flatten().copied().collect();
+        let share = |e: usize| all.iter().filter(|&&x| x as usize == e).count() as f64 / all.len().max(1) as f64;
+        q.push(Quality {
+            domain: name.clone(),
+            tokens,
+            dense,
+            experts: vec![],
+            oracle: f64::NAN,
+            pruned: f64::NAN,
+            oracle_is_own: share(d),
+            oracle_locality: oracle::locality(&best),
+            oracle_load: (0..split.names.len()).map(share).collect(),
+        });
+        oracles.push(best);
     }
     let dense = ffn::install(model, split)?;
     let scored = (|| -> Result<()> {
-        for (qd, rows) in q.iter_mut().zip(held) {
+        for ((qd, rows), best) in q.iter_mut().zip(held).zip(&oracles) {
             for e in 0..split.names.len() {
                 qd.experts.push(ppl(model, rows, Some(e as u32))?.0);
             }
+            qd.oracle = held_out_nll(model, rows, Some(best))?.0.exp();
+            pb.inc(1);
         }
         Ok(())
     })();
@@ -219,9 +247,28 @@ fn print_quality(q: &[Quality], experts: &[String]) {
     }
     println!("held-out perplexity before training (dense / through each expert / pruned to the same size):");
     let heads: Vec<String> = experts.iter().map(|e| format!("{e:>12}")).collect();
-    println!("{:>12} {:>7} {:>10} {} {:>10}", "domain", "tokens", "dense", heads.join(" "), "pruned");
+    println!("{:>12} {:>7} {:>10} {} {:>10} {:>10}", "domain", "tokens", "dense", heads.join(" "), "oracle", "pruned");
     for d in q {
         let cells: Vec<String> = d.experts.iter().map(|p| format!("{p:>12.2}")).collect();
-        println!("{:>12} {:>7} {:>10.2} {} {:>10.2}", d.domain, d.tokens, d.dense, cells.join(" "), d.pruned);
+        println!(
+            "{:>12} {:>7} {:>10.2} {} {:>10.2} {:>10.2}",
+            d.domain,
+            d.tokens,
+            d.dense,
+            cells.join(" "),
+            d.oracle,
+            d.pruned
+        );
+    }
+    println!("oracle experts per token (best overlap of its active channels):");
+    for d in q {
+        let load: Vec<String> = d.oracle_load.iter().map(|l| format!("{:.0}%", 100.0 * l)).collect();
+        println!(
+            "{:>12}: own expert {:.1}%, same as the previous token {:.1}%, load {}",
+            d.domain,
+            100.0 * d.oracle_is_own,
+            100.0 * d.oracle_locality,
+            load.join("/")
+        );
     }
 }
