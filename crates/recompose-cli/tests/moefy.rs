@@ -39,6 +39,8 @@ fn moefy_splits_a_tiny_model_by_two_domains_and_scores_the_split() {
             "64",
             "--eval-rows",
             "2",
+            "--router-steps",
+            "20",
             "-o",
             out.to_str().unwrap(),
         ],
@@ -54,6 +56,9 @@ fn moefy_splits_a_tiny_model_by_two_domains_and_scores_the_split() {
     for d in q {
         assert!(d["dense"].as_f64().unwrap().is_finite() && d["pruned"].as_f64().unwrap().is_finite(), "{d}");
         assert_eq!(d["experts"].as_array().unwrap().len(), 2);
+        let r = &d["router"];
+        assert!(r["ppl"].as_f64().unwrap().is_finite(), "{d}");
+        assert!((0.0..=1.0).contains(&r["matches_oracle"].as_f64().unwrap()), "{d}");
     }
     let stats: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("stats.json")).unwrap()).unwrap();

@@ -369,7 +369,9 @@ impl Model {
         }
     }
 
-    pub(crate) fn embed(&self, tokens: &[u32]) -> Result<Tensor> {
+    /// The input embeddings of `tokens`, `(N, hidden)`, as the first block receives them
+    /// (Read-ME's router reads the backbone's embedding rather than keeping a copy).
+    pub fn embed(&self, tokens: &[u32]) -> Result<Tensor> {
         let h = self.config.hidden_size;
         let v = self.config.vocab_size;
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= v) {

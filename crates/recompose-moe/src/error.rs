@@ -8,6 +8,8 @@ pub enum Error {
     #[error(transparent)]
     Llm(#[from] recompose_llm::Error),
     #[error(transparent)]
+    Train(#[from] recompose_train::Error),
+    #[error(transparent)]
     Candle(#[from] candle_core::Error),
     #[error("{0}")]
     Config(String),

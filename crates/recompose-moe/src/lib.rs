@@ -13,6 +13,8 @@
 //!   step's plan, decided before the backbone ran (the pre-gating router).
 //! - [`oracle`]: each token's oracle expert (its most active channels' overlap with each
 //!   expert's, summed over layers), the target the pre-gating router is distilled towards.
+//! - [`router`]: the pre-gating router (one causal transformer block over the backbone's token
+//!   embeddings), trained towards the oracle experts.
 //! - [`quality`]: held-out NLL of a model as its FFNs stand, with every token routed to one
 //!   expert.
 
@@ -22,6 +24,7 @@ pub mod experts;
 pub mod ffn;
 pub mod oracle;
 pub mod quality;
+pub mod router;
 pub mod stats;
 
 pub use error::{Error, Result};

@@ -6,7 +6,8 @@
 
 use crate::common::{progress, ModelArgs};
 use anyhow::{Context, Result};
-use recompose_moe::{domains, stats, ExpertSplit};
+use recompose_moe::router::{self, Router, RouterConfig, TrainOptions};
+use recompose_moe::{domains, oracle, stats, ExpertSplit};
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
@@ -30,6 +31,13 @@ pub struct Args {
     /// pruned to the same size); 0 skips it.
     #[arg(long, default_value_t = 16)]
     eval_rows: usize,
+    /// Training steps of the pre-gating router (8 rows a step, AdamW), distilled towards each
+    /// calibration token's oracle expert; 0 skips the router.
+    #[arg(long, default_value_t = 300)]
+    router_steps: usize,
+    /// The router's learning rate.
+    #[arg(long, default_value_t = 3e-3)]
+    router_lr: f64,
     /// Output folder: experts.json (the split, a per-layer report, the model's identity) and
     /// stats.json (the per-domain channel statistics).
     #[arg(short, long)]
@@ -75,6 +83,18 @@ struct Quality {
     oracle_locality: f64,
     /// Share of the domain's tokens per oracle expert.
     oracle_load: Vec<f64>,
+    /// With a trained router: perplexity through its routes, how often it picks the oracle
+    /// expert and the domain's own, how often consecutive tokens share its pick, its load.
+    router: Option<RouterQuality>,
+}
+
+#[derive(serde::Serialize)]
+struct RouterQuality {
+    ppl: f64,
+    matches_oracle: f64,
+    is_own: f64,
+    locality: f64,
+    load: Vec<f64>,
 }
 
 pub fn run(a: Args, quiet: bool) -> Result<()> {
@@ -107,6 +127,7 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
     }
     let mut all = vec![];
     let mut held = vec![];
+    let mut calib_rows = vec![];
     let mut calibration = vec![];
     for (name, d) in a.calib.iter().zip(loaded) {
         let pb = progress(d.calib.len() as u64, &format!("statistics: {name}"), quiet);
@@ -121,6 +142,7 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
         });
         all.push(s);
         held.push(d.held_out.into_iter().take(a.eval_rows).collect::<Vec<_>>());
+        calib_rows.push(d.calib);
     }
     let split = ExpertSplit::from_domains(&all, a.keep)?;
     let shapes = recompose_core::identity::shapes(&file)?;
@@ -132,7 +154,16 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
         "ffn0": recompose_core::identity::fingerprint(&file, &ffn0)?,
     });
     let report = split.report();
-    let quality = if a.eval_rows > 0 { score(&mut model, &a.calib, &held, &split, &all, quiet)? } else { vec![] };
+    let router = if a.router_steps > 0 {
+        Some(train_router(&mut model, &split, &calib_rows, a.router_steps, a.router_lr, quiet)?)
+    } else {
+        None
+    };
+    let quality = if a.eval_rows > 0 {
+        score(&mut model, &a.calib, &held, &split, &all, router.as_ref(), quiet)?
+    } else {
+        vec![]
+    };
     let out = ExpertsFile {
         format: "recompose-moe-split/1",
         model: identity,
@@ -181,12 +212,13 @@ fn score(
     held: &[Vec<Vec<u32>>],
     split: &ExpertSplit,
     stats: &[recompose_moe::ChannelStats],
+    router: Option<&Router>,
     quiet: bool,
 ) -> Result<Vec<Quality>> {
     use recompose_moe::ffn;
     use recompose_moe::oracle;
     use recompose_moe::quality::{everyone_to, held_out_nll};
-    let runs = names.len() * (3 + split.names.len());
+    let runs = names.len() * (3 + split.names.len() + usize::from(router.is_some()));
     let pb = progress(runs as u64, "held-out perplexity", quiet);
     let ppl = |model: &recompose_llm::Model, rows: &[Vec<u32>], e: Option<u32>| -> Result<(f64, usize)> {
         let routes = e.map(|e| everyone_to(rows, e));
@@ -211,8 +243,17 @@ fn score(
             oracle_is_own: share(d),
             oracle_locality: oracle::locality(&best),
             oracle_load: (0..split.names.len()).map(share).collect(),
+            router: None,
         });
         oracles.push(best);
+    }
+    // The router's routes, from the backbone's embeddings (it runs before the backbone).
+    let mut routed = vec![];
+    if let Some(r) = router {
+        for rows in held {
+            routed
+                .push(rows.iter().map(|row| r.route(&model.embed(row)?.unsqueeze(0)?)).collect::<Result<Vec<_>, _>>()?);
+        }
     }
     let dense = ffn::install(model, split)?;
     let scored = (|| -> Result<()> {
@@ -222,6 +263,21 @@ fn score(
             }
             qd.oracle = held_out_nll(model, rows, Some(best))?.0.exp();
             pb.inc(1);
+        }
+        for (d, (qd, rows)) in q.iter_mut().zip(held).enumerate().take(routed.len()) {
+            let (r, best) = (&routed[d], &oracles[d]);
+            let picks: Vec<u32> = r.iter().flatten().copied().collect();
+            let n = picks.len().max(1) as f64;
+            let hits = r.iter().flatten().zip(best.iter().flatten()).filter(|(a, b)| a == b).count();
+            qd.router = Some(RouterQuality {
+                ppl: held_out_nll(model, rows, Some(r))?.0.exp(),
+                matches_oracle: hits as f64 / n,
+                is_own: picks.iter().filter(|&&e| e as usize == d).count() as f64 / n,
+                locality: oracle::locality(r),
+                load: (0..split.names.len())
+                    .map(|e| picks.iter().filter(|&&x| x as usize == e).count() as f64 / n)
+                    .collect(),
+            });
         }
         Ok(())
     })();
@@ -260,6 +316,22 @@ fn print_quality(q: &[Quality], experts: &[String]) {
             d.pruned
         );
     }
+    if q.iter().any(|d| d.router.is_some()) {
+        println!("pre-gating router on the held-out rows:");
+        for d in q {
+            let Some(r) = &d.router else { continue };
+            let load: Vec<String> = r.load.iter().map(|l| format!("{:.0}%", 100.0 * l)).collect();
+            println!(
+                "{:>12}: perplexity {:.2}, oracle expert {:.1}%, own expert {:.1}%, same as the previous token {:.1}%, load {}",
+                d.domain,
+                r.ppl,
+                100.0 * r.matches_oracle,
+                100.0 * r.is_own,
+                100.0 * r.locality,
+                load.join("/")
+            );
+        }
+    }
     println!("oracle experts per token (best overlap of its active channels):");
     for d in q {
         let load: Vec<String> = d.oracle_load.iter().map(|l| format!("{:.0}%", 100.0 * l)).collect();
@@ -271,4 +343,36 @@ fn print_quality(q: &[Quality], experts: &[String]) {
             load.join("/")
         );
     }
+}
+
+/// Trains the pre-gating router towards the oracle expert of every calibration token (all
+/// domains' rows together), from the backbone's token embeddings.
+fn train_router(
+    model: &mut recompose_llm::Model,
+    split: &ExpertSplit,
+    calib: &[Vec<Vec<u32>>],
+    steps: usize,
+    lr: f64,
+    quiet: bool,
+) -> Result<Router> {
+    let rows: Vec<Vec<u32>> = calib.iter().flatten().cloned().collect();
+    let pb = progress(rows.len() as u64, "oracle experts", quiet);
+    let targets = oracle::best(&oracle::overlaps(model, split, &rows, |done, _| pb.set_position(done as u64))?);
+    pb.finish_and_clear();
+    let xs = rows.iter().map(|r| model.embed(r)).collect::<Result<Vec<_>, _>>()?;
+    let c = &model.config;
+    let config = RouterConfig { hidden: c.hidden_size, heads: 4, ffn: 512, experts: split.names.len() };
+    let mut r = Router::init(config, 0, candle_core::DType::F32, &candle_core::Device::Cpu)?;
+    let pb = progress(steps as u64, "router", quiet);
+    let losses = router::train(&mut r, &xs, &targets, TrainOptions { steps, lr, batch: 8, seed: 0 }, |s, l| {
+        pb.set_position(s as u64);
+        pb.set_message(format!("router (loss {l:.3})"));
+    })?;
+    pb.finish_and_clear();
+    tracing::info!(
+        "router: {steps} steps, loss {:.3} -> {:.3}",
+        losses.first().copied().unwrap_or(f64::NAN),
+        losses.last().copied().unwrap_or(f64::NAN)
+    );
+    Ok(r)
 }

@@ -308,15 +308,18 @@ impl CustomOp2 for RmsNorm {
                 let dyc = dy.contiguous()?;
                 let (xv, wv, gv) = (Data::<$t>::of(x)?, Data::<$t>::of(w)?, Data::<$t>::of(&dyc)?);
                 let (dx, dw) = rms_norm_backward(xv.get()?, wv.get()?, gv.get()?, h, self.eps, need_x, need_w);
-                (Tensor::from_vec(dx, x.shape(), x.device())?, Tensor::from_vec(dw, h, w.device())?)
+                // Only what is needed was computed: an input that takes no gradient gets none
+                // (the weight of a norm over untracked embeddings, say).
+                let dx = if need_x { Some(Tensor::from_vec(dx, x.shape(), x.device())?) } else { None };
+                let dw = if need_w { Some(Tensor::from_vec(dw, h, w.device())?) } else { None };
+                (dx, dw)
             }};
         }
-        let (dx, dw) = match x.dtype() {
+        Ok(match x.dtype() {
             DType::F32 => run!(f32),
             DType::F64 => run!(f64),
             d => candle_core::bail!("rms-norm backward: {d:?}"),
-        };
-        Ok((need_x.then_some(dx), need_w.then_some(dw)))
+        })
     }
 }
 
@@ -889,6 +892,21 @@ mod tests {
         }
         let (x, w) = (rand(&[4, 8], 3, DType::F64), rand(&[8], 4, DType::F64));
         check_finite_differences(&[x, w], |t| rms_norm(&t[0], &t[1], 1e-5).unwrap());
+    }
+
+    #[test]
+    fn rms_norm_of_an_untracked_input_gives_its_weight_the_composed_gradient() {
+        // The backward once built an empty dx for an input without a gradient, and failed.
+        let x = rand(&[3, 8], 5, DType::F32);
+        let w = Var::from_tensor(&rand(&[8], 6, DType::F32)).unwrap();
+        let c = rand(&[3, 8], 7, DType::F32);
+        let fused = (rms_norm(&x, w.as_tensor(), 1e-5).unwrap() * &c).unwrap().sum_all().unwrap().backward().unwrap();
+        let plain =
+            (rms_norm_composed(&x, w.as_tensor(), 1e-5).unwrap() * &c).unwrap().sum_all().unwrap().backward().unwrap();
+        let (a, b) = (fused.get(w.as_tensor()).unwrap(), plain.get(w.as_tensor()).unwrap());
+        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(d < 1e-5, "weight gradient off by {d}");
+        assert!(fused.get(&x).is_none());
     }
 
     #[test]
