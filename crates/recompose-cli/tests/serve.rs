@@ -292,8 +292,16 @@ fn disconnect_cancels_and_a_full_queue_answers_429() {
         let head = format!("POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n", body.len());
         sock.write_all(head.as_bytes()).unwrap();
         sock.write_all(body.as_bytes()).unwrap();
+        // Until the first token arrives: the response headers come before the scheduler has taken
+        // the job from its queue, and a job still queued would fill the queue below.
+        sock.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut seen = Vec::new();
         let mut buf = [0u8; 256];
-        let _ = sock.read(&mut buf).unwrap();
+        while !String::from_utf8_lossy(&seen).contains("data:") {
+            let n = sock.read(&mut buf).unwrap();
+            assert!(n > 0, "the stream ended before its first token");
+            seen.extend_from_slice(&buf[..n]);
+        }
     }
     let t0 = Instant::now();
     while metric(&a, "recompose_running_requests") != 0.0 {
