@@ -60,6 +60,11 @@ fn moefy_splits_a_tiny_model_by_two_domains_and_scores_the_split() {
         assert!(r["ppl"].as_f64().unwrap().is_finite(), "{d}");
         assert!((0.0..=1.0).contains(&r["matches_oracle"].as_f64().unwrap()), "{d}");
     }
+    let identity = v["model"].to_string();
+    let r = recompose_moe::router::Router::load(&out.join("router.safetensors"), &identity).unwrap();
+    assert_eq!(r.config.experts, 2);
+    let e = recompose_moe::router::Router::load(&out.join("router.safetensors"), "another").err().unwrap();
+    assert!(e.to_string().contains("a router for another model"), "{e}");
     let stats: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("stats.json")).unwrap()).unwrap();
     assert_eq!(stats.as_array().unwrap().len(), 2);

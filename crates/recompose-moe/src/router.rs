@@ -120,6 +120,68 @@ impl Router {
     }
 }
 
+impl Router {
+    /// Writes the router as one safetensors file at `path` (built beside it, renamed into place):
+    /// its weights as f32, its config and `backbone` (the identity of the model whose embeddings
+    /// it reads) in the metadata.
+    pub fn save(&self, path: &std::path::Path, backbone: &str) -> Result<()> {
+        let tmp = recompose_core::atomic::scratch_beside(path)?;
+        let values: Vec<Tensor> =
+            self.params.iter().map(|p| p.var.as_tensor().to_dtype(DType::F32)).collect::<candle_core::Result<_>>()?;
+        let plan: Vec<recompose_core::safetensors_out::PlannedTensor> = self
+            .params
+            .iter()
+            .zip(&values)
+            .map(|(p, t)| recompose_core::safetensors_out::PlannedTensor {
+                name: p.name.clone(),
+                dtype: DType::F32,
+                shape: t.dims().to_vec(),
+            })
+            .collect();
+        let mut meta = std::collections::BTreeMap::new();
+        meta.insert("recompose.router".to_string(), serde_json::to_string(&self.config).unwrap_or_default());
+        meta.insert("recompose.backbone".to_string(), backbone.to_string());
+        let written = recompose_core::safetensors_out::write_sharded(tmp.path(), &plan, usize::MAX, &meta, |i| {
+            Ok(values[i].clone())
+        })?;
+        let file = written.first().ok_or_else(|| Error::Data("the router file was not written".into()))?;
+        std::fs::rename(file, path).map_err(|e| Error::Data(format!("{}: {e}", path.display())))?;
+        Ok(())
+    }
+
+    /// Reads a router [`Router::save`] wrote, refusing one made for another backbone than
+    /// `backbone` or whose tensors do not fit its config.
+    pub fn load(path: &std::path::Path, backbone: &str) -> Result<Self> {
+        let st = recompose_core::weights::HfDir::open_tensors(path)?;
+        let bad = |what: String| Error::Data(format!("{}: {what}", path.display()));
+        let config: RouterConfig = st
+            .metadata
+            .get("recompose.router")
+            .and_then(|c| serde_json::from_str(c).ok())
+            .ok_or_else(|| bad("not a recompose router (no router config in its metadata)".into()))?;
+        config.validate()?;
+        match st.metadata.get("recompose.backbone") {
+            Some(b) if b == backbone => {}
+            Some(b) => return Err(bad(format!("a router for another model (made for {b}, this model is {backbone})"))),
+            None => return Err(bad("no backbone identity in its metadata".into())),
+        }
+        let fresh = Router::init(config, 0, DType::F32, &Device::Cpu)?;
+        for p in &fresh.params {
+            let t = st.load(&p.name)?.to_dtype(DType::F32)?;
+            if t.dims() != p.var.as_tensor().dims() {
+                return Err(bad(format!(
+                    "{} is {:?}, the config needs {:?}",
+                    p.name,
+                    t.dims(),
+                    p.var.as_tensor().dims()
+                )));
+            }
+            p.var.set(&t)?;
+        }
+        Ok(fresh)
+    }
+}
+
 /// The `i`-th standard normal of stream `seed` (Box-Muller over two hashed uniforms).
 fn normal(seed: u64, i: u64) -> f64 {
     let u = |j: u64| ((mix(seed ^ mix(j)) >> 11) as f64 + 0.5) / (1u64 << 53) as f64;

@@ -82,3 +82,25 @@ fn bad_router_settings_are_refused() {
     let e = train(&mut r, &[], &[], TrainOptions { steps: 1, lr: 1e-3, batch: 1, seed: 0 }, |_, _| {}).err().unwrap();
     assert!(e.to_string().contains("0 rows"), "{e}");
 }
+
+#[test]
+fn a_saved_router_reads_back_the_same_and_refuses_another_backbone() {
+    let dev = Device::Cpu;
+    let d = tempfile::tempdir().unwrap();
+    let path = d.path().join("router.safetensors");
+    let r = Router::init(config(8, 3), 11, DType::F32, &dev).unwrap();
+    r.save(&path, "model-a").unwrap();
+    let back = Router::load(&path, "model-a").unwrap();
+    assert_eq!(back.config, r.config);
+    let x = Tensor::randn(0f32, 1.0, (1, 4, 8), &dev).unwrap();
+    let (a, b) = (r.logits(&x).unwrap(), back.logits(&x).unwrap());
+    assert_eq!(a.flatten_all().unwrap().to_vec1::<f32>().unwrap(), b.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    let e = Router::load(&path, "model-b").err().unwrap().to_string();
+    assert!(e.contains("a router for another model"), "{e}");
+    // A file that is not a router, and a truncated one.
+    let other = d.path().join("other.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&other, &bytes[..bytes.len() / 2]).unwrap();
+    assert!(Router::load(&other, "model-a").is_err());
+    assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 2, "scratch left behind");
+}

@@ -38,8 +38,9 @@ pub struct Args {
     /// The router's learning rate.
     #[arg(long, default_value_t = 3e-3)]
     router_lr: f64,
-    /// Output folder: experts.json (the split, a per-layer report, the model's identity) and
-    /// stats.json (the per-domain channel statistics).
+    /// Output folder: experts.json (the split, a per-layer report, the model's identity),
+    /// stats.json (the per-domain channel statistics) and router.safetensors (the trained
+    /// router, with the model's identity).
     #[arg(short, long)]
     output: PathBuf,
 }
@@ -175,6 +176,10 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
     };
     std::fs::create_dir_all(&a.output).with_context(|| format!("creating {}", a.output.display()))?;
     recompose_core::atomic::write_bytes(&a.output.join("stats.json"), serde_json::to_string(&all)?.as_bytes())?;
+    if let Some(r) = &router {
+        // The router reads this model's embeddings: it carries the model's identity.
+        r.save(&a.output.join("router.safetensors"), &out.model.to_string())?;
+    }
     recompose_core::atomic::write_bytes(
         &a.output.join("experts.json"),
         serde_json::to_string_pretty(&out)?.as_bytes(),
