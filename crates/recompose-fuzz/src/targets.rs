@@ -484,8 +484,8 @@ fn kv_spec(_: &Scratch, data: &[u8]) -> Vec<String> {
     let shown = spec.to_string();
     match shown.parse::<recompose_kv::KvSpec>() {
         Ok(again) => assert_eq!(again, spec, "`{text}` displays as `{shown}`, which is another policy"),
-        // ok: the fuzz oracle's failure signal; the runner catches it and saves the input.
-        Err(e) => panic!("`{text}` displays as `{shown}`, which does not parse: {}", e.why),
+        // The fuzz oracle's failure signal: the runner catches it and saves the input.
+        Err(e) => panic!("`{text}` displays as `{shown}`, which does not parse: {}", e.why), // ok: fuzz oracle
     }
     // Prompt lengths from empty to the longest context recompose accepts.
     let lens = [0, 1, 7, 4096, recompose_core::config::MAX_CONTEXT];

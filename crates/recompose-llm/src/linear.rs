@@ -163,8 +163,16 @@ fn packed_group(parts: &[(&Linear, usize, Option<u64>)], x: &Tensor) -> Result<O
         return Err(Error::InvalidInput(format!("input of width {k} for a weight of {} columns", w.cols())));
     }
     let n: usize = lead.iter().product();
-    let data: Vec<f32> = x.reshape((n, k))?.contiguous()?.flatten_all()?.to_vec1()?;
-    let acts = quant::quantize_acts(&data, n, k);
+    // The input is read in place (no copy on the decode path).
+    let x2 = x.reshape((n, k))?.contiguous()?;
+    let acts = {
+        let (storage, layout) = x2.storage_and_layout();
+        let (candle_core::Storage::Cpu(CpuStorage::F32(data)), Some((a, b))) = (&*storage, layout.contiguous_offsets())
+        else {
+            return Ok(None);
+        };
+        quant::quantize_acts(&data[a..b], n, k)
+    };
     let mut bufs: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; n * w.rows()]).collect();
     let mut outs: Vec<&mut [f32]> = bufs.iter_mut().map(Vec::as_mut_slice).collect();
     quant::matmul_group(&ws, &acts, &mut outs, quant::level());

@@ -37,32 +37,56 @@ pub struct LayerReport {
     pub dropped: usize,
 }
 
+/// Refuses a domain with fewer than [`MIN_TOKENS`] calibration tokens (callers check it before
+/// taking statistics, the split again on what it is given).
+pub fn enough_tokens(name: &str, tokens: u64) -> Result<()> {
+    if tokens < MIN_TOKENS {
+        return Err(Error::Data(format!(
+            "{name}: {tokens} calibration tokens, too few to rank channels (at least {MIN_TOKENS})"
+        )));
+    }
+    Ok(())
+}
+
+/// The `k` channels of largest value, ascending; ties to the lower index, so splits are
+/// deterministic.
+fn top_k(values: &[f64], k: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..values.len()).collect();
+    order.sort_by(|&a, &b| values[b].total_cmp(&values[a]).then(a.cmp(&b)));
+    order.truncate(k);
+    order.sort_unstable();
+    order
+}
+
+/// Checks per-domain statistics for a split keeping `keep`; returns (layers, channels, kept
+/// channels per domain and layer).
+fn validate(stats: &[ChannelStats], keep: f64) -> Result<(usize, usize, usize)> {
+    if stats.len() < 2 {
+        return Err(Error::Config(format!("{} domain(s): experts need at least two", stats.len())));
+    }
+    if !(keep > 0.0 && keep <= 1.0) {
+        return Err(Error::Config(format!("keep {keep} is not a fraction in (0, 1]")));
+    }
+    let (layers, channels) = (stats[0].layers(), stats[0].channels());
+    if let Some(s) = stats.iter().find(|s| s.layers() != layers || s.channels() != channels) {
+        return Err(Error::Data(format!(
+            "{}: statistics of {} layers x {} channels, {} has {layers} x {channels}",
+            s.name,
+            s.layers(),
+            s.channels(),
+            stats[0].name
+        )));
+    }
+    for s in stats {
+        enough_tokens(&s.name, s.tokens)?;
+    }
+    Ok((layers, channels, ((channels as f64 * keep).round() as usize).clamp(1, channels)))
+}
+
 impl ExpertSplit {
     /// One expert per domain from each domain's statistics.
     pub fn from_domains(stats: &[ChannelStats], keep: f64) -> Result<Self> {
-        if stats.len() < 2 {
-            return Err(Error::Config(format!("{} domain(s): experts need at least two", stats.len())));
-        }
-        if !(keep > 0.0 && keep <= 1.0) {
-            return Err(Error::Config(format!("keep {keep} is not a fraction in (0, 1]")));
-        }
-        let (layers, channels) = (stats[0].layers(), stats[0].channels());
-        if let Some(s) = stats.iter().find(|s| s.layers() != layers || s.channels() != channels) {
-            return Err(Error::Data(format!(
-                "{}: statistics of {} layers x {} channels, {} has {layers} x {channels}",
-                s.name,
-                s.layers(),
-                s.channels(),
-                stats[0].name
-            )));
-        }
-        if let Some(s) = stats.iter().find(|s| s.tokens < MIN_TOKENS) {
-            return Err(Error::Data(format!(
-                "{}: {} calibration tokens, too few to rank channels (at least {MIN_TOKENS})",
-                s.name, s.tokens
-            )));
-        }
-        let k = ((channels as f64 * keep).round() as usize).clamp(1, channels);
+        let (layers, channels, k) = validate(stats, keep)?;
         let mut permanent = Vec::with_capacity(layers);
         let mut experts = Vec::with_capacity(layers);
         for l in 0..layers {
@@ -70,12 +94,8 @@ impl ExpertSplit {
             let kept: Vec<Vec<bool>> = stats
                 .iter()
                 .map(|s| {
-                    let m = s.mean(l);
-                    let mut order: Vec<usize> = (0..channels).collect();
-                    // Largest mean first; ties by index, so the split is deterministic.
-                    order.sort_by(|&a, &b| m[b].total_cmp(&m[a]).then(a.cmp(&b)));
                     let mut keep = vec![false; channels];
-                    order[..k].iter().for_each(|&c| keep[c] = true);
+                    top_k(&s.mean(l), k).into_iter().for_each(|c| keep[c] = true);
                     keep
                 })
                 .collect();
@@ -92,37 +112,16 @@ impl ExpertSplit {
     /// against: per layer, the top `keep` channels by the domains' means averaged (each domain
     /// weighs the same), all permanent, and one empty expert named "pruned".
     pub fn pruned(stats: &[ChannelStats], keep: f64) -> Result<Self> {
-        let by_domain = Self::from_domains(stats, keep)?;
+        let (layers, channels, k) = validate(stats, keep)?;
         let n = stats.len() as f64;
-        let pooled = ChannelStats {
-            name: "pruned".into(),
-            sums: (0..stats[0].layers())
-                .map(|l| {
-                    let means: Vec<Vec<f64>> = stats.iter().map(|s| s.mean(l)).collect();
-                    (0..stats[0].channels()).map(|c| means.iter().map(|m| m[c]).sum::<f64>() / n).collect()
-                })
-                .collect(),
-            tokens: 1,
-        };
-        let k = by_domain.active(0, 0);
-        let permanent = (0..pooled.layers())
+        let permanent = (0..layers)
             .map(|l| {
-                let m = pooled.mean(l);
-                let mut order: Vec<usize> = (0..m.len()).collect();
-                order.sort_by(|&a, &b| m[b].total_cmp(&m[a]).then(a.cmp(&b)));
-                let mut top: Vec<u32> = order[..k].iter().map(|&c| c as u32).collect();
-                top.sort_unstable();
-                top
+                let means: Vec<Vec<f64>> = stats.iter().map(|s| s.mean(l)).collect();
+                let pooled: Vec<f64> = (0..channels).map(|c| means.iter().map(|m| m[c]).sum::<f64>() / n).collect();
+                top_k(&pooled, k).into_iter().map(|c| c as u32).collect()
             })
-            .collect::<Vec<Vec<u32>>>();
-        let layers = permanent.len();
-        Ok(Self {
-            names: vec!["pruned".into()],
-            channels: by_domain.channels,
-            keep,
-            permanent,
-            experts: vec![vec![vec![]]; layers],
-        })
+            .collect();
+        Ok(Self { names: vec!["pruned".into()], channels, keep, permanent, experts: vec![vec![vec![]]; layers] })
     }
 
     pub fn layers(&self) -> usize {

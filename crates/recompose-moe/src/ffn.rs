@@ -133,9 +133,13 @@ impl Ffn for MoeFfn {
     }
 }
 
-/// Replaces every layer's dense FFN by its MoE cut under `split` (checked against the model
-/// first); returns the dense FFNs, in layer order, for [`restore`].
-pub fn install(model: &mut recompose_llm::Model, split: &ExpertSplit) -> Result<Vec<Box<dyn Ffn>>> {
+/// Runs `f` on `model` with every layer's dense FFN replaced by its MoE cut under `split`
+/// (checked against the model first); the dense FFNs are back afterwards, whatever `f` gave.
+pub fn with_moe<R, E: From<Error>>(
+    model: &mut recompose_llm::Model,
+    split: &ExpertSplit,
+    f: impl FnOnce(&recompose_llm::Model) -> std::result::Result<R, E>,
+) -> std::result::Result<R, E> {
     let channels = model.layers.first().and_then(|b| b.ffn.as_dense()).map_or(0, |d| d.gate.dims().0);
     split.check(model.layers.len(), channels)?;
     let mut moes = Vec::with_capacity(model.layers.len());
@@ -143,12 +147,11 @@ pub fn install(model: &mut recompose_llm::Model, split: &ExpertSplit) -> Result<
         let dense = block.ffn.as_dense().ok_or_else(|| Error::Config(format!("layer {l}: not a dense FFN")))?;
         moes.push(MoeFfn::from_dense(dense, split, l)?);
     }
-    Ok(model.layers.iter_mut().zip(moes).map(|(b, m)| std::mem::replace(&mut b.ffn, Box::new(m))).collect())
-}
-
-/// Puts back the FFNs [`install`] returned.
-pub fn restore(model: &mut recompose_llm::Model, ffns: Vec<Box<dyn Ffn>>) {
-    for (b, f) in model.layers.iter_mut().zip(ffns) {
-        b.ffn = f;
+    let dense: Vec<Box<dyn Ffn>> =
+        model.layers.iter_mut().zip(moes).map(|(b, m)| std::mem::replace(&mut b.ffn, Box::new(m))).collect();
+    let out = f(model);
+    for (b, d) in model.layers.iter_mut().zip(dense) {
+        b.ffn = d;
     }
+    out
 }

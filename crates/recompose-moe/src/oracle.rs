@@ -21,6 +21,9 @@ pub fn overlaps(
     let channels = model.layers.first().and_then(|b| b.ffn.as_dense()).map_or(0, |d| d.gate.dims().0);
     split.check(model.layers.len(), channels)?;
     let experts = split.names.len();
+    if experts > 64 {
+        return Err(Error::Config(format!("{experts} experts: at most 64")));
+    }
     // Per layer: the expert owning each channel, as a bit set over the experts.
     let owners: Vec<Vec<u64>> = split
         .experts
@@ -33,9 +36,6 @@ pub fn overlaps(
             own
         })
         .collect();
-    if experts > 64 {
-        return Err(Error::Config(format!("{experts} experts: at most 64")));
-    }
     let k = ((channels as f64 * split.keep).round() as usize).clamp(1, channels);
     let out = Arc::new(Mutex::new(rows.iter().map(|r| vec![vec![0u32; experts]; r.len()]).collect::<Overlaps>()));
     let o = out.clone();
@@ -76,6 +76,28 @@ pub fn best(overlaps: &Overlaps) -> Vec<Vec<u32>> {
         .collect()
 }
 
+/// The share of all tokens of `routes` routed to each of `experts` experts.
+pub fn load(routes: &[Vec<u32>], experts: usize) -> Vec<f64> {
+    let mut n = vec![0usize; experts];
+    routes.iter().flatten().for_each(|&e| {
+        if let Some(c) = n.get_mut(e as usize) {
+            *c += 1;
+        }
+    });
+    let total = routes.iter().map(Vec::len).sum::<usize>().max(1) as f64;
+    n.into_iter().map(|c| c as f64 / total).collect()
+}
+
+/// The share of tokens two routings send to the same expert.
+pub fn agreement(a: &[Vec<u32>], b: &[Vec<u32>]) -> f64 {
+    let (same, n) = a
+        .iter()
+        .zip(b)
+        .flat_map(|(x, y)| x.iter().zip(y))
+        .fold((0usize, 0usize), |(s, n), (x, y)| (s + usize::from(x == y), n + 1));
+    same as f64 / n.max(1) as f64
+}
+
 /// How often a token's expert is the one of the token before it, over all rows.
 pub fn locality(routes: &[Vec<u32>]) -> f64 {
     let (same, pairs) = routes.iter().fold((0usize, 0usize), |(s, p), r| {
@@ -94,5 +116,7 @@ mod tests {
         assert_eq!(best(&o), vec![vec![1, 0, 0]]);
         assert_eq!(locality(&[vec![0, 0, 1, 1, 1], vec![2]]), 0.75);
         assert_eq!(locality(&[]), 0.0);
+        assert_eq!(load(&[vec![0, 2, 2], vec![2]], 3), vec![0.25, 0.0, 0.75]);
+        assert_eq!(agreement(&[vec![0, 1, 2], vec![1]], &[vec![0, 2, 2], vec![0]]), 0.5);
     }
 }

@@ -119,11 +119,8 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
     for name in &a.calib {
         let d = domains::load(name, &tok, a.ctx, a.rows).with_context(|| format!("calibration domain {name}"))?;
         let tokens: usize = d.calib.iter().map(Vec::len).sum();
-        anyhow::ensure!(
-            tokens as u64 >= recompose_moe::experts::MIN_TOKENS,
-            "calibration domain {name}: {tokens} calibration tokens, too few to rank channels (at least {}; raise --rows or --ctx)",
-            recompose_moe::experts::MIN_TOKENS
-        );
+        recompose_moe::experts::enough_tokens(name, tokens as u64)
+            .map_err(|e| anyhow::anyhow!("calibration domain {e}; raise --rows or --ctx"))?;
         loaded.push(d);
     }
     let mut all = vec![];
@@ -154,7 +151,6 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
         "layout": recompose_core::identity::layout_hash(&shapes),
         "ffn0": recompose_core::identity::fingerprint(&file, &ffn0)?,
     });
-    let report = split.report();
     let router = if a.router_steps > 0 {
         Some(train_router(&mut model, &split, &calib_rows, a.router_steps, a.router_lr, quiet)?)
     } else {
@@ -171,7 +167,7 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
         calibration,
         ctx: a.ctx,
         split: &split,
-        report: report.clone(),
+        report: split.report(),
         quality,
     };
     std::fs::create_dir_all(&a.output).with_context(|| format!("creating {}", a.output.display()))?;
@@ -184,7 +180,7 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
         &a.output.join("experts.json"),
         serde_json::to_string_pretty(&out)?.as_bytes(),
     )?;
-    print_report(&split, &report);
+    print_report(&split, &out.report);
     print_quality(&out.quality, &split.names);
     println!("wrote {}", a.output.join("experts.json").display());
     Ok(())
@@ -236,8 +232,7 @@ fn score(
     for (d, (name, rows)) in names.iter().zip(held).enumerate() {
         let (dense, tokens) = ppl(model, rows, None)?;
         let best = oracle::best(&oracle::overlaps(model, split, rows, |_, _| {})?);
-        let all: Vec<u32> = best.iter().flatten().copied().collect();
-        let share = |e: usize| all.iter().filter(|&&x| x as usize == e).count() as f64 / all.len().max(1) as f64;
+        let load = oracle::load(&best, split.names.len());
         q.push(Quality {
             domain: name.clone(),
             tokens,
@@ -245,9 +240,9 @@ fn score(
             experts: vec![],
             oracle: f64::NAN,
             pruned: f64::NAN,
-            oracle_is_own: share(d),
+            oracle_is_own: load[d],
             oracle_locality: oracle::locality(&best),
-            oracle_load: (0..split.names.len()).map(share).collect(),
+            oracle_load: load,
             router: None,
         });
         oracles.push(best);
@@ -260,8 +255,7 @@ fn score(
                 .push(rows.iter().map(|row| r.route(&model.embed(row)?.unsqueeze(0)?)).collect::<Result<Vec<_>, _>>()?);
         }
     }
-    let dense = ffn::install(model, split)?;
-    let scored = (|| -> Result<()> {
+    ffn::with_moe(model, split, |model| -> Result<()> {
         for ((qd, rows), best) in q.iter_mut().zip(held).zip(&oracles) {
             for e in 0..split.names.len() {
                 qd.experts.push(ppl(model, rows, Some(e as u32))?.0);
@@ -269,35 +263,26 @@ fn score(
             qd.oracle = held_out_nll(model, rows, Some(best))?.0.exp();
             pb.inc(1);
         }
-        for (d, (qd, rows)) in q.iter_mut().zip(held).enumerate().take(routed.len()) {
-            let (r, best) = (&routed[d], &oracles[d]);
-            let picks: Vec<u32> = r.iter().flatten().copied().collect();
-            let n = picks.len().max(1) as f64;
-            let hits = r.iter().flatten().zip(best.iter().flatten()).filter(|(a, b)| a == b).count();
+        for (d, ((qd, rows), r)) in q.iter_mut().zip(held).zip(&routed).enumerate() {
+            pb.inc(1);
+            let load = oracle::load(r, split.names.len());
             qd.router = Some(RouterQuality {
                 ppl: held_out_nll(model, rows, Some(r))?.0.exp(),
-                matches_oracle: hits as f64 / n,
-                is_own: picks.iter().filter(|&&e| e as usize == d).count() as f64 / n,
+                matches_oracle: oracle::agreement(r, &oracles[d]),
+                is_own: load[d],
                 locality: oracle::locality(r),
-                load: (0..split.names.len())
-                    .map(|e| picks.iter().filter(|&&x| x as usize == e).count() as f64 / n)
-                    .collect(),
+                load,
             });
         }
         Ok(())
-    })();
-    ffn::restore(model, dense);
-    scored?;
+    })?;
     let pruned = ExpertSplit::pruned(stats, split.keep)?;
-    let dense = ffn::install(model, &pruned)?;
-    let scored = (|| -> Result<()> {
+    ffn::with_moe(model, &pruned, |model| -> Result<()> {
         for (qd, rows) in q.iter_mut().zip(held) {
             qd.pruned = ppl(model, rows, Some(0))?.0;
         }
         Ok(())
-    })();
-    ffn::restore(model, dense);
-    scored?;
+    })?;
     pb.finish_and_clear();
     Ok(q)
 }
