@@ -59,6 +59,10 @@ pub struct ModelArgs {
     /// dense there, the quantised kernels being CPU ones).
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     pub device: DeviceArg,
+    /// A MoE folder `recompose moefy` made from this model: its FFNs run as experts, each
+    /// token's chosen before the blocks by the pre-gating router.
+    #[arg(long, value_name = "DIR")]
+    pub moe: Option<PathBuf>,
 }
 
 /// A `--device` value.
@@ -117,7 +121,26 @@ impl ModelArgs {
         ModelFile::open(&p).with_context(|| format!("opening model {}", p.display()))
     }
 
+    /// The model as the flags ask: base, adapter, MoE.
     pub fn load(&self) -> Result<(ModelFile, Model, recompose_core::Tokenizer)> {
+        let (file, mut model, tok) = self.load_base()?;
+        self.apply_moe(&file, &mut model)?;
+        Ok((file, model, tok))
+    }
+
+    /// Puts the `--moe` folder (if any) into `model`, the dense model it was made from.
+    pub fn apply_moe(&self, file: &ModelFile, model: &mut Model) -> Result<()> {
+        let Some(dir) = &self.moe else { return Ok(()) };
+        anyhow::ensure!(self.parts()?.1.is_none(), "--moe with a LoRA adapter: apply one or the other");
+        let moe = recompose_moe::MoeModel::load(dir, file)?;
+        let (experts, keep) = (moe.config.split.names.join(", "), moe.config.split.keep);
+        moe.apply(model)?;
+        tracing::info!("MoE {}: experts {experts}, keep {keep}", dir.display());
+        Ok(())
+    }
+
+    /// The model and adapter, without `--moe`.
+    pub fn load_base(&self) -> Result<(ModelFile, Model, recompose_core::Tokenizer)> {
         let file = self.open()?;
         let tok = file.tokenizer()?;
         let mode = if self.f32 { WeightMode::F32 } else { WeightMode::Quantized };

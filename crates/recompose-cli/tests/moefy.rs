@@ -41,15 +41,18 @@ fn moefy_splits_a_tiny_model_by_two_domains_and_scores_the_split() {
             "2",
             "--router-steps",
             "20",
+            "--finetune-steps",
+            "3",
+            "--finetune-rows",
+            "8",
             "-o",
             out.to_str().unwrap(),
         ],
     );
     assert!(stdout.contains("permanent"), "{stdout}");
     let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("experts.json")).unwrap()).unwrap();
-    assert_eq!(v["format"], "recompose-moe-split/1");
-    assert_eq!(v["split"]["names"].as_array().unwrap().len(), 2);
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(v["format"], "recompose-moe-report/1");
     assert_eq!(v["calibration"][0]["tokens"], 8 * 64);
     let q = v["quality"].as_array().unwrap();
     assert_eq!(q.len(), 2);
@@ -60,11 +63,42 @@ fn moefy_splits_a_tiny_model_by_two_domains_and_scores_the_split() {
         assert!(r["ppl"].as_f64().unwrap().is_finite(), "{d}");
         assert!((0.0..=1.0).contains(&r["matches_oracle"].as_f64().unwrap()), "{d}");
     }
-    let identity = v["model"].to_string();
-    let r = recompose_moe::router::Router::load(&out.join("router.safetensors"), &identity).unwrap();
-    assert_eq!(r.config.experts, 2);
-    let e = recompose_moe::router::Router::load(&out.join("router.safetensors"), "another").err().unwrap();
-    assert!(e.to_string().contains("a router for another model"), "{e}");
+    let ft = &v["finetuned"];
+    assert_eq!(ft["steps"], 3);
+    for k in ["dense_f32", "moe", "pruned"] {
+        let p = ft[k].as_array().unwrap();
+        assert!(p.len() == 2 && p.iter().all(|x| x.as_f64().unwrap().is_finite()), "{ft}");
+    }
+    assert!(out.join("experts.safetensors").exists() && out.join("finetune-moe.log.jsonl").exists());
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["format"], "recompose-moe/1");
+    assert_eq!(cfg["split"]["names"].as_array().unwrap().len(), 2);
+    assert_eq!(cfg["router"]["experts"], 2);
+    assert_eq!(cfg["base"], v["model"]);
+    // The MoE runs (generate, eval), and is refused on another model.
+    let moe = out.to_str().unwrap();
+    let (text, err) = succeeds(
+        d.path(),
+        &[
+            "generate",
+            "-m",
+            m.to_str().unwrap(),
+            "--moe",
+            moe,
+            "--prompt",
+            "O that",
+            "--max-tokens",
+            "8",
+            "--temperature",
+            "0",
+        ],
+    );
+    assert!(err.contains("generated 8 tokens"), "{text}\n{err}");
+    let other = d.path().join("other.gguf");
+    write_tiny_gguf(&other, &TinySpec { seed: 5, ..Default::default() }).unwrap();
+    let e = fails(d.path(), &["generate", "-m", other.to_str().unwrap(), "--moe", moe, "--prompt", "O"]);
+    assert!(e.contains("made for another model"), "{e}");
     let stats: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("stats.json")).unwrap()).unwrap();
     assert_eq!(stats.as_array().unwrap().len(), 2);
@@ -86,6 +120,8 @@ fn moefy_refuses_bad_settings_and_thin_or_missing_text() {
     assert!(run(&["--calib", a]).contains("at least two domains"));
     assert!(run(&["--calib", &format!("{a},{a}")]).contains("names a domain twice"));
     assert!(run(&["--calib", &two, "--keep", "1.5"]).contains("not a fraction"));
+    assert!(run(&["--calib", &two, "--experts", "3"]).contains("--experts 3 for 2 calibration domains"));
+    assert!(run(&["--calib", &two, "--router-steps", "0"]).contains("--router-steps must be at least 1"));
     assert!(run(&["--calib", &two, "--ctx", "4096"]).contains("longer than the model's context"));
     let e = run(&["--calib", &two, "--rows", "1", "--ctx", "64"]);
     assert!(e.contains("too few to rank channels"), "{e}");

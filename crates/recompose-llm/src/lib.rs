@@ -14,6 +14,7 @@ pub mod linear;
 pub mod lora;
 pub mod model;
 pub mod prefix;
+pub mod pregate;
 pub mod rope;
 pub mod sample;
 pub mod train;

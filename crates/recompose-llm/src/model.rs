@@ -86,6 +86,13 @@ pub(crate) struct Attention {
     kv_heads: usize,
 }
 
+impl Attention {
+    /// Attention without QK-norms (the pre-gating router's).
+    pub(crate) fn plain(q: Linear, k: Linear, v: Linear, o: Linear, heads: usize, kv_heads: usize) -> Self {
+        Self { q, k, v, o, q_norm: None, k_norm: None, heads, kv_heads }
+    }
+}
+
 pub struct Block {
     attn_norm: Tensor,
     pub(crate) attn: Attention,
@@ -181,6 +188,8 @@ pub struct Model {
     pub(crate) dtype: DType,
     /// Trainable parameters by name (weights loaded as `Var`s, LoRA factors), in load order.
     pub(crate) params: Vec<(String, Var)>,
+    /// Read-ME's router: when set, it picks every token's expert before the blocks run.
+    pub(crate) pregate: Option<crate::pregate::PreGate>,
 }
 
 /// Reads weights by HF name, as frozen tensors or trainable `Var`s.
@@ -335,6 +344,7 @@ impl Model {
             device: opts.device,
             dtype: opts.dtype,
             params,
+            pregate: None,
         })
     }
 
@@ -348,22 +358,32 @@ impl Model {
 
     /// A full cache sized for this model.
     pub fn new_cache(&self, batch: usize) -> FullCache {
-        let c = &self.config;
-        FullCache::new(c.num_layers, batch, c.max_position).on(&self.device)
+        FullCache::new(self.cache_layers(), batch, self.config.max_position).on(&self.device)
+    }
+
+    /// Layers a cache holds: the blocks', and the router's after them when there is one.
+    pub fn cache_layers(&self) -> usize {
+        self.layers.len() + usize::from(self.pregate.is_some())
+    }
+
+    /// Whether cache layer `li` is a sliding-window one (the router's never is).
+    fn sliding(&self, li: usize) -> bool {
+        li < self.layers.len() && self.config.is_sliding(li)
     }
 
     /// The facts a cache policy is built from.
     pub fn cache_layout(&self) -> CacheLayout {
         let c = &self.config;
+        let layers = self.cache_layers();
         CacheLayout {
-            num_layers: c.num_layers,
+            num_layers: layers,
             num_heads: c.num_heads,
             kv_heads: c.num_kv_heads,
             head_dim: c.head_dim,
             max_len: c.max_position,
-            windows: (0..c.num_layers).map(|l| if c.is_sliding(l) { c.sliding_window } else { None }).collect(),
-            ropes: (0..c.num_layers)
-                .map(|l| if c.is_sliding(l) { self.rope_local.clone() } else { self.rope_global.clone() })
+            windows: (0..layers).map(|l| if self.sliding(l) { c.sliding_window } else { None }).collect(),
+            ropes: (0..layers)
+                .map(|l| if self.sliding(l) { self.rope_local.clone() } else { self.rope_global.clone() })
                 .collect(),
             device: self.device.clone(),
         }
@@ -482,6 +502,8 @@ impl Model {
         }
         let mut x = self.embed(tokens)?.reshape((b, t, c.hidden_size))?;
         for_each_cache(caches, shape, |cache, s| cache.begin_step(s))?;
+        let routed = self.routed(&x, shape, caches, plan)?;
+        let plan = routed.as_ref().unwrap_or(plan);
         let mut side = Vec::with_capacity(self.layers.len());
         for li in 0..self.layers.len() {
             let (y, s) = self.block(li, &x, shape, caches, plan)?;
@@ -572,7 +594,7 @@ impl Model {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn attention(
+    pub(crate) fn attention(
         &self,
         li: usize,
         at: &Attention,
@@ -587,7 +609,7 @@ impl Model {
         let d = c.head_dim;
         let g = at.heads / at.kv_heads;
         // An elastic sub-network runs a prefix of the KV heads and their query groups.
-        let hkv = plan.kv_heads.as_ref().map_or(at.kv_heads, |h| h[li]);
+        let hkv = plan.kv_heads.as_ref().and_then(|h| h.get(li).copied()).unwrap_or(at.kv_heads);
         let hq = hkv * g;
         let s = |k: u64| seed.map(|s| crate::lora::mix(s ^ k));
         let [q, k, v] = crate::linear::forward_group(
@@ -605,7 +627,7 @@ impl Model {
             Some(n) => grad::rms_norm(&k, n, eps)?,
             None => k,
         };
-        let sliding = c.is_sliding(li);
+        let sliding = self.sliding(li);
         let rope = if sliding { &self.rope_local } else { &self.rope_global };
         let window = if sliding { c.sliding_window } else { None };
         let out = match shape {

@@ -113,6 +113,8 @@ impl Model {
         let caches: &mut [&mut dyn KvCache] = &mut [&mut cache];
         let mut x = self.embed(&batch.tokens)?.reshape((batch.rows, batch.t, c.hidden_size))?;
         caches[0].begin_step(&step)?;
+        let routed = self.routed(&x, StepShape::Padded(&step), caches, plan)?;
+        let plan = routed.as_ref().unwrap_or(plan);
         let mut aux: Option<Tensor> = None;
         for li in 0..self.layers.len() {
             let (y, side) = self.block(li, &x, StepShape::Padded(&step), caches, plan)?;
@@ -167,6 +169,8 @@ impl Model {
         caches[0].begin_step(&step)?;
         // Forward: keep every block's input, detached (its graph is freed block by block).
         let emb = self.embed(&batch.tokens)?.reshape((batch.rows, batch.t, h))?;
+        let routed = self.routed(&emb, StepShape::Padded(&step), caches, plan)?;
+        let plan = routed.as_ref().unwrap_or(plan);
         let mut inputs = vec![emb.detach()];
         for li in 0..self.layers.len() {
             let (y, _) = self.block(li, &inputs[li], StepShape::Padded(&step), caches, plan)?;

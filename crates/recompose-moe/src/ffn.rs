@@ -4,12 +4,15 @@
 //! set and the token's expert masked to zero, computed without the masked channels.
 //!
 //! The experts are slices of the dense weights: rows of gate and up, columns of down. Packed
-//! (quantised) weights are dequantised into f32 slices.
+//! (quantised) experts stay on the packed kernels (`q8_linear` for what must be requantised);
+//! f32 ones are f32 slices.
 
 use crate::{Error, ExpertSplit, Result};
 use candle_core::{DType, Device, Tensor};
 use recompose_llm::ffn::{DenseFfn, Ffn, FfnContext, FfnOutput};
+use recompose_llm::kernels::quant::{PackedWeight, QK};
 use recompose_llm::linear::{Linear, Weight};
+use std::sync::Arc;
 
 pub struct MoeFfn {
     layer: usize,
@@ -18,6 +21,24 @@ pub struct MoeFfn {
     /// None for an expert with no channels of its own.
     experts: Vec<Option<DenseFfn>>,
 }
+
+/// One part's weights in f32: gate and up `(k, hidden)`, down `(hidden, k)`.
+pub struct PartWeights {
+    pub gate: Tensor,
+    pub up: Tensor,
+    pub down: Tensor,
+}
+
+/// The name of a part's linear: `model.layers.{layer}.mlp.{part}.{proj}.weight`, `part` being
+/// `permanent` or `experts.{e}`.
+pub fn part_name(layer: usize, part: Option<usize>, proj: &str) -> String {
+    match part {
+        None => format!("model.layers.{layer}.mlp.permanent.{proj}.weight"),
+        Some(e) => format!("model.layers.{layer}.mlp.experts.{e}.{proj}.weight"),
+    }
+}
+
+pub const PROJ: [&str; 3] = ["gate_proj", "up_proj", "down_proj"];
 
 impl MoeFfn {
     /// Cuts `dense` (layer `layer` of the model `split` was made for) into its permanent part and
@@ -31,35 +52,130 @@ impl MoeFfn {
                 split.channels
             )));
         }
-        let part = |chans: &[u32]| -> Result<Option<DenseFfn>> {
+        let part = |chans: &[u32], which: Option<usize>| -> Result<Option<DenseFfn>> {
             if chans.is_empty() {
                 return Ok(None);
             }
+            let n = |proj: &str| part_name(layer, which, proj);
+            if let (Weight::Packed(g), Weight::Packed(u)) = (&dense.gate.weight, &dense.up.weight) {
+                // Gate and up rows are the source's bit for bit, padded with zero rows to a
+                // block of 32 channels (a padding channel's activation is act(0) * 0 = 0).
+                let padded = chans.len().next_multiple_of(QK);
+                let rows = |w: &PackedWeight, name: String| -> Result<Linear> {
+                    let s = w
+                        .select_rows(chans, padded)
+                        .ok_or_else(|| Error::Config(format!("{name}: channels outside its {} rows", w.rows())))?;
+                    Ok(Linear::packed(name, Arc::new(s)))
+                };
+                return Ok(Some(DenseFfn {
+                    gate: rows(g, n(PROJ[0]))?,
+                    up: rows(u, n(PROJ[1]))?,
+                    down: q8_linear(n(PROJ[2]), &cols_of(&dense.down, chans)?, false)?,
+                    activation: dense.activation,
+                }));
+            }
             Ok(Some(DenseFfn {
-                gate: Linear::dense(dense.gate.name.clone(), rows_of(&dense.gate, chans)?),
-                up: Linear::dense(dense.up.name.clone(), rows_of(&dense.up, chans)?),
-                down: Linear::dense(dense.down.name.clone(), cols_of(&dense.down, chans)?),
+                gate: Linear::dense(n(PROJ[0]), rows_of(&dense.gate, chans)?),
+                up: Linear::dense(n(PROJ[1]), rows_of(&dense.up, chans)?),
+                down: Linear::dense(n(PROJ[2]), cols_of(&dense.down, chans)?),
                 activation: dense.activation,
             }))
         };
         Ok(Self {
             layer,
-            permanent: part(&split.permanent[layer])?,
-            experts: split.experts[layer].iter().map(|e| part(e)).collect::<Result<_>>()?,
+            permanent: part(&split.permanent[layer], None)?,
+            experts: split.experts[layer].iter().enumerate().map(|(e, c)| part(c, Some(e))).collect::<Result<_>>()?,
+        })
+    }
+
+    /// From stored f32 weights (fine-tuned experts): f32 linears, or, with `packed`, on the
+    /// packed kernels (requantised to Q8_0).
+    pub fn from_weights(
+        layer: usize,
+        permanent: Option<PartWeights>,
+        experts: Vec<Option<PartWeights>>,
+        activation: recompose_core::config::Activation,
+        packed: bool,
+    ) -> Result<Self> {
+        let part = |w: Option<PartWeights>, which: Option<usize>| -> Result<Option<DenseFfn>> {
+            let Some(w) = w else { return Ok(None) };
+            let n = |proj: &str| part_name(layer, which, proj);
+            let lin = |name: String, t: Tensor, rows: bool| -> Result<Linear> {
+                if packed {
+                    q8_linear(name, &t, rows)
+                } else {
+                    Ok(Linear::dense(name, t))
+                }
+            };
+            Ok(Some(DenseFfn {
+                gate: lin(n(PROJ[0]), w.gate, true)?,
+                up: lin(n(PROJ[1]), w.up, true)?,
+                down: lin(n(PROJ[2]), w.down, false)?,
+                activation,
+            }))
+        };
+        Ok(Self {
+            layer,
+            permanent: part(permanent, None)?,
+            experts: experts.into_iter().enumerate().map(|(e, w)| part(w, Some(e))).collect::<Result<_>>()?,
         })
     }
 
     pub fn experts(&self) -> usize {
         self.experts.len()
     }
+
+    /// Every part's f32 weights by name (what an experts file holds); packed parts are refused.
+    pub fn weights(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = vec![];
+        for part in self.permanent.iter().chain(self.experts.iter().flatten()) {
+            for l in [&part.gate, &part.up, &part.down] {
+                let w = l
+                    .dense_weight()
+                    .ok_or_else(|| Error::Config(format!("{}: a packed expert has no f32 weights to save", l.name)))?;
+                out.push((l.name.clone(), w.detach()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Makes every part's weights trainable `Var`s (f32 parts only) and returns them by name.
+    pub fn make_trainable(&mut self) -> Result<Vec<(String, candle_core::Var)>> {
+        let mut vars = vec![];
+        for part in self.permanent.iter_mut().chain(self.experts.iter_mut().flatten()) {
+            for l in [&mut part.gate, &mut part.up, &mut part.down] {
+                let w = l.dense_weight().ok_or_else(|| {
+                    Error::Config(format!("{}: packed experts do not train (load the model with --f32)", l.name))
+                })?;
+                let v = candle_core::Var::from_tensor(&w.detach())?;
+                *l = Linear::dense(l.name.clone(), v.as_tensor().clone());
+                vars.push((l.name.clone(), v));
+            }
+        }
+        Ok(vars)
+    }
 }
 
-/// `f32 (len(chans), cols)`: rows `chans` of a linear's weight.
+/// `w (rows, cols)` in f32 on the packed kernels as Q8_0, with its channel axis (rows with
+/// `rows`, else columns) padded with zeros to a whole block of 32. A part's down columns cut
+/// across its source's quant blocks, so they are gathered in f32 and requantised (8 bits: less
+/// rounding than the 4-bit source they came from).
+fn q8_linear(name: String, w: &Tensor, rows: bool) -> Result<Linear> {
+    let (r, c) = w.dims2()?;
+    let (axis, k) = if rows { (0, r) } else { (1, c) };
+    let w = w.to_dtype(DType::F32)?.pad_with_zeros(axis, 0, k.next_multiple_of(QK) - k)?;
+    let (r, c) = w.dims2()?;
+    let p = PackedWeight::q8_0_from_f32(&w.flatten_all()?.to_vec1::<f32>()?, r, c)
+        .ok_or_else(|| Error::Config(format!("{name}: {r} x {c} does not pack")))?;
+    Ok(Linear::packed(name, Arc::new(p)))
+}
+
+/// `(len(chans), cols)`: rows `chans` of a linear's weight (f32 from packed ones).
 fn rows_of(l: &Linear, chans: &[u32]) -> Result<Tensor> {
     match &l.weight {
         Weight::Dense(w) => {
             let idx = Tensor::new(chans, w.device())?;
-            Ok(w.index_select(&idx, 0)?.to_dtype(DType::F32)?.contiguous()?)
+            Ok(w.index_select(&idx, 0)?.contiguous()?)
         }
         Weight::Packed(p) => {
             let cols = p.cols();
@@ -72,12 +188,12 @@ fn rows_of(l: &Linear, chans: &[u32]) -> Result<Tensor> {
     }
 }
 
-/// `f32 (rows, len(chans))`: columns `chans` of a linear's weight.
+/// `(rows, len(chans))`: columns `chans` of a linear's weight (f32 from packed ones).
 fn cols_of(l: &Linear, chans: &[u32]) -> Result<Tensor> {
     match &l.weight {
         Weight::Dense(w) => {
             let idx = Tensor::new(chans, w.device())?;
-            Ok(w.index_select(&idx, 1)?.to_dtype(DType::F32)?.contiguous()?)
+            Ok(w.index_select(&idx, 1)?.contiguous()?)
         }
         Weight::Packed(p) => {
             let (rows, cols) = (p.rows(), p.cols());
@@ -100,6 +216,14 @@ impl Ffn for MoeFfn {
     fn forward(&self, x: &Tensor, ctx: &FfnContext) -> recompose_llm::Result<FfnOutput> {
         let bad = |m: String| recompose_llm::Error::InvalidInput(m);
         let (n, hidden) = x.dims2()?;
+        let permanent = || match &self.permanent {
+            Some(p) => run(p, x),
+            None => Ok(Tensor::zeros((n, hidden), x.dtype(), x.device())?),
+        };
+        // A model pruned to its permanent channels has nothing to route.
+        if self.experts.iter().all(Option::is_none) && ctx.route.is_none() {
+            return Ok(FfnOutput::plain(permanent()?));
+        }
         let Some(route) = ctx.route else {
             return Err(bad(format!(
                 "layer {}: the MoE FFN needs each token's expert (the router's routes)",
@@ -112,10 +236,7 @@ impl Ffn for MoeFfn {
         if let Some(&e) = route.iter().find(|&&e| e as usize >= self.experts.len()) {
             return Err(bad(format!("layer {}: route to expert {e} of {}", self.layer, self.experts.len())));
         }
-        let mut y = match &self.permanent {
-            Some(p) => run(p, x)?,
-            None => Tensor::zeros((n, hidden), x.dtype(), x.device())?,
-        };
+        let mut y = permanent()?;
         let mut usage = vec![0u64; self.experts.len()];
         for (i, &e) in route.iter().enumerate() {
             if i % ctx.t.max(1) < ctx.lens[ctx.sequence_of(i)] {
@@ -133,20 +254,29 @@ impl Ffn for MoeFfn {
     }
 }
 
-/// Runs `f` on `model` with every layer's dense FFN replaced by its MoE cut under `split`
-/// (checked against the model first); the dense FFNs are back afterwards, whatever `f` gave.
+/// Every layer of `model` cut into its MoE under `split` (checked against the model first).
+pub fn cut(model: &recompose_llm::Model, split: &ExpertSplit) -> Result<Vec<MoeFfn>> {
+    let channels = model.layers.first().and_then(|b| b.ffn.as_dense()).map_or(0, |d| d.gate.dims().0);
+    split.check(model.layers.len(), channels)?;
+    model
+        .layers
+        .iter()
+        .enumerate()
+        .map(|(l, block)| {
+            let dense = block.ffn.as_dense().ok_or_else(|| Error::Config(format!("layer {l}: not a dense FFN")))?;
+            MoeFfn::from_dense(dense, split, l)
+        })
+        .collect()
+}
+
+/// Runs `f` on `model` with every layer's dense FFN replaced by its MoE cut under `split`; the
+/// dense FFNs are back afterwards, whatever `f` gave.
 pub fn with_moe<R, E: From<Error>>(
     model: &mut recompose_llm::Model,
     split: &ExpertSplit,
     f: impl FnOnce(&recompose_llm::Model) -> std::result::Result<R, E>,
 ) -> std::result::Result<R, E> {
-    let channels = model.layers.first().and_then(|b| b.ffn.as_dense()).map_or(0, |d| d.gate.dims().0);
-    split.check(model.layers.len(), channels)?;
-    let mut moes = Vec::with_capacity(model.layers.len());
-    for (l, block) in model.layers.iter().enumerate() {
-        let dense = block.ffn.as_dense().ok_or_else(|| Error::Config(format!("layer {l}: not a dense FFN")))?;
-        moes.push(MoeFfn::from_dense(dense, split, l)?);
-    }
+    let moes = cut(model, split)?;
     let dense: Vec<Box<dyn Ffn>> =
         model.layers.iter_mut().zip(moes).map(|(b, m)| std::mem::replace(&mut b.ffn, Box::new(m))).collect();
     let out = f(model);

@@ -13,8 +13,10 @@
 //!   step's plan, decided before the backbone ran (the pre-gating router).
 //! - [`oracle`]: each token's oracle expert (its most active channels' overlap with each
 //!   expert's, summed over layers), the target the pre-gating router is distilled towards.
-//! - [`router`]: the pre-gating router (one causal transformer block over the backbone's token
-//!   embeddings), trained towards the oracle experts.
+//! - [`router`]: training the pre-gating router (the engine's `PreGate`: one causal block over
+//!   the backbone's token embeddings, run before the blocks) towards the oracle experts.
+//! - [`format`]: the MoE folder (config.json with the split and the base's identity, the
+//!   router's safetensors), and applying it to a loaded model.
 //! - [`quality`]: held-out NLL of a model as its FFNs stand, with every token routed to one
 //!   expert.
 
@@ -22,6 +24,8 @@ pub mod domains;
 pub mod error;
 pub mod experts;
 pub mod ffn;
+pub mod finetune;
+pub mod format;
 pub mod oracle;
 pub mod quality;
 pub mod router;
@@ -30,4 +34,5 @@ pub mod stats;
 pub use error::{Error, Result};
 pub use experts::ExpertSplit;
 pub use ffn::MoeFfn;
+pub use format::{MoeConfig, MoeModel};
 pub use stats::ChannelStats;

@@ -1,75 +1,77 @@
-//! The pre-gating router: its gradient against finite differences (f64), and training that
-//! learns a rule which needs the causal context (every token's expert is set by the row's first
-//! token).
+//! The pre-gating router: its gradient against finite differences (f64), training that learns a
+//! rule which needs the causal context (every token's expert is set by the row's first token),
+//! and the router as the model runs it (routes decided in the step, its keys in the cache) against
+//! the router run once over the whole row.
 
 use candle_core::{DType, Device, Tensor};
-use recompose_moe::router::{train, Router, RouterConfig, TrainOptions};
+use recompose_llm::model::step_for;
+use recompose_llm::{KvCache, Logits, Plan, WeightMode};
+use recompose_moe::router::{self, TrainOptions};
+use recompose_moe::MoeModel;
 
-fn config(hidden: usize, experts: usize) -> RouterConfig {
-    RouterConfig { hidden, heads: 2, ffn: 12, experts }
+mod common;
+use common::tiny;
+
+fn rows(n: usize, t: usize) -> Vec<Vec<u32>> {
+    (0..n as u32).map(|r| (0..t as u32).map(|i| (r * 37 + i * 11 + r * i) % 250 + 3).collect()).collect()
 }
 
 #[test]
 fn router_gradient_matches_finite_differences() {
-    let dev = Device::Cpu;
-    let r = Router::init(config(8, 3), 7, DType::F64, &dev).unwrap();
+    let d = tempfile::tempdir().unwrap();
+    let (_f, mut model) = tiny(d.path(), "llama", 0, DType::F64, WeightMode::F32);
+    let g = router::init(&model, 3, 12, 7).unwrap();
     // Larger weights than the init's 0.02, so every part of the block matters to the loss.
-    for p in r.params() {
-        let t = p.var.as_tensor();
-        if t.rank() == 2 {
-            p.var.set(&(t * 20.0).unwrap()).unwrap();
+    for (_, v) in g.vars() {
+        if v.as_tensor().rank() == 2 {
+            v.set(&(v.as_tensor() * 20.0).unwrap()).unwrap();
         }
     }
-    let x: Vec<f64> = (0..80).map(|i| ((i * 13 % 17) as f64 / 8.0 - 1.0) + 0.1 * (i as f64).sin()).collect();
-    let x = Tensor::from_vec(x, (2, 5, 8), &dev).unwrap();
+    let vars: Vec<(String, candle_core::Var)> = g.vars().to_vec();
+    model.set_pregate(Some(g));
+    let rows = rows(2, 5);
     let targets: Vec<u32> = (0..10).map(|i| (i * 7 % 3) as u32).collect();
-    let loss = r.loss(&x, &targets).unwrap();
+    let loss = router::loss(&model, &rows, &targets).unwrap();
     let grads = loss.backward().unwrap();
     let h = 1e-5;
-    for p in r.params() {
-        let g = grads.get(p.var.as_tensor()).expect("every parameter takes part").flatten_all().unwrap();
+    for (name, v) in &vars {
+        let g = grads.get(v.as_tensor()).expect("every parameter takes part").flatten_all().unwrap();
         let g: Vec<f64> = g.to_vec1().unwrap();
-        let w0 = p.var.as_tensor().copy().unwrap();
+        let w0 = v.as_tensor().copy().unwrap();
         let flat: Vec<f64> = w0.flatten_all().unwrap().to_vec1().unwrap();
         for j in [0, flat.len() / 2, flat.len() - 1] {
             let at = |d: f64| {
-                let mut v = flat.clone();
-                v[j] += d;
-                p.var.set(&Tensor::from_vec(v, w0.shape(), &dev).unwrap()).unwrap();
-                r.loss(&x, &targets).unwrap().to_scalar::<f64>().unwrap()
+                let mut x = flat.clone();
+                x[j] += d;
+                v.set(&Tensor::from_vec(x, w0.shape(), &Device::Cpu).unwrap()).unwrap();
+                router::loss(&model, &rows, &targets).unwrap().to_scalar::<f64>().unwrap()
             };
             let fd = (at(h) - at(-h)) / (2.0 * h);
-            p.var.set(&w0).unwrap();
+            v.set(&w0).unwrap();
             let e = (fd - g[j]).abs() / fd.abs().max(1e-3);
-            assert!(e < 1e-5, "{} [{j}]: autograd {} vs finite differences {fd}", p.name, g[j]);
+            assert!(e < 1e-5, "{name} [{j}]: autograd {} vs finite differences {fd}", g[j]);
         }
     }
 }
 
 #[test]
 fn router_learns_experts_set_by_the_causal_context() {
-    // 6 token kinds with random embeddings; a row's expert is its first token's kind mod 3, for
-    // every token of the row: only attention to the first token can tell.
-    let dev = Device::Cpu;
-    let (d, t, kinds) = (16, 6, 6);
-    // Distinct embeddings per kind (one-hot plus a fixed spread), so the test is deterministic.
-    let table: Vec<f32> =
-        (0..kinds * d).map(|i| if i % d == i / d { 2.0 } else { 0.3 * ((i * 37) as f32).sin() }).collect();
-    let table = Tensor::from_vec(table, (kinds, d), &dev).unwrap();
-    let mut xs = vec![];
-    let mut targets = vec![];
-    for row in 0..48u32 {
-        let ids: Vec<u32> = (0..t as u32).map(|i| (row * 5 + i * 7 + row / 6) % kinds as u32).collect();
-        xs.push(table.index_select(&Tensor::new(ids.as_slice(), &dev).unwrap(), 0).unwrap());
-        targets.push(vec![ids[0] % 3; t]);
-    }
-    let mut r = Router::init(RouterConfig { hidden: d, heads: 2, ffn: 32, experts: 3 }, 1, DType::F32, &dev).unwrap();
+    // A row's expert is its first token's id mod 3, for every token of the row: only attention
+    // to the first token can tell.
+    let d = tempfile::tempdir().unwrap();
+    let (_f, mut model) = tiny(d.path(), "llama", 0, DType::F32, WeightMode::F32);
+    let t = 6;
+    let rows: Vec<Vec<u32>> = (0..48u32)
+        .map(|r| (0..t as u32).map(|i| if i == 0 { 10 + r % 6 } else { 20 + (r * 5 + i * 7) % 6 }).collect())
+        .collect();
+    let targets: Vec<Vec<u32>> = rows.iter().map(|r| vec![r[0] % 3; t]).collect();
+    model.set_pregate(Some(router::init(&model, 3, 32, 1).unwrap()));
     let opts = TrainOptions { steps: 300, lr: 1e-2, batch: 8, seed: 3 };
-    let losses = train(&mut r, &xs, &targets, opts, |_, _| {}).unwrap();
-    let right: usize = xs
+    let losses = router::train(&model, &rows, &targets, opts, |_, _| {}).unwrap();
+    let right: usize = rows
         .iter()
         .zip(&targets)
-        .map(|(x, tg)| r.route(&x.unsqueeze(0).unwrap()).unwrap().iter().zip(tg).filter(|(a, b)| a == b).count())
+        .map(|(r, tg)| model.routes(r).unwrap().iter().zip(tg).filter(|(a, b)| a == b).count())
         .sum();
     let acc = right as f64 / (48 * t) as f64;
     assert!(acc > 0.95, "accuracy {acc} after training (loss {:.3} -> {:.3})", losses[0], losses[losses.len() - 1]);
@@ -77,34 +79,140 @@ fn router_learns_experts_set_by_the_causal_context() {
 
 #[test]
 fn bad_router_settings_are_refused() {
-    let dev = Device::Cpu;
-    let e = Router::init(RouterConfig { hidden: 10, heads: 3, ffn: 4, experts: 3 }, 0, DType::F32, &dev).err().unwrap();
-    assert!(e.to_string().contains("must split into 3 heads"), "{e}");
-    let e = Router::init(config(8, 1), 0, DType::F32, &dev).err().unwrap();
-    assert!(e.to_string().contains("at least two"), "{e}");
-    let mut r = Router::init(config(8, 2), 0, DType::F32, &dev).unwrap();
-    let e = train(&mut r, &[], &[], TrainOptions { steps: 1, lr: 1e-3, batch: 1, seed: 0 }, |_, _| {}).err().unwrap();
-    assert!(e.to_string().contains("0 rows"), "{e}");
+    let d = tempfile::tempdir().unwrap();
+    let (_f, mut model) = tiny(d.path(), "llama", 0, DType::F32, WeightMode::F32);
+    let e = router::init(&model, 1, 8, 0).err().unwrap().to_string();
+    assert!(e.contains("1 experts (2 to 64)"), "{e}");
+    let e = router::train(
+        &model,
+        &rows(1, 4),
+        &[vec![0; 4]],
+        TrainOptions { steps: 1, lr: 1e-3, batch: 1, seed: 0 },
+        |_, _| {},
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("no router"), "{e}");
+    model.set_pregate(Some(router::init(&model, 2, 8, 0).unwrap()));
+    let e = router::train(&model, &[], &[], TrainOptions { steps: 1, lr: 1e-3, batch: 1, seed: 0 }, |_, _| {})
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("0 rows"), "{e}");
+    let frozen = model.pregate().unwrap().frozen(&model.config).unwrap();
+    model.set_pregate(Some(frozen));
+    let e = router::train(
+        &model,
+        &rows(1, 4),
+        &[vec![0; 4]],
+        TrainOptions { steps: 1, lr: 1e-3, batch: 1, seed: 0 },
+        |_, _| {},
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("frozen"), "{e}");
 }
 
 #[test]
-fn a_saved_router_reads_back_the_same_and_refuses_another_backbone() {
-    let dev = Device::Cpu;
+fn the_routers_cached_steps_pick_what_one_pass_over_the_row_picks() {
+    for (arch, mode) in [("llama", WeightMode::F32), ("gemma3", WeightMode::Quantized)] {
+        let d = tempfile::tempdir().unwrap();
+        let (f, mut model) = tiny(d.path(), arch, 3, DType::F32, mode);
+        common::moe(&f, &model, None).apply(&mut model).unwrap();
+        let row = rows(1, 24).remove(0);
+        let want = model.routes(&row).unwrap();
+        assert!(want.iter().any(|&e| e != want[0]), "{arch}: the router picks one expert throughout: {want:?}");
+        // Prefill 10, then one token a step: the routes the blocks got come back as usage.
+        let mut cache = model.new_cache(1);
+        let mut got = vec![];
+        let mut fed = 0;
+        for n in [10usize, 1, 1, 5, 1, 6] {
+            let (tokens, step) = step_for(&[row[fed..fed + n].to_vec()], &cache, 0);
+            let out = model.forward_with(&tokens, &step, &mut [&mut cache], Logits::Last, &Plan::default()).unwrap();
+            let usage = out.ffn[0].usage.clone().unwrap();
+            // One token a step: its expert is the one used.
+            if n == 1 {
+                got.push(usage.iter().position(|&u| u == 1).unwrap() as u32);
+            } else {
+                let mut counts = vec![0u64; 3];
+                for &e in &want[fed..fed + n] {
+                    counts[e as usize] += 1;
+                }
+                assert_eq!(usage, counts, "{arch}: a prefill piece's expert load");
+                got.extend_from_slice(&want[fed..fed + n]);
+            }
+            fed += n;
+        }
+        assert_eq!(got, want[..fed], "{arch}: routes step by step");
+        assert_eq!(model.cache_layout().num_layers, model.layers.len() + 1, "{arch}: the router has a cache layer");
+    }
+}
+
+#[test]
+fn a_moe_model_runs_like_its_ffns_given_the_routers_routes() {
     let d = tempfile::tempdir().unwrap();
-    let path = d.path().join("router.safetensors");
-    let r = Router::init(config(8, 3), 11, DType::F32, &dev).unwrap();
-    r.save(&path, "model-a").unwrap();
-    let back = Router::load(&path, "model-a").unwrap();
-    assert_eq!(back.config, r.config);
-    let x = Tensor::randn(0f32, 1.0, (1, 4, 8), &dev).unwrap();
-    let (a, b) = (r.logits(&x).unwrap(), back.logits(&x).unwrap());
-    assert_eq!(a.flatten_all().unwrap().to_vec1::<f32>().unwrap(), b.flatten_all().unwrap().to_vec1::<f32>().unwrap());
-    let e = Router::load(&path, "model-b").err().unwrap().to_string();
-    assert!(e.contains("a router for another model"), "{e}");
-    // A file that is not a router, and a truncated one.
-    let other = d.path().join("other.safetensors");
-    let bytes = std::fs::read(&path).unwrap();
-    std::fs::write(&other, &bytes[..bytes.len() / 2]).unwrap();
-    assert!(Router::load(&other, "model-a").is_err());
-    assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 2, "scratch left behind");
+    let (f, mut model) = tiny(d.path(), "llama", 4, DType::F32, WeightMode::F32);
+    let moe = common::moe(&f, &model, None);
+    let split = moe.config.split.clone();
+    moe.apply(&mut model).unwrap();
+    let row = rows(1, 12).remove(0);
+    let routes = model.routes(&row).unwrap();
+    let logits = |plan: &Plan| -> Vec<f32> {
+        let mut cache = model.new_cache(1);
+        let (tokens, step) = step_for(&[row.clone()], &cache, 0);
+        let out = model.forward_with(&tokens, &step, &mut [&mut cache], Logits::All, plan).unwrap();
+        out.logits.flatten_all().unwrap().to_vec1().unwrap()
+    };
+    let by_router = logits(&Plan::default());
+    let given = logits(&Plan { routes: Some(vec![routes.clone()]), ..Default::default() });
+    assert_eq!(by_router, given);
+    // Other routes give other logits (the routes matter), and a packed step gives the same.
+    let other: Vec<u32> = routes.iter().map(|&e| (e + 1) % 3).collect();
+    assert_ne!(logits(&Plan { routes: Some(vec![other]), ..Default::default() }), by_router);
+    let mut cache = model.new_cache(1);
+    let mut caches: Vec<&mut dyn KvCache> = vec![&mut cache];
+    let packed = model.forward_packed(&row, &[0], &[row.len()], &[true], &mut caches, Logits::All).unwrap();
+    let packed: Vec<f32> = packed.flatten_all().unwrap().to_vec1().unwrap();
+    let worst = packed.iter().zip(&by_router).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(worst < 1e-4, "packed step off by {worst}");
+    assert_eq!(split.names.len(), 3);
+}
+
+#[test]
+fn a_saved_moe_reads_back_and_refuses_another_model_or_a_corrupt_config() {
+    let d = tempfile::tempdir().unwrap();
+    let (f, model) = tiny(d.path(), "llama", 0, DType::F32, WeightMode::F32);
+    let (other_file, _) = tiny(d.path(), "llama", 9, DType::F32, WeightMode::F32);
+    let out = d.path().join("moe");
+    let moe = common::moe(&f, &model, None);
+    moe.save(&out).unwrap();
+    let back = MoeModel::load(&out, &f).unwrap();
+    assert_eq!(back.config.split, moe.config.split);
+    for ((na, a), (nb, b)) in back.router.tensors().iter().zip(moe.router.tensors()) {
+        assert_eq!(na, nb);
+        assert_eq!(
+            a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            b.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
+    }
+    let e = MoeModel::load(&out, &other_file).err().unwrap().to_string();
+    assert!(e.contains("made for another model"), "{e}");
+    let cfg = out.join("config.json");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, &text[..text.len() / 2]).unwrap();
+    let e = MoeModel::load(&out, &f).err().unwrap().to_string();
+    assert!(e.contains("not JSON"), "{e}");
+    std::fs::write(&cfg, text.replace("\"keep\"", "\"kept\"")).unwrap();
+    let e = MoeModel::load(&out, &f).err().unwrap().to_string();
+    assert!(e.contains("a corrupt MoE config"), "{e}");
+    std::fs::write(&cfg, r#"{"format":"something-else"}"#).unwrap();
+    let e = MoeModel::load(&out, &f).err().unwrap().to_string();
+    assert!(e.contains("not a recompose-moe/1 config"), "{e}");
+    std::fs::write(&cfg, &text).unwrap();
+    let st = out.join("router.safetensors");
+    let bytes = std::fs::read(&st).unwrap();
+    std::fs::write(&st, &bytes[..bytes.len() / 2]).unwrap();
+    assert!(MoeModel::load(&out, &f).is_err());
 }

@@ -27,7 +27,7 @@ pub struct Dataset {
 }
 
 impl Dataset {
-    fn new(examples: Vec<Example>, describe: String) -> Self {
+    pub fn new(examples: Vec<Example>, describe: String) -> Self {
         let mut h = Sha256::new();
         for e in &examples {
             for (t, y) in e.tokens.iter().zip(&e.targets) {

@@ -38,15 +38,60 @@ pub struct Args {
 pub fn run(a: Args, _quiet: bool) -> Result<()> {
     let path = crate::common::text_path(&a.data)?;
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let (_f, model, tok) = a.model.load()?;
+    // With --moe the dense model it came from is measured first, in the same run.
+    let (file, mut model, tok) = a.model.load_base()?;
     let source = tok.encode(&text, true)?;
     let threads = if a.bench_threads.is_empty() { vec![rayon::current_num_threads()] } else { a.bench_threads.clone() };
-    let mut results: Vec<BenchResult> = vec![];
     println!(
-        "{:<28} {:>7} {:>5} {:>7} {:>6} {:>12} {:>11} {:>9} {:>10} {:>9}",
-        "kv", "threads", "batch", "prompt", "gen", "prefill t/s", "decode t/s", "ttft ms", "KV MiB", "RSS MiB"
+        "{:<6} {:<28} {:>7} {:>5} {:>7} {:>6} {:>12} {:>11} {:>9} {:>10} {:>9} {:>7}",
+        "model",
+        "kv",
+        "threads",
+        "batch",
+        "prompt",
+        "gen",
+        "prefill t/s",
+        "decode t/s",
+        "ttft ms",
+        "KV MiB",
+        "RSS MiB",
+        "router"
     );
-    for &t in &threads {
+    let mut results = vec![];
+    measure(&a, &model, &tok, &source, &threads, "dense", &mut results)?;
+    if a.model.moe.is_some() {
+        a.model.apply_moe(&file, &mut model)?;
+        measure(&a, &model, &tok, &source, &threads, "moe", &mut results)?;
+    }
+    if let Some(p) = &a.json {
+        let v =
+            serde_json::json!({ "model": a.model.model, "f32": a.model.f32, "moe": a.model.moe, "results": results });
+        recompose_core::atomic::write_bytes(p, serde_json::to_string_pretty(&v)?.as_bytes())?;
+    }
+    Ok(())
+}
+
+#[derive(serde::Serialize)]
+struct Row {
+    /// dense, or moe (with --moe).
+    model: &'static str,
+    #[serde(flatten)]
+    result: BenchResult,
+    /// The router's share of the configuration's wall time (prefill and decode, every run).
+    router_share: Option<f64>,
+}
+
+/// Every configuration on `model`, printed as it is measured.
+fn measure(
+    a: &Args,
+    model: &recompose_llm::Model,
+    tok: &recompose_core::Tokenizer,
+    source: &[u32],
+    threads: &[usize],
+    label: &'static str,
+    results: &mut Vec<Row>,
+) -> Result<()> {
+    for &t in threads {
         anyhow::ensure!(t >= 1, "thread counts must be >= 1");
         // candle's matmul reads this at each call; our kernels run in the pool below.
         std::env::set_var("RAYON_NUM_THREADS", t.to_string());
@@ -59,9 +104,14 @@ pub fn run(a: Args, _quiet: bool) -> Result<()> {
         }
         for (prompt_tokens, b, kv) in configs {
             let o = BenchOptions { prompt_tokens, gen_tokens: a.gen_tokens, batch: b, runs: a.runs, kv: kv.clone() };
-            let r = pool.install(|| bench::run(&model, &tok, &source, &o))?;
+            let routed = || model.pregate().map(|g| g.seconds());
+            let (before, t0) = (routed(), std::time::Instant::now());
+            let r = pool.install(|| bench::run(model, tok, source, &o))?;
+            let wall = t0.elapsed().as_secs_f64();
+            let share = routed().zip(before).map(|(after, before)| (after - before) / wall.max(1e-9));
             println!(
-                "{:<28} {:>7} {:>5} {:>7} {:>6} {:>12.1} {:>11.1} {:>9.1} {:>10.2} {:>9.1}",
+                "{:<6} {:<28} {:>7} {:>5} {:>7} {:>6} {:>12.1} {:>11.1} {:>9.1} {:>10.2} {:>9.1} {:>7}",
+                label,
                 r.kv,
                 r.threads,
                 r.batch,
@@ -71,14 +121,11 @@ pub fn run(a: Args, _quiet: bool) -> Result<()> {
                 r.decode_tok_s,
                 r.ttft_ms,
                 r.kv_bytes as f64 / 1048576.0,
-                r.peak_rss_mb
+                r.peak_rss_mb,
+                share.map_or("-".to_string(), |s| format!("{:.2}%", 100.0 * s))
             );
-            results.push(r);
+            results.push(Row { model: label, result: r, router_share: share });
         }
-    }
-    if let Some(p) = &a.json {
-        let v = serde_json::json!({ "model": a.model.model, "f32": a.model.f32, "results": results });
-        recompose_core::atomic::write_bytes(p, serde_json::to_string_pretty(&v)?.as_bytes())?;
     }
     Ok(())
 }

@@ -137,9 +137,9 @@ fn data_paths(spec: &str) -> Result<Vec<PathBuf>> {
 }
 
 /// The progress bar (loss, tokens/s, ETA) and log lines.
-struct Progress {
-    pb: indicatif::ProgressBar,
-    quiet: bool,
+pub(crate) struct Progress {
+    pub(crate) pb: indicatif::ProgressBar,
+    pub(crate) quiet: bool,
 }
 
 impl Observer for Progress {
@@ -167,7 +167,7 @@ impl Observer for Progress {
 /// Keeps freed training buffers in the heap: with glibc's defaults every step's multi-megabyte
 /// activations are unmapped when freed and page-faulted (zeroed by the kernel) again when the
 /// next step allocates them (measured: 10-20% of a LoRA step).
-fn keep_freed_memory() {
+pub(crate) fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator thresholds; called before any training allocation.
     unsafe {
@@ -216,7 +216,7 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
         stop_after: a.stop_after,
     };
     cfg.validate()?;
-    let file = ModelArgs { model: a.model.clone(), f32: true, lora: None, device: a.device }.open()?;
+    let file = ModelArgs { model: a.model.clone(), f32: true, lora: None, device: a.device, moe: None }.open()?;
     let tok = file.tokenizer()?;
     let train = recompose_train::data::load(&data_paths(&a.data)?, &tok, a.ctx)?;
     let (train, held) = match &a.eval_data {

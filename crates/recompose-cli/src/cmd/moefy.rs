@@ -1,13 +1,14 @@
 //! `recompose moefy`: Read-ME's refactorisation of a dense model's FFNs into experts, by
-//! calibration statistics per data domain. Writes the expert split (which channels of each
-//! layer are permanent, which belong to each domain's expert) and the statistics it came from,
-//! with the model's identity, into the output folder. Training the pre-gating router and the
-//! experts, and the runnable MoE model, are the next stages.
+//! calibration statistics per data domain, and its pre-gating router trained by distillation.
+//! Writes the runnable MoE folder (config.json with the split and the model's identity,
+//! router.safetensors: `--moe DIR` runs it), the statistics it came from, and a report of the
+//! split and its held-out quality.
 
 use crate::common::{progress, ModelArgs};
 use anyhow::{Context, Result};
-use recompose_moe::router::{self, Router, RouterConfig, TrainOptions};
-use recompose_moe::{domains, oracle, stats, ExpertSplit};
+use recompose_llm::pregate::PreGate;
+use recompose_moe::router::{self, TrainOptions};
+use recompose_moe::{domains, oracle, stats, ExpertSplit, MoeConfig, MoeModel};
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
@@ -18,6 +19,9 @@ pub struct Args {
     /// text files or folders of .txt files.
     #[arg(long, value_delimiter = ',', required = true)]
     calib: Vec<String>,
+    /// Routed experts: one per calibration domain, so when given it must equal their count.
+    #[arg(long)]
+    experts: Option<usize>,
     /// Fraction of each layer's FFN channels a domain keeps: what a token runs.
     #[arg(long, default_value_t = 0.5)]
     keep: f64,
@@ -38,9 +42,24 @@ pub struct Args {
     /// The router's learning rate.
     #[arg(long, default_value_t = 3e-3)]
     router_lr: f64,
-    /// Output folder: experts.json (the split, a per-layer report, the model's identity),
-    /// stats.json (the per-domain channel statistics) and router.safetensors (the trained
-    /// router, with the model's identity).
+    /// Expert fine-tuning steps (LM loss, every expert's and the permanent part's weights
+    /// trainable, the router frozen and routing as at run time, f32); the dense model pruned to
+    /// the same size is fine-tuned with the same token budget to compare. 0 skips both.
+    #[arg(long, default_value_t = 0)]
+    finetune_steps: usize,
+    /// Fine-tuning rows per domain (of --ctx tokens, from the calibration part of its text).
+    #[arg(long, default_value_t = 128)]
+    finetune_rows: usize,
+    /// Rows per fine-tuning step.
+    #[arg(long, default_value_t = 4)]
+    finetune_batch: usize,
+    /// Peak fine-tuning learning rate (AdamW, a tenth of the steps warming up, cosine to a
+    /// tenth).
+    #[arg(long, default_value_t = 1e-4)]
+    finetune_lr: f64,
+    /// Output folder: the MoE (config.json: the split and the model's identity;
+    /// router.safetensors: the trained router), stats.json (the per-domain channel
+    /// statistics) and report.json (calibration, the per-layer split, held-out quality).
     #[arg(short, long)]
     output: PathBuf,
 }
@@ -54,17 +73,32 @@ struct Calibration {
 }
 
 #[derive(serde::Serialize)]
-struct ExpertsFile<'a> {
+struct Report {
     format: &'static str,
-    /// What the split was made from: architecture, tensor layout hash, and a hash of the first
-    /// layer's FFN weights.
-    model: serde_json::Value,
+    /// The model's identity (as in config.json).
+    model: String,
     calibration: Vec<Calibration>,
     ctx: usize,
-    split: &'a ExpertSplit,
-    report: Vec<recompose_moe::experts::LayerReport>,
+    layers: Vec<recompose_moe::experts::LayerReport>,
     /// Held-out perplexity per domain, before any training.
     quality: Vec<Quality>,
+    /// After fine-tuning (with --finetune-steps).
+    finetuned: Option<Finetuned>,
+}
+
+/// Held-out perplexity after fine-tuning the MoE's experts and the pruned model with the same
+/// token budget, all in f32, beside the dense model in f32.
+#[derive(serde::Serialize)]
+struct Finetuned {
+    steps: usize,
+    tokens: usize,
+    domains: Vec<String>,
+    dense_f32: Vec<f64>,
+    moe: Vec<f64>,
+    pruned: Vec<f64>,
+    /// Held-out perplexity over all domains before and after, from the training loop.
+    moe_run: (f64, f64),
+    pruned_run: (f64, f64),
 }
 
 /// One domain's held-out perplexity: the dense model, each expert (own and others), and the
@@ -99,6 +133,7 @@ struct RouterQuality {
 }
 
 pub fn run(a: Args, quiet: bool) -> Result<()> {
+    anyhow::ensure!(a.model.moe.is_none(), "moefy makes a MoE from a dense model: drop --moe");
     anyhow::ensure!(a.keep > 0.0 && a.keep <= 1.0, "--keep {} is not a fraction in (0, 1]", a.keep);
     anyhow::ensure!(a.rows > 0 && a.ctx > 1, "--rows must be at least 1 and --ctx at least 2");
     let mut names = a.calib.clone();
@@ -106,6 +141,14 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
     names.dedup();
     anyhow::ensure!(names.len() == a.calib.len(), "--calib names a domain twice");
     anyhow::ensure!(a.calib.len() >= 2, "--calib needs at least two domains (one expert each)");
+    if let Some(e) = a.experts {
+        anyhow::ensure!(
+            e == a.calib.len(),
+            "--experts {e} for {} calibration domains: each expert is one domain's",
+            a.calib.len()
+        );
+    }
+    anyhow::ensure!(a.router_steps > 0, "--router-steps must be at least 1: a MoE runs through its router");
     anyhow::ensure!(!a.output.is_file(), "{} is a file; -o takes a folder", a.output.display());
     let (file, mut model, tok) = a.model.load()?;
     anyhow::ensure!(
@@ -143,46 +186,59 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
         calib_rows.push(d.calib);
     }
     let split = ExpertSplit::from_domains(&all, a.keep)?;
-    let shapes = recompose_core::identity::shapes(&file)?;
-    let ffn0: Vec<String> =
-        ["gate_proj", "up_proj", "down_proj"].iter().map(|p| format!("model.layers.0.mlp.{p}.weight")).collect();
-    let identity = serde_json::json!({
-        "arch": format!("{:?}", file.config.arch),
-        "layout": recompose_core::identity::layout_hash(&shapes),
-        "ffn0": recompose_core::identity::fingerprint(&file, &ffn0)?,
-    });
-    let router = if a.router_steps > 0 {
-        Some(train_router(&mut model, &split, &calib_rows, a.router_steps, a.router_lr, quiet)?)
-    } else {
-        None
-    };
+    let identity = recompose_moe::format::identity(&file)?;
+    let trained = train_router(&mut model, &split, &calib_rows, a.router_steps, a.router_lr, quiet)?;
+    let router = trained.frozen(&model.config)?;
     let quality = if a.eval_rows > 0 {
-        score(&mut model, &a.calib, &held, &split, &all, router.as_ref(), quiet)?
+        model.set_pregate(Some(trained.frozen(&model.config)?));
+        let q = score(&mut model, &a.calib, &held, &split, &all, quiet);
+        model.set_pregate(None);
+        q?
     } else {
         vec![]
     };
-    let out = ExpertsFile {
-        format: "recompose-moe-split/1",
-        model: identity,
+    let (finetuned, trained_experts) = if a.finetune_steps > 0 {
+        let pruned = ExpertSplit::pruned(&all, a.keep)?;
+        let (f, w) = finetune(&a, &tok, &identity, &split, &pruned, &router, &held, quiet)?;
+        (Some(f), Some(w))
+    } else {
+        (None, None)
+    };
+    let out = Report {
+        format: "recompose-moe-report/1",
+        model: identity.clone(),
         calibration,
         ctx: a.ctx,
-        split: &split,
-        report: split.report(),
+        layers: split.report(),
         quality,
+        finetuned,
     };
     std::fs::create_dir_all(&a.output).with_context(|| format!("creating {}", a.output.display()))?;
     recompose_core::atomic::write_bytes(&a.output.join("stats.json"), serde_json::to_string(&all)?.as_bytes())?;
-    if let Some(r) = &router {
-        // The router reads this model's embeddings: it carries the model's identity.
-        r.save(&a.output.join("router.safetensors"), &out.model.to_string())?;
-    }
-    recompose_core::atomic::write_bytes(
-        &a.output.join("experts.json"),
-        serde_json::to_string_pretty(&out)?.as_bytes(),
-    )?;
-    print_report(&split, &out.report);
+    recompose_core::atomic::write_bytes(&a.output.join("report.json"), serde_json::to_string_pretty(&out)?.as_bytes())?;
+    let moe = MoeModel {
+        experts: trained_experts,
+        config: MoeConfig {
+            format: recompose_moe::format::FORMAT.into(),
+            base: identity,
+            split: split.clone(),
+            router: router.config,
+        },
+        router,
+    };
+    moe.save(&a.output)?;
+    print_report(&split, &out.layers);
     print_quality(&out.quality, &split.names);
-    println!("wrote {}", a.output.join("experts.json").display());
+    if let Some(f) = &out.finetuned {
+        println!(
+            "held-out perplexity after {} fine-tuning steps ({} tokens), f32 (dense / MoE through its router / pruned to the same size):",
+            f.steps, f.tokens
+        );
+        for (i, d) in f.domains.iter().enumerate() {
+            println!("{d:>12} {:>10.2} {:>10.2} {:>10.2}", f.dense_f32[i], f.moe[i], f.pruned[i]);
+        }
+    }
+    println!("wrote the MoE to {} (run it with --moe {0})", a.output.display());
     Ok(())
 }
 
@@ -213,13 +269,13 @@ fn score(
     held: &[Vec<Vec<u32>>],
     split: &ExpertSplit,
     stats: &[recompose_moe::ChannelStats],
-    router: Option<&Router>,
     quiet: bool,
 ) -> Result<Vec<Quality>> {
+    let router = model.pregate().is_some();
     use recompose_moe::ffn;
     use recompose_moe::oracle;
     use recompose_moe::quality::{everyone_to, held_out_nll};
-    let runs = names.len() * (3 + split.names.len() + usize::from(router.is_some()));
+    let runs = names.len() * (3 + split.names.len() + usize::from(router));
     let pb = progress(runs as u64, "held-out perplexity", quiet);
     let ppl = |model: &recompose_llm::Model, rows: &[Vec<u32>], e: Option<u32>| -> Result<(f64, usize)> {
         let routes = e.map(|e| everyone_to(rows, e));
@@ -249,10 +305,9 @@ fn score(
     }
     // The router's routes, from the backbone's embeddings (it runs before the backbone).
     let mut routed = vec![];
-    if let Some(r) = router {
+    if router {
         for rows in held {
-            routed
-                .push(rows.iter().map(|row| r.route(&model.embed(row)?.unsqueeze(0)?)).collect::<Result<Vec<_>, _>>()?);
+            routed.push(rows.iter().map(|row| model.routes(row)).collect::<Result<Vec<_>, _>>()?);
         }
     }
     ffn::with_moe(model, split, |model| -> Result<()> {
@@ -336,7 +391,7 @@ fn print_quality(q: &[Quality], experts: &[String]) {
 }
 
 /// Trains the pre-gating router towards the oracle expert of every calibration token (all
-/// domains' rows together), from the backbone's token embeddings.
+/// domains' rows together), in the model (which is left without a router).
 fn train_router(
     model: &mut recompose_llm::Model,
     split: &ExpertSplit,
@@ -344,25 +399,90 @@ fn train_router(
     steps: usize,
     lr: f64,
     quiet: bool,
-) -> Result<Router> {
+) -> Result<PreGate> {
     let rows: Vec<Vec<u32>> = calib.iter().flatten().cloned().collect();
     let pb = progress(rows.len() as u64, "oracle experts", quiet);
     let targets = oracle::best(&oracle::overlaps(model, split, &rows, |done, _| pb.set_position(done as u64))?);
     pb.finish_and_clear();
-    let xs = rows.iter().map(|r| model.embed(r)).collect::<Result<Vec<_>, _>>()?;
-    let c = &model.config;
-    let config = RouterConfig { hidden: c.hidden_size, heads: 4, ffn: 512, experts: split.names.len() };
-    let mut r = Router::init(config, 0, candle_core::DType::F32, &candle_core::Device::Cpu)?;
+    model.set_pregate(Some(router::init(model, split.names.len(), 512, 0)?));
     let pb = progress(steps as u64, "router", quiet);
-    let losses = router::train(&mut r, &xs, &targets, TrainOptions { steps, lr, batch: 8, seed: 0 }, |s, l| {
+    let losses = router::train(model, &rows, &targets, TrainOptions { steps, lr, batch: 8, seed: 0 }, |s, l| {
         pb.set_position(s as u64);
         pb.set_message(format!("router (loss {l:.3})"));
-    })?;
+    });
     pb.finish_and_clear();
+    let trained = model.pregate().map(|g| g.frozen(&model.config)).transpose();
+    model.set_pregate(None);
+    let (losses, trained) = (losses?, trained?);
     tracing::info!(
         "router: {steps} steps, loss {:.3} -> {:.3}",
         losses.first().copied().unwrap_or(f64::NAN),
         losses.last().copied().unwrap_or(f64::NAN)
     );
-    Ok(r)
+    trained.context("the router went missing during training")
+}
+
+/// Fine-tunes the MoE's experts (router frozen) and the pruned model with the same steps on the
+/// same rows, in f32, and scores both and the dense model on the held-out rows.
+#[allow(clippy::too_many_arguments)]
+fn finetune(
+    a: &Args,
+    tok: &recompose_core::Tokenizer,
+    identity: &str,
+    split: &ExpertSplit,
+    pruned: &ExpertSplit,
+    router: &PreGate,
+    held: &[Vec<Vec<u32>>],
+    quiet: bool,
+) -> Result<(Finetuned, Vec<(String, candle_core::Tensor)>)> {
+    use recompose_train::finetune::Paths;
+    crate::cmd::finetune::keep_freed_memory();
+    anyhow::ensure!(a.finetune_batch > 0 && a.finetune_lr > 0.0, "--finetune-batch and --finetune-lr must be positive");
+    let mut rows = vec![];
+    for name in &a.calib {
+        rows.extend(domains::load(name, tok, a.ctx, a.finetune_rows)?.calib);
+    }
+    let train = recompose_moe::finetune::dataset(&rows, "calibration domains");
+    let held_all: Vec<Vec<u32>> = held.iter().flatten().cloned().collect();
+    anyhow::ensure!(!held_all.is_empty(), "fine-tuning is scored on held-out rows: --eval-rows must be at least 1");
+    let held_set = recompose_moe::finetune::dataset(&held_all, "held-out rows");
+    let steps = a.finetune_steps;
+    let cfg = recompose_moe::finetune::config(steps, a.finetune_batch, a.finetune_lr);
+    let f32_args = crate::common::ModelArgs { f32: true, moe: None, ..a.model.clone() };
+    let ppl = |model: &recompose_llm::Model| -> Result<Vec<f64>> {
+        held.iter().map(|rows| Ok(recompose_moe::quality::held_out_nll(model, rows, None)?.0.exp())).collect()
+    };
+    let (_, dense, _) = f32_args.load_base()?;
+    let dense_f32 = ppl(&dense)?;
+    drop(dense);
+    let mut runs = vec![];
+    for (what, split, router) in [("moe", split, Some(router)), ("pruned", pruned, None)] {
+        let (_, mut model, _) = f32_args.load_base()?;
+        let router = router.map(|r| r.frozen(&model.config)).transpose()?;
+        let pb = progress(steps as u64, &format!("fine-tuning ({what})"), quiet);
+        let mut obs = crate::cmd::finetune::Progress { pb, quiet };
+        let paths = Paths::beside(&a.output.join(format!("finetune-{what}")));
+        std::fs::create_dir_all(&a.output).with_context(|| format!("creating {}", a.output.display()))?;
+        let (summary, weights) = recompose_moe::finetune::run(
+            &mut model, identity, split, router, &train, &held_set, &cfg, &paths, &mut obs,
+        )?;
+        obs.pb.finish_and_clear();
+        let run =
+            (summary.first_eval.map_or(f64::NAN, |e| e.eval_ppl), summary.last_eval.map_or(f64::NAN, |e| e.eval_ppl));
+        tracing::info!("{what}: held-out perplexity {:.2} -> {:.2} in {steps} steps", run.0, run.1);
+        runs.push((ppl(&model)?, run, weights));
+    }
+    let (pruned_ppl, pruned_run, _) = runs.pop().context("the pruned run")?;
+    let (moe_ppl, moe_run, weights) = runs.pop().context("the MoE run")?;
+    let report = Finetuned {
+        steps,
+        tokens: steps * a.finetune_batch * (a.ctx - 1),
+        domains: a.calib.clone(),
+        dense_f32,
+        moe: moe_ppl,
+        pruned: pruned_ppl,
+        moe_run,
+        pruned_run,
+    };
+    Ok((report, weights))
 }

@@ -222,6 +222,62 @@ impl PackedWeight {
         (v, d, m)
     }
 
+    /// A weight of `rows_out` rows whose row `i` is row `idx[i]` of this one, bit for bit, and
+    /// whose rows past `idx.len()` are zero (padding to a block of channels). None if an index
+    /// is out of range or `rows_out` is smaller than `idx`.
+    pub fn select_rows(&self, idx: &[u32], rows_out: usize) -> Option<Self> {
+        if rows_out == 0 || rows_out < idx.len() || idx.iter().any(|&r| r as usize >= self.rows) {
+            return None;
+        }
+        let tiles = rows_out.div_ceil(TR);
+        let (qb, sb, blocks) = (self.qbytes(), self.sbytes(), self.blocks);
+        let mut qs = lines(tiles * blocks * qb);
+        let mut sc = lines(tiles * blocks * sb);
+        let (q, s) = (as_bytes_mut(&mut qs), as_bytes_mut(&mut sc));
+        let (sq, ss) = (self.qs_bytes(), self.sc_bytes());
+        // A row's share of a tile-block: 4 bytes in each 64-byte quant group, 2 bytes per scale
+        // array (d, and m for Q4_1 at +32).
+        let scale_arrays = if self.kind == Kind::Q4_1 { 2 } else { 1 };
+        for (nr, &r) in idx.iter().enumerate() {
+            let r = r as usize;
+            for b in 0..blocks {
+                let (src, dst) = ((r / TR) * blocks + b, (nr / TR) * blocks + b);
+                for g in 0..qb / 64 {
+                    let (so, d) = (src * qb + 64 * g + 4 * (r % TR), dst * qb + 64 * g + 4 * (nr % TR));
+                    q[d..d + 4].copy_from_slice(&sq[so..so + 4]);
+                }
+                for a in 0..scale_arrays {
+                    let (so, d) = (src * sb + 32 * a + 2 * (r % TR), dst * sb + 32 * a + 2 * (nr % TR));
+                    s[d..d + 2].copy_from_slice(&ss[so..so + 2]);
+                }
+            }
+        }
+        Some(Self { kind: self.kind, rows: rows_out, cols: self.cols, tiles, blocks, qs, sc })
+    }
+
+    /// Quantises a `rows x cols` f32 matrix (cols a multiple of 32) to Q8_0 (each block's scale
+    /// `max|x| / 127`, stored as f16) and packs it. None for a shape that does not fit.
+    pub fn q8_0_from_f32(values: &[f32], rows: usize, cols: usize) -> Option<Self> {
+        if rows == 0 || !cols.is_multiple_of(QK) || values.len() != rows.checked_mul(cols)? {
+            return None;
+        }
+        let mut bytes = Vec::with_capacity(rows * cols / QK * 34);
+        let mut q = [0i8; QK];
+        for blk in values.chunks_exact(QK) {
+            let amax = blk.iter().fold(0f32, |m, v| v.abs().max(m));
+            // The scale as stored (f16) is the one the quants are rounded against.
+            let d = half::f16::from_f32(amax / 127.0);
+            let id = if d.to_f32() > 0.0 { 1.0 / d.to_f32() } else { 0.0 };
+            for (v, q) in blk.iter().zip(q.iter_mut()) {
+                let r = (v * id).round_ties_even();
+                *q = if r.is_nan() { 0 } else { r.clamp(-127.0, 127.0) as i8 };
+            }
+            bytes.extend_from_slice(&d.to_bits().to_le_bytes());
+            bytes.extend(q.iter().map(|&v| v as u8));
+        }
+        Self::from_ggml(candle_core::quantized::GgmlDType::Q8_0, &bytes, rows, cols)
+    }
+
     /// Dequantises one row (embedding lookups) into `out[..cols]`; a row past the end gives zeros.
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         for (b, o) in out.chunks_mut(QK).take(self.blocks).enumerate() {

@@ -277,3 +277,50 @@ fn matmul_group_equals_each_weight_alone() {
         }
     }
 }
+
+#[test]
+fn selected_rows_are_the_source_rows_bit_for_bit_then_zero() {
+    let mut rng = StdRng::seed_from_u64(7);
+    let (rows, cols) = (37, 96);
+    for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+        let w = PackedWeight::from_ggml(dtype, &random_ggml(dtype, rows, cols, &mut rng), rows, cols).unwrap();
+        let idx = [36u32, 0, 17, 17, 5, 20, 33];
+        let s = w.select_rows(&idx, 19).unwrap();
+        assert_eq!((s.rows(), s.cols(), s.kind()), (19, cols, w.kind()));
+        let (mut a, mut b) = (vec![0f32; cols], vec![0f32; cols]);
+        for (i, &r) in idx.iter().enumerate() {
+            s.dequantize_row(i, &mut a);
+            w.dequantize_row(r as usize, &mut b);
+            assert_eq!(a, b, "{dtype:?} row {i}");
+        }
+        for i in idx.len()..19 {
+            s.dequantize_row(i, &mut a);
+            assert!(a.iter().all(|&v| v == 0.0), "{dtype:?} padding row {i}");
+        }
+        // The kernels agree: a selected weight times x is the source's rows times x.
+        let x: Vec<f32> = (0..2 * cols).map(|_| rng.random_range(-1.0..1.0)).collect();
+        check(&s, &x, 2, &format!("{dtype:?} selected"));
+        assert!(w.select_rows(&[37], 1).is_none() && w.select_rows(&idx, 3).is_none());
+    }
+}
+
+#[test]
+fn q8_0_from_f32_rounds_each_value_within_half_a_step() {
+    let mut rng = StdRng::seed_from_u64(8);
+    let (rows, cols) = (21, 64);
+    let v: Vec<f32> = (0..rows * cols).map(|i| if i % 97 == 0 { 0.0 } else { rng.random_range(-2.0..2.0) }).collect();
+    let w = PackedWeight::q8_0_from_f32(&v, rows, cols).unwrap();
+    let mut row = vec![0f32; cols];
+    for r in 0..rows {
+        w.dequantize_row(r, &mut row);
+        for (b, (got, want)) in row.chunks(QK).zip(v[r * cols..(r + 1) * cols].chunks(QK)).enumerate() {
+            let amax = want.iter().fold(0f32, |m, x| x.abs().max(m));
+            let step = half::f16::from_f32(amax / 127.0).to_f32();
+            for (g, x) in got.iter().zip(want) {
+                assert!((g - x).abs() <= 0.5 * step + 1e-7, "row {r} block {b}: {g} for {x}");
+            }
+        }
+    }
+    assert!(PackedWeight::q8_0_from_f32(&v, rows, cols - 1).is_none());
+    assert!(PackedWeight::q8_0_from_f32(&v[1..], rows, cols).is_none());
+}

@@ -1,0 +1,81 @@
+//! Fine-tuning the experts of a refactorised model with the LM loss: every part's f32 weights
+//! trainable, everything else (attention, embeddings, norms, and the router, which routes each
+//! row as it will at run time) frozen. The same runs the pruned baseline (a split whose
+//! channels are all permanent, nothing routed), so the two get the same token budget through the
+//! same loop: recompose-train's, with its schedule, clipping, held-out checks, log and
+//! checkpoints.
+
+use crate::{ffn, ExpertSplit, Result};
+use candle_core::Tensor;
+use recompose_llm::pregate::PreGate;
+use recompose_llm::Model;
+use recompose_train::data::{Dataset, Example};
+use recompose_train::finetune::{self, FinetuneConfig, Observer, Paths, Summary};
+
+/// The fine-tuning recipe for `steps` steps of `batch` rows at peak learning rate `lr`: AdamW
+/// without weight decay, a tenth of the steps warming up, cosine to a tenth, gradients clipped
+/// to norm 1, held-out checks at the start and the end, one checkpoint at the end.
+pub fn config(steps: usize, batch: usize, lr: f64) -> FinetuneConfig {
+    FinetuneConfig {
+        mode: recompose_train::finetune::Mode::Full,
+        steps,
+        batch,
+        accum: 1,
+        schedule: recompose_train::Schedule {
+            peak: lr,
+            warmup: steps.div_ceil(10),
+            total: steps,
+            decay: recompose_train::Decay::Cosine,
+            min_ratio: 0.1,
+        },
+        optimizer: recompose_train::OptimizerKind::adamw(0.0),
+        clip: Some(1.0),
+        seed: 0,
+        eval_every: 0,
+        eval_rows: 0,
+        checkpoint_every: 0,
+        activation_checkpointing: false,
+        stop_after: None,
+    }
+}
+
+/// Rows of tokens as next-token examples (token `i + 1` predicted from the first `i + 1`).
+pub fn dataset(rows: &[Vec<u32>], describe: &str) -> Dataset {
+    let examples = rows
+        .iter()
+        .filter(|r| r.len() >= 2)
+        .map(|r| Example { tokens: r[..r.len() - 1].to_vec(), targets: r[1..].to_vec() })
+        .collect();
+    Dataset::new(examples, describe.to_string())
+}
+
+/// Cuts `model` (loaded in f32) under `split`, puts `router` (frozen) in front, trains every
+/// part for `cfg.steps` steps on `train` (held-out checks on `held`), and returns the run's
+/// summary with the trained weights by name (what `MoeModel::experts` holds). The model is
+/// left as trained.
+#[allow(clippy::too_many_arguments)]
+pub fn run(
+    model: &mut Model,
+    base: &str,
+    split: &ExpertSplit,
+    router: Option<PreGate>,
+    train: &Dataset,
+    held: &Dataset,
+    cfg: &FinetuneConfig,
+    paths: &Paths,
+    obs: &mut dyn Observer,
+) -> Result<(Summary, Vec<(String, Tensor)>)> {
+    let mut moes = ffn::cut(model, split)?;
+    let mut vars = vec![];
+    for m in &mut moes {
+        vars.extend(m.make_trainable()?);
+    }
+    for (b, m) in model.layers.iter_mut().zip(moes) {
+        b.ffn = Box::new(m);
+    }
+    model.add_params(vars.clone());
+    model.set_pregate(router);
+    let summary = finetune::run(model, base, train, held, cfg, paths, false, obs)?;
+    let weights = vars.into_iter().map(|(n, v)| (n, v.as_tensor().detach())).collect();
+    Ok((summary, weights))
+}

@@ -1,0 +1,203 @@
+//! The MoE model on disk, and putting it into a loaded model.
+//!
+//! A MoE folder holds:
+//! - `config.json`: `format` (`recompose-moe/1`), `base` (the identity of the dense model it
+//!   was cut from: architecture, tensor layout hash, a hash of layer 0's FFN weights), the
+//!   `split` (expert names, `keep`, and per layer the permanent channels and each expert's
+//!   channels) and `router` (its expert count and MLP width);
+//! - `router.safetensors`: the pre-gating router's tensors (`router.*`, f32), the base's
+//!   identity in its metadata;
+//! - `experts.safetensors`, once the experts are fine-tuned: every part's f32 weights
+//!   (`model.layers.{l}.mlp.permanent.{gate,up,down}_proj.weight`, and `...mlp.experts.{e}...`).
+//!
+//! Without fine-tuned weights the experts are slices of the base's own weights, cut when the MoE
+//! is applied (packed weights stay packed), so the folder is small; the base is named rather than
+//! copied, and applying the MoE to another model is refused.
+
+use crate::ffn::{part_name, PartWeights, PROJ};
+use crate::{Error, ExpertSplit, MoeFfn, Result};
+use candle_core::{DType, Tensor};
+use recompose_core::weights::ModelFile;
+use recompose_llm::pregate::{PreGate, PreGateConfig};
+use recompose_llm::Model;
+use std::path::Path;
+
+pub const FORMAT: &str = "recompose-moe/1";
+/// A config bigger than this is not one of ours (the split of a 7B model is about 5 MB).
+const MAX_CONFIG_BYTES: u64 = 256 << 20;
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct MoeConfig {
+    pub format: String,
+    pub base: String,
+    pub split: ExpertSplit,
+    pub router: PreGateConfig,
+}
+
+/// What a MoE is made for: architecture, tensor layout, and layer 0's FFN weights.
+pub fn identity(file: &ModelFile) -> Result<String> {
+    let shapes = recompose_core::identity::shapes(file)?;
+    let ffn0: Vec<String> =
+        ["gate_proj", "up_proj", "down_proj"].iter().map(|p| format!("model.layers.0.mlp.{p}.weight")).collect();
+    Ok(format!(
+        "{:?}-{}-{}",
+        file.config.arch,
+        recompose_core::identity::layout_hash(&shapes),
+        recompose_core::identity::fingerprint(file, &ffn0)?
+    )
+    .to_lowercase())
+}
+
+pub struct MoeModel {
+    pub config: MoeConfig,
+    pub router: PreGate,
+    /// Fine-tuned expert weights by name (None: slices of the base).
+    pub experts: Option<Vec<(String, Tensor)>>,
+}
+
+impl MoeModel {
+    /// Writes `config.json` and `router.safetensors` into `dir` (each built beside and renamed
+    /// in).
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::Data(format!("{}: {e}", dir.display())))?;
+        let path = dir.join("router.safetensors");
+        let named: Vec<(String, candle_core::Tensor)> = self
+            .router
+            .tensors()
+            .iter()
+            .map(|(n, t)| Ok((n.clone(), t.to_dtype(DType::F32)?)))
+            .collect::<Result<_>>()?;
+        let mut meta = std::collections::BTreeMap::new();
+        meta.insert("recompose.backbone".to_string(), self.config.base.clone());
+        meta.insert("recompose.router".to_string(), serde_json::to_string(&self.config.router).unwrap_or_default());
+        recompose_train::checkpoint::save_tensors(&path, &named, &meta)?;
+        if let Some(w) = &self.experts {
+            recompose_train::checkpoint::save_tensors(&dir.join("experts.safetensors"), w, &meta)?;
+        }
+        let json = serde_json::to_string(&self.config).map_err(|e| Error::Data(e.to_string()))?;
+        recompose_core::atomic::write_bytes(&dir.join("config.json"), json.as_bytes())?;
+        Ok(())
+    }
+
+    /// Reads a MoE folder made for `file`'s model (its identity is checked).
+    pub fn load(dir: &Path, file: &ModelFile) -> Result<Self> {
+        let bad = |what: String| Error::Data(format!("{}: {what}", dir.display()));
+        let cfg_path = dir.join("config.json");
+        let size =
+            std::fs::metadata(&cfg_path).map_err(|e| bad(format!("config.json: {e} (not a MoE folder?)")))?.len();
+        if size > MAX_CONFIG_BYTES {
+            return Err(bad(format!("config.json is {size} bytes, too big for a MoE config")));
+        }
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| bad(format!("config.json: {e}")))?;
+        let format = serde_json::from_str::<serde_json::Value>(&text)
+            .map_err(|e| bad(format!("config.json is not JSON ({e})")))?
+            .get("format")
+            .and_then(|f| f.as_str().map(str::to_string));
+        if format.as_deref() != Some(FORMAT) {
+            return Err(bad(format!("config.json is not a {FORMAT} config (format {format:?})")));
+        }
+        let config: MoeConfig =
+            serde_json::from_str(&text).map_err(|e| bad(format!("config.json: a corrupt MoE config ({e})")))?;
+        let c = &file.config;
+        let channels = c.dims(0).intermediate;
+        config.split.check(c.num_layers, channels).map_err(|e| bad(format!("config.json: {e}")))?;
+        if config.router.experts != config.split.names.len() {
+            return Err(bad(format!(
+                "config.json: a router over {} experts for a split of {}",
+                config.router.experts,
+                config.split.names.len()
+            )));
+        }
+        let here = identity(file)?;
+        if config.base != here {
+            return Err(bad(format!("made for another model ({}; this one is {here})", config.base)));
+        }
+        let st = recompose_core::weights::HfDir::open_tensors(&dir.join("router.safetensors"))?;
+        if st.metadata.get("recompose.backbone") != Some(&here) {
+            return Err(bad("router.safetensors: a router for another model".into()));
+        }
+        let router = PreGate::from_tensors(config.router, c, false, |name| Ok(st.load(name)?.to_dtype(DType::F32)?))
+            .map_err(|e| bad(format!("router.safetensors: {e}")))?;
+        let experts = match dir.join("experts.safetensors") {
+            p if p.exists() => Some(read_experts(&p, &config.split, c.hidden_size, &here)?),
+            _ => None,
+        };
+        Ok(Self { config, router, experts })
+    }
+
+    /// Cuts `model`'s FFNs into the experts and puts the router in front (moving the router's
+    /// weights to the model's device and float type). Make caches after this: the router adds
+    /// a cache layer.
+    pub fn apply(self, model: &mut Model) -> Result<()> {
+        let (dtype, device) = (model.dtype(), model.device().clone());
+        let moes = match &self.experts {
+            None => crate::ffn::cut(model, &self.config.split)?,
+            Some(w) => {
+                let dense = model.layers.first().and_then(|b| b.ffn.as_dense());
+                let packed = dense.is_some_and(|d| matches!(d.gate.weight, recompose_llm::linear::Weight::Packed(_)));
+                let act = model.config.activation;
+                let get = |name: String| -> Result<Tensor> {
+                    let t = w.iter().find(|(n, _)| *n == name).map(|(_, t)| t.clone());
+                    let t = t.ok_or_else(|| Error::Data(format!("experts: no {name}")))?;
+                    Ok(t.to_dtype(dtype)?.to_device(&device)?)
+                };
+                let part = |l: usize, which: Option<usize>, chans: &[u32]| -> Result<Option<PartWeights>> {
+                    if chans.is_empty() {
+                        return Ok(None);
+                    }
+                    let [g, u, d] = PROJ.map(|p| part_name(l, which, p));
+                    Ok(Some(PartWeights { gate: get(g)?, up: get(u)?, down: get(d)? }))
+                };
+                let split = &self.config.split;
+                (0..split.layers())
+                    .map(|l| {
+                        let experts = split.experts[l]
+                            .iter()
+                            .enumerate()
+                            .map(|(e, c)| part(l, Some(e), c))
+                            .collect::<Result<Vec<_>>>()?;
+                        MoeFfn::from_weights(l, part(l, None, &split.permanent[l])?, experts, act, packed)
+                    })
+                    .collect::<Result<Vec<_>>>()?
+            }
+        };
+        let named: Vec<(String, candle_core::Tensor)> = self.router.tensors().to_vec();
+        let router = PreGate::from_tensors(self.config.router, &model.config, false, |name| {
+            let t = named.iter().find(|(n, _)| n == name).map(|(_, t)| t.clone());
+            let t = t.ok_or_else(|| recompose_llm::Error::InvalidInput(format!("router: no {name}")))?;
+            Ok(t.to_dtype(dtype)?.to_device(&device)?)
+        })?;
+        for (b, m) in model.layers.iter_mut().zip(moes) {
+            b.ffn = Box::new(m);
+        }
+        model.set_pregate(Some(router));
+        Ok(())
+    }
+}
+
+/// Reads fine-tuned expert weights, checking that every part the split has is there with its
+/// shape, and that they were made for this base.
+fn read_experts(path: &Path, split: &ExpertSplit, hidden: usize, base: &str) -> Result<Vec<(String, Tensor)>> {
+    let bad = |what: String| Error::Data(format!("{}: {what}", path.display()));
+    let st = recompose_core::weights::HfDir::open_tensors(path)?;
+    if st.metadata.get("recompose.backbone").map(String::as_str) != Some(base) {
+        return Err(bad("expert weights for another model".into()));
+    }
+    let mut out = vec![];
+    for l in 0..split.layers() {
+        let parts = std::iter::once((None, &split.permanent[l]))
+            .chain(split.experts[l].iter().enumerate().map(|(e, c)| (Some(e), c)));
+        for (which, chans) in parts.filter(|(_, c)| !c.is_empty()) {
+            let k = chans.len();
+            for (p, shape) in PROJ.iter().zip([[k, hidden], [k, hidden], [hidden, k]]) {
+                let name = part_name(l, which, p);
+                let t = st.load(&name).map_err(|e| bad(format!("{name}: {e}")))?.to_dtype(DType::F32)?;
+                if t.dims() != shape {
+                    return Err(bad(format!("{name} is {:?}, the split needs {shape:?}", t.dims())));
+                }
+                out.push((name, t));
+            }
+        }
+    }
+    Ok(out)
+}
