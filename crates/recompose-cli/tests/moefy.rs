@@ -70,6 +70,23 @@ fn moefy_splits_a_tiny_model_by_two_domains_and_scores_the_split() {
         assert!(p.len() == 2 && p.iter().all(|x| x.as_f64().unwrap().is_finite()), "{ft}");
     }
     assert!(out.join("experts.safetensors").exists() && out.join("finetune-moe.log.jsonl").exists());
+    // The fine-tuned pruned baseline runs too.
+    let pruned = out.join("pruned");
+    let (_, err) = succeeds(
+        d.path(),
+        &[
+            "generate",
+            "-m",
+            m.to_str().unwrap(),
+            "--moe",
+            pruned.to_str().unwrap(),
+            "--prompt",
+            "12 +",
+            "--max-tokens",
+            "4",
+        ],
+    );
+    assert!(err.contains("generated 4 tokens"), "{err}");
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
     assert_eq!(cfg["format"], "recompose-moe/1");

@@ -147,6 +147,27 @@ impl PreGate {
         })
     }
 
+    /// The router on the packed kernels (its matrices requantised to Q8_0), for a model that
+    /// runs packed: in f32 the router reads about a tenth of a 135M model's bytes per token.
+    /// Matrices whose width is not a multiple of 32 stay f32; the saved tensors stay as they were.
+    pub fn packed(mut self) -> Result<Self> {
+        let q8 = |l: &mut Linear| -> Result<()> {
+            let Some(w) = l.dense_weight() else { return Ok(()) };
+            let (r, c) = w.dims2()?;
+            let v = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            if let Some(p) = crate::kernels::quant::PackedWeight::q8_0_from_f32(&v, r, c) {
+                *l = Linear::packed(l.name.clone(), std::sync::Arc::new(p));
+            }
+            Ok(())
+        };
+        let a = &mut self.attn;
+        for l in [&mut a.q, &mut a.k, &mut a.v, &mut a.o, &mut self.mlp.gate, &mut self.mlp.up, &mut self.mlp.down] {
+            q8(l)?;
+        }
+        q8(&mut self.head)?;
+        Ok(self)
+    }
+
     /// The router's tensors by name (what a router file holds).
     pub fn tensors(&self) -> &[(String, Tensor)] {
         &self.tensors

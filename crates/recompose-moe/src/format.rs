@@ -4,7 +4,8 @@
 //! - `config.json`: `format` (`recompose-moe/1`), `base` (the identity of the dense model it
 //!   was cut from: architecture, tensor layout hash, a hash of layer 0's FFN weights), the
 //!   `split` (expert names, `keep`, and per layer the permanent channels and each expert's
-//!   channels) and `router` (its expert count and MLP width);
+//!   channels) and `router` (its expert count and MLP width; null for a model pruned to its
+//!   permanent channels, which routes nothing);
 //! - `router.safetensors`: the pre-gating router's tensors (`router.*`, f32), the base's
 //!   identity in its metadata;
 //! - `experts.safetensors`, once the experts are fine-tuned: every part's f32 weights
@@ -31,7 +32,7 @@ pub struct MoeConfig {
     pub format: String,
     pub base: String,
     pub split: ExpertSplit,
-    pub router: PreGateConfig,
+    pub router: Option<PreGateConfig>,
 }
 
 /// What a MoE is made for: architecture, tensor layout, and layer 0's FFN weights.
@@ -50,7 +51,8 @@ pub fn identity(file: &ModelFile) -> Result<String> {
 
 pub struct MoeModel {
     pub config: MoeConfig,
-    pub router: PreGate,
+    /// None exactly when the split routes nothing (a pruned model).
+    pub router: Option<PreGate>,
     /// Fine-tuned expert weights by name (None: slices of the base).
     pub experts: Option<Vec<(String, Tensor)>>,
 }
@@ -60,17 +62,12 @@ impl MoeModel {
     /// in).
     pub fn save(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::Data(format!("{}: {e}", dir.display())))?;
-        let path = dir.join("router.safetensors");
-        let named: Vec<(String, candle_core::Tensor)> = self
-            .router
-            .tensors()
-            .iter()
-            .map(|(n, t)| Ok((n.clone(), t.to_dtype(DType::F32)?)))
-            .collect::<Result<_>>()?;
         let mut meta = std::collections::BTreeMap::new();
         meta.insert("recompose.backbone".to_string(), self.config.base.clone());
-        meta.insert("recompose.router".to_string(), serde_json::to_string(&self.config.router).unwrap_or_default());
-        recompose_train::checkpoint::save_tensors(&path, &named, &meta)?;
+        if let Some(r) = &self.router {
+            let named: Vec<(String, candle_core::Tensor)> = r.tensors().to_vec();
+            recompose_train::checkpoint::save_tensors(&dir.join("router.safetensors"), &named, &meta)?;
+        }
         if let Some(w) = &self.experts {
             recompose_train::checkpoint::save_tensors(&dir.join("experts.safetensors"), w, &meta)?;
         }
@@ -101,23 +98,33 @@ impl MoeModel {
         let c = &file.config;
         let channels = c.dims(0).intermediate;
         config.split.check(c.num_layers, channels).map_err(|e| bad(format!("config.json: {e}")))?;
-        if config.router.experts != config.split.names.len() {
-            return Err(bad(format!(
-                "config.json: a router over {} experts for a split of {}",
-                config.router.experts,
-                config.split.names.len()
-            )));
+        let routes = config.split.experts.iter().flatten().any(|e| !e.is_empty());
+        match config.router {
+            Some(r) if r.experts != config.split.names.len() => {
+                return Err(bad(format!(
+                    "config.json: a router over {} experts for a split of {}",
+                    r.experts,
+                    config.split.names.len()
+                )))
+            }
+            None if routes => return Err(bad("config.json: a split with routed experts and no router".into())),
+            _ => {}
         }
         let here = identity(file)?;
         if config.base != here {
             return Err(bad(format!("made for another model ({}; this one is {here})", config.base)));
         }
-        let st = recompose_core::weights::HfDir::open_tensors(&dir.join("router.safetensors"))?;
-        if st.metadata.get("recompose.backbone") != Some(&here) {
-            return Err(bad("router.safetensors: a router for another model".into()));
-        }
-        let router = PreGate::from_tensors(config.router, c, false, |name| Ok(st.load(name)?.to_dtype(DType::F32)?))
-            .map_err(|e| bad(format!("router.safetensors: {e}")))?;
+        let router = match config.router {
+            None => None,
+            Some(rc) => {
+                let st = recompose_core::weights::HfDir::open_tensors(&dir.join("router.safetensors"))?;
+                if st.metadata.get("recompose.backbone") != Some(&here) {
+                    return Err(bad("router.safetensors: a router for another model".into()));
+                }
+                let load = |name: &str| Ok(st.load(name)?.to_dtype(DType::F32)?);
+                Some(PreGate::from_tensors(rc, c, false, load).map_err(|e| bad(format!("router.safetensors: {e}")))?)
+            }
+        };
         let experts = match dir.join("experts.safetensors") {
             p if p.exists() => Some(read_experts(&p, &config.split, c.hidden_size, &here)?),
             _ => None,
@@ -130,11 +137,12 @@ impl MoeModel {
     /// a cache layer.
     pub fn apply(self, model: &mut Model) -> Result<()> {
         let (dtype, device) = (model.dtype(), model.device().clone());
+        // A model on the packed kernels runs its experts and router there too.
+        let dense = model.layers.first().and_then(|b| b.ffn.as_dense());
+        let packed = dense.is_some_and(|d| d.gate.dense_weight().is_none());
         let moes = match &self.experts {
             None => crate::ffn::cut(model, &self.config.split)?,
             Some(w) => {
-                let dense = model.layers.first().and_then(|b| b.ffn.as_dense());
-                let packed = dense.is_some_and(|d| matches!(d.gate.weight, recompose_llm::linear::Weight::Packed(_)));
                 let act = model.config.activation;
                 let get = |name: String| -> Result<Tensor> {
                     let t = w.iter().find(|(n, _)| *n == name).map(|(_, t)| t.clone());
@@ -161,16 +169,22 @@ impl MoeModel {
                     .collect::<Result<Vec<_>>>()?
             }
         };
-        let named: Vec<(String, candle_core::Tensor)> = self.router.tensors().to_vec();
-        let router = PreGate::from_tensors(self.config.router, &model.config, false, |name| {
-            let t = named.iter().find(|(n, _)| n == name).map(|(_, t)| t.clone());
-            let t = t.ok_or_else(|| recompose_llm::Error::InvalidInput(format!("router: no {name}")))?;
-            Ok(t.to_dtype(dtype)?.to_device(&device)?)
-        })?;
+        let router = match self.router {
+            None => None,
+            Some(r) => {
+                let named: Vec<(String, candle_core::Tensor)> = r.tensors().to_vec();
+                let r = PreGate::from_tensors(r.config, &model.config, false, |name| {
+                    let t = named.iter().find(|(n, _)| n == name).map(|(_, t)| t.clone());
+                    let t = t.ok_or_else(|| recompose_llm::Error::InvalidInput(format!("router: no {name}")))?;
+                    Ok(t.to_dtype(dtype)?.to_device(&device)?)
+                })?;
+                Some(if packed { r.packed()? } else { r })
+            }
+        };
         for (b, m) in model.layers.iter_mut().zip(moes) {
             b.ffn = Box::new(m);
         }
-        model.set_pregate(Some(router));
+        model.set_pregate(router);
         Ok(())
     }
 }

@@ -83,35 +83,18 @@ fn bad_router_settings_are_refused() {
     let (_f, mut model) = tiny(d.path(), "llama", 0, DType::F32, WeightMode::F32);
     let e = router::init(&model, 1, 8, 0).err().unwrap().to_string();
     assert!(e.contains("1 experts (2 to 64)"), "{e}");
-    let e = router::train(
-        &model,
-        &rows(1, 4),
-        &[vec![0; 4]],
-        TrainOptions { steps: 1, lr: 1e-3, batch: 1, seed: 0 },
-        |_, _| {},
-    )
-    .err()
-    .unwrap()
-    .to_string();
+    let opts = TrainOptions { steps: 1, lr: 1e-3, batch: 1, seed: 0 };
+    let one_row = |model: &recompose_llm::Model| {
+        router::train(model, &rows(1, 4), &[vec![0; 4]], opts, |_, _| {}).err().unwrap().to_string()
+    };
+    let e = one_row(&model);
     assert!(e.contains("no router"), "{e}");
     model.set_pregate(Some(router::init(&model, 2, 8, 0).unwrap()));
-    let e = router::train(&model, &[], &[], TrainOptions { steps: 1, lr: 1e-3, batch: 1, seed: 0 }, |_, _| {})
-        .err()
-        .unwrap()
-        .to_string();
+    let e = router::train(&model, &[], &[], opts, |_, _| {}).err().unwrap().to_string();
     assert!(e.contains("0 rows"), "{e}");
     let frozen = model.pregate().unwrap().frozen(&model.config).unwrap();
     model.set_pregate(Some(frozen));
-    let e = router::train(
-        &model,
-        &rows(1, 4),
-        &[vec![0; 4]],
-        TrainOptions { steps: 1, lr: 1e-3, batch: 1, seed: 0 },
-        |_, _| {},
-    )
-    .err()
-    .unwrap()
-    .to_string();
+    let e = one_row(&model);
     assert!(e.contains("frozen"), "{e}");
 }
 
@@ -190,7 +173,8 @@ fn a_saved_moe_reads_back_and_refuses_another_model_or_a_corrupt_config() {
     moe.save(&out).unwrap();
     let back = MoeModel::load(&out, &f).unwrap();
     assert_eq!(back.config.split, moe.config.split);
-    for ((na, a), (nb, b)) in back.router.tensors().iter().zip(moe.router.tensors()) {
+    for ((na, a), (nb, b)) in back.router.as_ref().unwrap().tensors().iter().zip(moe.router.as_ref().unwrap().tensors())
+    {
         assert_eq!(na, nb);
         assert_eq!(
             a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),

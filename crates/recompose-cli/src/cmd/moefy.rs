@@ -197,12 +197,12 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
     } else {
         vec![]
     };
-    let (finetuned, trained_experts) = if a.finetune_steps > 0 {
+    let (finetuned, trained_experts, trained_pruned) = if a.finetune_steps > 0 {
         let pruned = ExpertSplit::pruned(&all, a.keep)?;
-        let (f, w) = finetune(&a, &tok, &identity, &split, &pruned, &router, &held, quiet)?;
-        (Some(f), Some(w))
+        let (f, w, p) = finetune(&a, &tok, &identity, &split, &pruned, &router, &held, quiet)?;
+        (Some(f), Some(w), Some((pruned, p)))
     } else {
-        (None, None)
+        (None, None, None)
     };
     let out = Report {
         format: "recompose-moe-report/1",
@@ -222,11 +222,16 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
             format: recompose_moe::format::FORMAT.into(),
             base: identity,
             split: split.clone(),
-            router: router.config,
+            router: Some(router.config),
         },
-        router,
+        router: Some(router),
     };
     moe.save(&a.output)?;
+    if let Some((split, w)) = trained_pruned {
+        // The pruned baseline, runnable too (--moe DIR/pruned): its channels are all permanent.
+        let config = MoeConfig { split, router: None, ..moe.config.clone() };
+        MoeModel { config, router: None, experts: Some(w) }.save(&a.output.join("pruned"))?;
+    }
     print_report(&split, &out.layers);
     print_quality(&out.quality, &split.names);
     if let Some(f) = &out.finetuned {
@@ -434,7 +439,7 @@ fn finetune(
     router: &PreGate,
     held: &[Vec<Vec<u32>>],
     quiet: bool,
-) -> Result<(Finetuned, Vec<(String, candle_core::Tensor)>)> {
+) -> Result<(Finetuned, Weights, Weights)> {
     use recompose_train::finetune::Paths;
     crate::cmd::finetune::keep_freed_memory();
     anyhow::ensure!(a.finetune_batch > 0 && a.finetune_lr > 0.0, "--finetune-batch and --finetune-lr must be positive");
@@ -472,7 +477,7 @@ fn finetune(
         tracing::info!("{what}: held-out perplexity {:.2} -> {:.2} in {steps} steps", run.0, run.1);
         runs.push((ppl(&model)?, run, weights));
     }
-    let (pruned_ppl, pruned_run, _) = runs.pop().context("the pruned run")?;
+    let (pruned_ppl, pruned_run, pruned_weights) = runs.pop().context("the pruned run")?;
     let (moe_ppl, moe_run, weights) = runs.pop().context("the MoE run")?;
     let report = Finetuned {
         steps,
@@ -484,5 +489,8 @@ fn finetune(
         moe_run,
         pruned_run,
     };
-    Ok((report, weights))
+    Ok((report, weights, pruned_weights))
 }
+
+/// Trained weights by name.
+type Weights = Vec<(String, candle_core::Tensor)>;

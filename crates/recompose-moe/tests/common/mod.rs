@@ -57,7 +57,11 @@ pub fn router(model: &Model) -> PreGate {
 pub fn moe(file: &ModelFile, model: &Model, experts: Option<Vec<(String, candle_core::Tensor)>>) -> MoeModel {
     let router = router(model);
     let base = recompose_moe::format::identity(file).unwrap();
-    let config =
-        MoeConfig { format: recompose_moe::format::FORMAT.into(), base, split: split(model), router: router.config };
-    MoeModel { config, router, experts }
+    let config = MoeConfig {
+        format: recompose_moe::format::FORMAT.into(),
+        base,
+        split: split(model),
+        router: Some(router.config),
+    };
+    MoeModel { config, router: Some(router), experts }
 }
