@@ -62,6 +62,12 @@ fn moefy_splits_a_tiny_model_by_two_domains_and_scores_the_split() {
         let r = &d["router"];
         assert!(r["ppl"].as_f64().unwrap().is_finite(), "{d}");
         assert!((0.0..=1.0).contains(&r["matches_oracle"].as_f64().unwrap()), "{d}");
+        let l = &d["layerwise"];
+        assert!(l["ppl"].as_f64().unwrap().is_finite(), "{d}");
+        assert!((0.0..=1.0).contains(&l["matches_layer_oracle"].as_f64().unwrap()), "{d}");
+    }
+    for k in ["pregate", "layerwise"] {
+        assert!((0.0..1.0).contains(&v["router_share"][k].as_f64().unwrap()), "{}", v["router_share"]);
     }
     let ft = &v["finetuned"];
     assert_eq!(ft["steps"], 3);

@@ -276,11 +276,24 @@ pub fn with_moe<R, E: From<Error>>(
     split: &ExpertSplit,
     f: impl FnOnce(&recompose_llm::Model) -> std::result::Result<R, E>,
 ) -> std::result::Result<R, E> {
-    let moes = cut(model, split)?;
-    let dense: Vec<Box<dyn Ffn>> =
-        model.layers.iter_mut().zip(moes).map(|(b, m)| std::mem::replace(&mut b.ffn, Box::new(m))).collect();
+    let moes = cut(model, split)?.into_iter().map(|m| Box::new(m) as Box<dyn Ffn>).collect();
+    with_ffns(model, moes, f)
+}
+
+/// Runs `f` on `model` with its FFNs replaced by `ffns` (one per layer); the model's own are
+/// back afterwards, whatever `f` gave.
+pub fn with_ffns<R, E: From<Error>>(
+    model: &mut recompose_llm::Model,
+    ffns: Vec<Box<dyn Ffn>>,
+    f: impl FnOnce(&recompose_llm::Model) -> std::result::Result<R, E>,
+) -> std::result::Result<R, E> {
+    if ffns.len() != model.layers.len() {
+        return Err(Error::Config(format!("{} FFNs for {} layers", ffns.len(), model.layers.len())).into());
+    }
+    let own: Vec<Box<dyn Ffn>> =
+        model.layers.iter_mut().zip(ffns).map(|(b, m)| std::mem::replace(&mut b.ffn, m)).collect();
     let out = f(model);
-    for (b, d) in model.layers.iter_mut().zip(dense) {
+    for (b, d) in model.layers.iter_mut().zip(own) {
         b.ffn = d;
     }
     out

@@ -15,6 +15,8 @@
 //!   expert's, summed over layers), the target the pre-gating router is distilled towards.
 //! - [`router`]: training the pre-gating router (the engine's `PreGate`: one causal block over
 //!   the backbone's token embeddings, run before the blocks) towards the oracle experts.
+//! - [`layerwise`]: the layer-wise routing baseline (one gate per layer over its FFN input,
+//!   distilled towards each layer's own oracle expert).
 //! - [`format`]: the MoE folder (config.json with the split and the base's identity, the
 //!   router's safetensors), and applying it to a loaded model.
 //! - [`quality`]: held-out NLL of a model as its FFNs stand, with every token routed to one
@@ -26,6 +28,7 @@ pub mod experts;
 pub mod ffn;
 pub mod finetune;
 pub mod format;
+pub mod layerwise;
 pub mod oracle;
 pub mod quality;
 pub mod router;

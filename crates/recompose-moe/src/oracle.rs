@@ -11,16 +11,43 @@ use std::sync::{Arc, Mutex};
 /// Per row, per token, per expert: the summed overlap.
 pub type Overlaps = Vec<Vec<Vec<u32>>>;
 
-/// The overlaps of every token of `rows` with the experts of `split` (made for `model`).
+/// Per row, per token: the overlap with each expert at each layer, at `layer * experts + e`.
+pub type LayerOverlaps = Vec<Vec<Vec<u32>>>;
+
+/// The overlaps of every token of `rows` with the experts of `split` (made for `model`),
+/// summed over the layers.
 pub fn overlaps(
     model: &mut Model,
     split: &ExpertSplit,
     rows: &[Vec<u32>],
     progress: impl FnMut(usize, usize),
 ) -> Result<Overlaps> {
+    Ok(summed(&layer_overlaps(model, split, rows, progress)?, split.names.len()))
+}
+
+/// Per-layer overlaps summed over the layers.
+pub fn summed(lo: &LayerOverlaps, experts: usize) -> Overlaps {
+    let e = experts.max(1);
+    lo.iter()
+        .map(|row| row.iter().map(|s| (0..e).map(|x| s.iter().skip(x).step_by(e).sum()).collect()).collect())
+        .collect()
+}
+
+/// The overlaps of layer `layer` alone (the layer-wise routers' targets).
+pub fn at_layer(lo: &LayerOverlaps, layer: usize, experts: usize) -> Overlaps {
+    lo.iter().map(|row| row.iter().map(|s| s[layer * experts..(layer + 1) * experts].to_vec()).collect()).collect()
+}
+
+/// The overlaps of every token of `rows` with the experts of `split`, per layer.
+pub fn layer_overlaps(
+    model: &mut Model,
+    split: &ExpertSplit,
+    rows: &[Vec<u32>],
+    progress: impl FnMut(usize, usize),
+) -> Result<LayerOverlaps> {
     let channels = model.layers.first().and_then(|b| b.ffn.as_dense()).map_or(0, |d| d.gate.dims().0);
     split.check(model.layers.len(), channels)?;
-    let experts = split.names.len();
+    let (experts, layers) = (split.names.len(), split.layers());
     if experts > 64 {
         return Err(Error::Config(format!("{experts} experts: at most 64")));
     }
@@ -37,9 +64,11 @@ pub fn overlaps(
         })
         .collect();
     let k = ((channels as f64 * split.keep).round() as usize).clamp(1, channels);
-    let out = Arc::new(Mutex::new(rows.iter().map(|r| vec![vec![0u32; experts]; r.len()]).collect::<Overlaps>()));
+    let out = Arc::new(Mutex::new(
+        rows.iter().map(|r| vec![vec![0u32; layers * experts]; r.len()]).collect::<LayerOverlaps>(),
+    ));
     let o = out.clone();
-    let sink: Arc<Sink> = Arc::new(move |row, layer, a: &[Vec<f32>]| {
+    let sink: Arc<Sink> = Arc::new(move |row, layer, _x: &candle_core::Tensor, a: &[Vec<f32>]| {
         let own = &owners[layer];
         let Ok(mut out) = o.lock() else { return };
         let mut order: Vec<usize> = (0..channels).collect();
@@ -47,7 +76,7 @@ pub fn overlaps(
             // The token's k most active channels (ties by index).
             order.iter_mut().enumerate().for_each(|(i, c)| *c = i);
             order.select_nth_unstable_by(k - 1, |&x, &y| act[y].total_cmp(&act[x]).then(x.cmp(&y)));
-            let scores = &mut out[row][t];
+            let scores = &mut out[row][t][layer * experts..(layer + 1) * experts];
             for &c in &order[..k] {
                 let mut bits = own[c];
                 while bits != 0 {

@@ -36,9 +36,9 @@ impl ChannelStats {
     }
 }
 
-/// What an observer is handed while rows run: the row (of the rows given), the layer, and |a|
-/// of each of the row's tokens, in order.
-pub type Sink = dyn Fn(usize, usize, &[Vec<f32>]) + Send + Sync;
+/// What an observer is handed while rows run: the row (of the rows given), the layer, the FFN's
+/// input `(tokens, hidden)` and |a| of each of the row's tokens, in order.
+pub type Sink = dyn Fn(usize, usize, &Tensor, &[Vec<f32>]) + Send + Sync;
 
 /// Stands in for a dense FFN while it is observed: the same output, and |a| of every real token
 /// handed to the sink.
@@ -56,16 +56,12 @@ impl Ffn for Recorder {
                 ctx.layer
             )));
         };
+        if ctx.batch != 1 || ctx.lens.first() != Some(&ctx.t) {
+            return Err(recompose_llm::Error::InvalidInput("observed rows run one at a time, unpadded".into()));
+        }
         let a = dense.hidden(x, None, None)?;
-        let mut rows: Vec<Vec<f32>> = a.abs()?.to_vec2()?;
-        // Padding columns carry no text.
-        let mut i = 0;
-        rows.retain(|_| {
-            let real = i % ctx.t.max(1) < ctx.lens[ctx.sequence_of(i)];
-            i += 1;
-            real
-        });
-        (self.sink)(self.row.load(Ordering::Relaxed), ctx.layer, &rows);
+        let rows: Vec<Vec<f32>> = a.abs()?.to_vec2()?;
+        (self.sink)(self.row.load(Ordering::Relaxed), ctx.layer, x, &rows);
         Ok(FfnOutput::plain(dense.down.forward(&a)?))
     }
 }
@@ -122,7 +118,7 @@ pub fn collect(
     let channels: Vec<usize> = model.layers.iter().map(|b| b.ffn.as_dense().map_or(0, |d| d.gate.dims().0)).collect();
     let sums = Arc::new(Mutex::new(channels.iter().map(|&c| vec![0f64; c]).collect::<Vec<_>>()));
     let s = sums.clone();
-    let sink: Arc<Sink> = Arc::new(move |_row, layer, a: &[Vec<f32>]| {
+    let sink: Arc<Sink> = Arc::new(move |_row, layer, _x: &Tensor, a: &[Vec<f32>]| {
         if let Ok(mut sums) = s.lock() {
             for row in a {
                 for (x, v) in sums[layer].iter_mut().zip(row) {

@@ -243,7 +243,7 @@ fn oracle_overlaps_equal_a_full_sort_of_each_tokens_activations() {
     let seen = std::sync::Arc::new(std::sync::Mutex::new(vec![vec![vec![0u32; 3]; 11]]));
     let s = seen.clone();
     let sp = split.clone();
-    let sink: std::sync::Arc<stats::Sink> = std::sync::Arc::new(move |row, layer, a: &[Vec<f32>]| {
+    let sink: std::sync::Arc<stats::Sink> = std::sync::Arc::new(move |row, layer, _x: &Tensor, a: &[Vec<f32>]| {
         let k = (sp.channels as f64 * sp.keep).round() as usize;
         let mut s = s.lock().unwrap();
         for (t, act) in a.iter().enumerate() {

@@ -42,6 +42,11 @@ pub struct Args {
     /// The router's learning rate.
     #[arg(long, default_value_t = 3e-3)]
     router_lr: f64,
+    /// Training steps of the layer-wise routing baseline (one linear gate per layer over its
+    /// FFN input, distilled towards the layer's own oracle expert; every 8th calibration token,
+    /// 512 a step); 0 skips it. Scored beside the pre-gating router.
+    #[arg(long, default_value_t = 300)]
+    layerwise_steps: usize,
     /// Expert fine-tuning steps (LM loss, every expert's and the permanent part's weights
     /// trainable, the router frozen and routing as at run time, f32); the dense model pruned to
     /// the same size is fine-tuned with the same token budget to compare. 0 skips both.
@@ -82,6 +87,7 @@ struct Report {
     layers: Vec<recompose_moe::experts::LayerReport>,
     /// Held-out perplexity per domain, before any training.
     quality: Vec<Quality>,
+    router_share: RouterShares,
     /// After fine-tuning (with --finetune-steps).
     finetuned: Option<Finetuned>,
 }
@@ -121,12 +127,35 @@ struct Quality {
     /// With a trained router: perplexity through its routes, how often it picks the oracle
     /// expert and the domain's own, how often consecutive tokens share its pick, its load.
     router: Option<RouterQuality>,
+    /// Consecutive tokens with the same per-layer oracle expert (mean over the layers).
+    layer_oracle_locality: f64,
+    /// With layer-wise gates: perplexity through them, how often each layer's gate picks that
+    /// layer's oracle expert, their locality and load (means over the layers).
+    layerwise: Option<LayerwiseQuality>,
+}
+
+#[derive(serde::Serialize)]
+struct LayerwiseQuality {
+    ppl: f64,
+    matches_layer_oracle: f64,
+    locality: f64,
+    load: Vec<f64>,
+}
+
+/// Each router's share of the wall time of its held-out runs (whole rows at a time).
+#[derive(serde::Serialize, Default)]
+struct RouterShares {
+    pregate: Option<f64>,
+    layerwise: Option<f64>,
 }
 
 #[derive(serde::Serialize)]
 struct RouterQuality {
     ppl: f64,
     matches_oracle: f64,
+    /// How often its one pick for all layers is each layer's own oracle expert (mean over the
+    /// layers).
+    matches_layer_oracle: f64,
     is_own: f64,
     locality: f64,
     load: Vec<f64>,
@@ -187,15 +216,15 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
     }
     let split = ExpertSplit::from_domains(&all, a.keep)?;
     let identity = recompose_moe::format::identity(&file)?;
-    let trained = train_router(&mut model, &split, &calib_rows, a.router_steps, a.router_lr, quiet)?;
+    let (trained, gates) = train_routers(&mut model, &split, &calib_rows, &a, quiet)?;
     let router = trained.frozen(&model.config)?;
-    let quality = if a.eval_rows > 0 {
+    let (quality, router_share) = if a.eval_rows > 0 {
         model.set_pregate(Some(trained.frozen(&model.config)?));
-        let q = score(&mut model, &a.calib, &held, &split, &all, quiet);
+        let q = score(&mut model, &a.calib, &held, &split, &all, gates.as_ref(), quiet);
         model.set_pregate(None);
         q?
     } else {
-        vec![]
+        (vec![], RouterShares::default())
     };
     let (finetuned, trained_experts, trained_pruned) = if a.finetune_steps > 0 {
         let pruned = ExpertSplit::pruned(&all, a.keep)?;
@@ -211,6 +240,7 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
         ctx: a.ctx,
         layers: split.report(),
         quality,
+        router_share,
         finetuned,
     };
     std::fs::create_dir_all(&a.output).with_context(|| format!("creating {}", a.output.display()))?;
@@ -234,6 +264,12 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
     }
     print_report(&split, &out.layers);
     print_quality(&out.quality, &split.names);
+    let share = |s: Option<f64>| s.map_or("-".to_string(), |s| format!("{:.2}%", 100.0 * s));
+    println!(
+        "router share of the held-out runs' time: pre-gate {}, layer-wise gates {}",
+        share(out.router_share.pregate),
+        share(out.router_share.layerwise)
+    );
     if let Some(f) = &out.finetuned {
         println!(
             "held-out perplexity after {} fine-tuning steps ({} tokens), f32 (dense / MoE through its router / pruned to the same size):",
@@ -267,24 +303,27 @@ fn print_report(split: &ExpertSplit, report: &[recompose_moe::experts::LayerRepo
     );
 }
 
-/// Held-out perplexity of every domain under the dense model, each expert, and pruning.
+/// Held-out perplexity of every domain under the dense model, each expert, the oracle routes,
+/// the pre-gating router (the model's), the layer-wise gates and pruning; routing accuracy,
+/// locality and load of both routers; and each router's share of the time of its runs.
+#[allow(clippy::too_many_arguments)]
 fn score(
     model: &mut recompose_llm::Model,
     names: &[String],
     held: &[Vec<Vec<u32>>],
     split: &ExpertSplit,
     stats: &[recompose_moe::ChannelStats],
+    gates: Option<&recompose_moe::layerwise::Gates>,
     quiet: bool,
-) -> Result<Vec<Quality>> {
-    let router = model.pregate().is_some();
-    use recompose_moe::ffn;
-    use recompose_moe::oracle;
+) -> Result<(Vec<Quality>, RouterShares)> {
     use recompose_moe::quality::{everyone_to, held_out_nll};
-    let runs = names.len() * (3 + split.names.len() + usize::from(router));
+    use recompose_moe::{ffn, layerwise};
+    let router = model.pregate().is_some();
+    let experts = split.names.len();
+    let runs = names.len() * (3 + experts + usize::from(router) + usize::from(gates.is_some()));
     let pb = progress(runs as u64, "held-out perplexity", quiet);
-    let ppl = |model: &recompose_llm::Model, rows: &[Vec<u32>], e: Option<u32>| -> Result<(f64, usize)> {
-        let routes = e.map(|e| everyone_to(rows, e));
-        let (nll, n) = held_out_nll(model, rows, routes.as_deref())?;
+    let ppl = |model: &recompose_llm::Model, rows: &[Vec<u32>], routes: Option<&[Vec<u32>]>| -> Result<(f64, usize)> {
+        let (nll, n) = held_out_nll(model, rows, routes)?;
         pb.inc(1);
         Ok((nll.exp(), n))
     };
@@ -292,8 +331,36 @@ fn score(
     let mut oracles = vec![];
     for (d, (name, rows)) in names.iter().zip(held).enumerate() {
         let (dense, tokens) = ppl(model, rows, None)?;
-        let best = oracle::best(&oracle::overlaps(model, split, rows, |_, _| {})?);
-        let load = oracle::load(&best, split.names.len());
+        let per_layer = oracle::layer_overlaps(model, split, rows, |_, _| {})?;
+        let best = oracle::best(&oracle::summed(&per_layer, experts));
+        let layer_best: Vec<Vec<Vec<u32>>> =
+            (0..split.layers()).map(|l| oracle::best(&oracle::at_layer(&per_layer, l, experts))).collect();
+        let load = oracle::load(&best, experts);
+        let mut layerwise_q = None;
+        if let Some(g) = gates {
+            // The gates' picks from the dense model's FFN inputs, against each layer's oracle.
+            let xs = layerwise::inputs(model, rows, 1)?;
+            let picks: Vec<Vec<u32>> = (0..split.layers()).map(|l| g.route(l, &xs[l])).collect::<Result<_, _>>()?;
+            let lens: Vec<usize> = rows.iter().map(Vec::len).collect();
+            let by_row = |flat: &[u32]| -> Vec<Vec<u32>> {
+                let mut at = 0;
+                lens.iter()
+                    .map(|&n| {
+                        at += n;
+                        flat[at - n..at].to_vec()
+                    })
+                    .collect()
+            };
+            let picks: Vec<Vec<Vec<u32>>> = picks.iter().map(|p| by_row(p)).collect();
+            let mean = |f: &dyn Fn(usize) -> f64| (0..split.layers()).map(f).sum::<f64>() / split.layers() as f64;
+            let loads: Vec<Vec<f64>> = picks.iter().map(|p| oracle::load(p, experts)).collect();
+            layerwise_q = Some(LayerwiseQuality {
+                ppl: f64::NAN,
+                matches_layer_oracle: mean(&|l| oracle::agreement(&picks[l], &layer_best[l])),
+                locality: mean(&|l| oracle::locality(&picks[l])),
+                load: (0..experts).map(|e| mean(&|l| loads[l][e])).collect(),
+            });
+        }
         q.push(Quality {
             domain: name.clone(),
             tokens,
@@ -304,47 +371,71 @@ fn score(
             oracle_is_own: load[d],
             oracle_locality: oracle::locality(&best),
             oracle_load: load,
+            layer_oracle_locality: layer_best.iter().map(|b| oracle::locality(b)).sum::<f64>() / split.layers() as f64,
             router: None,
+            layerwise: layerwise_q,
         });
-        oracles.push(best);
+        oracles.push((best, layer_best));
     }
-    // The router's routes, from the backbone's embeddings (it runs before the backbone).
-    let mut routed = vec![];
-    if router {
-        for rows in held {
-            routed.push(rows.iter().map(|row| model.routes(row)).collect::<Result<Vec<_>, _>>()?);
-        }
-    }
+    let mut shares = RouterShares::default();
     ffn::with_moe(model, split, |model| -> Result<()> {
-        for ((qd, rows), best) in q.iter_mut().zip(held).zip(&oracles) {
-            for e in 0..split.names.len() {
-                qd.experts.push(ppl(model, rows, Some(e as u32))?.0);
+        for ((qd, rows), (best, _)) in q.iter_mut().zip(held).zip(&oracles) {
+            for e in 0..experts {
+                qd.experts.push(ppl(model, rows, Some(&everyone_to(rows, e as u32)))?.0);
             }
-            qd.oracle = held_out_nll(model, rows, Some(best))?.0.exp();
-            pb.inc(1);
+            qd.oracle = ppl(model, rows, Some(best))?.0;
         }
-        for (d, ((qd, rows), r)) in q.iter_mut().zip(held).zip(&routed).enumerate() {
-            pb.inc(1);
-            let load = oracle::load(r, split.names.len());
+        let Some(g) = model.pregate() else { return Ok(()) };
+        let (before, t0) = (g.seconds(), std::time::Instant::now());
+        for (d, ((qd, rows), (best, layer_best))) in q.iter_mut().zip(held).zip(&oracles).enumerate() {
+            // The router routes as it does at run time: inside each step, before the blocks.
+            let p = ppl(model, rows, None)?.0;
+            let r: Vec<Vec<u32>> = rows.iter().map(|row| model.routes(row)).collect::<Result<_, _>>()?;
+            let load = oracle::load(&r, experts);
+            let per_layer =
+                layer_best.iter().map(|b| oracle::agreement(&r, b)).sum::<f64>() / layer_best.len().max(1) as f64;
             qd.router = Some(RouterQuality {
-                ppl: held_out_nll(model, rows, Some(r))?.0.exp(),
-                matches_oracle: oracle::agreement(r, &oracles[d]),
+                ppl: p,
+                matches_oracle: oracle::agreement(&r, best),
+                matches_layer_oracle: per_layer,
                 is_own: load[d],
-                locality: oracle::locality(r),
+                locality: oracle::locality(&r),
                 load,
             });
         }
+        shares.pregate = Some((g.seconds() - before) / t0.elapsed().as_secs_f64().max(1e-9));
         Ok(())
     })?;
-    let pruned = ExpertSplit::pruned(stats, split.keep)?;
-    ffn::with_moe(model, &pruned, |model| -> Result<()> {
-        for (qd, rows) in q.iter_mut().zip(held) {
-            qd.pruned = ppl(model, rows, Some(0))?.0;
+    // The layer-wise gates and pruning route without the pre-gate: off for these runs.
+    let pregate = model.pregate().map(|g| g.frozen(&model.config)).transpose()?;
+    model.set_pregate(None);
+    let rest = (|| -> Result<()> {
+        if let Some(g) = gates {
+            let (ffns, nanos) = layerwise::gated(model, split, g)?;
+            let t0 = std::time::Instant::now();
+            ffn::with_ffns(model, ffns, |model| -> Result<()> {
+                for (qd, rows) in q.iter_mut().zip(held) {
+                    if let Some(l) = qd.layerwise.as_mut() {
+                        l.ppl = ppl(model, rows, None)?.0;
+                    }
+                }
+                Ok(())
+            })?;
+            let secs = nanos.load(std::sync::atomic::Ordering::Relaxed) as f64 * 1e-9;
+            shares.layerwise = Some(secs / t0.elapsed().as_secs_f64().max(1e-9));
         }
-        Ok(())
-    })?;
+        let pruned = ExpertSplit::pruned(stats, split.keep)?;
+        ffn::with_moe(model, &pruned, |model| -> Result<()> {
+            for (qd, rows) in q.iter_mut().zip(held) {
+                qd.pruned = ppl(model, rows, None)?.0;
+            }
+            Ok(())
+        })
+    })();
+    model.set_pregate(pregate);
+    rest?;
     pb.finish_and_clear();
-    Ok(q)
+    Ok((q, shares))
 }
 
 fn print_quality(q: &[Quality], experts: &[String]) {
@@ -372,12 +463,29 @@ fn print_quality(q: &[Quality], experts: &[String]) {
             let Some(r) = &d.router else { continue };
             let load: Vec<String> = r.load.iter().map(|l| format!("{:.0}%", 100.0 * l)).collect();
             println!(
-                "{:>12}: perplexity {:.2}, oracle expert {:.1}%, own expert {:.1}%, same as the previous token {:.1}%, load {}",
+                "{:>12}: perplexity {:.2}, oracle expert {:.1}% (each layer's: {:.1}%), own expert {:.1}%, same as the previous token {:.1}%, load {}",
                 d.domain,
                 r.ppl,
                 100.0 * r.matches_oracle,
+                100.0 * r.matches_layer_oracle,
                 100.0 * r.is_own,
                 100.0 * r.locality,
+                load.join("/")
+            );
+        }
+    }
+    if q.iter().any(|d| d.layerwise.is_some()) {
+        println!("layer-wise gates on the held-out rows (means over the layers):");
+        for d in q {
+            let Some(l) = &d.layerwise else { continue };
+            let load: Vec<String> = l.load.iter().map(|x| format!("{:.0}%", 100.0 * x)).collect();
+            println!(
+                "{:>12}: perplexity {:.2}, the layer's oracle expert {:.1}%, same as the previous token {:.1}% (oracle {:.1}%), load {}",
+                d.domain,
+                l.ppl,
+                100.0 * l.matches_layer_oracle,
+                100.0 * l.locality,
+                100.0 * d.layer_oracle_locality,
                 load.join("/")
             );
         }
@@ -396,22 +504,25 @@ fn print_quality(q: &[Quality], experts: &[String]) {
 }
 
 /// Trains the pre-gating router towards the oracle expert of every calibration token (all
-/// domains' rows together), in the model (which is left without a router).
-fn train_router(
+/// domains' rows together), in the model (which is left without a router), and the layer-wise
+/// gates towards each layer's own oracle expert.
+fn train_routers(
     model: &mut recompose_llm::Model,
     split: &ExpertSplit,
     calib: &[Vec<Vec<u32>>],
-    steps: usize,
-    lr: f64,
+    a: &Args,
     quiet: bool,
-) -> Result<PreGate> {
+) -> Result<(PreGate, Option<recompose_moe::layerwise::Gates>)> {
     let rows: Vec<Vec<u32>> = calib.iter().flatten().cloned().collect();
+    let experts = split.names.len();
     let pb = progress(rows.len() as u64, "oracle experts", quiet);
-    let targets = oracle::best(&oracle::overlaps(model, split, &rows, |done, _| pb.set_position(done as u64))?);
+    let per_layer = oracle::layer_overlaps(model, split, &rows, |done, _| pb.set_position(done as u64))?;
     pb.finish_and_clear();
-    model.set_pregate(Some(router::init(model, split.names.len(), 512, 0)?));
-    let pb = progress(steps as u64, "router", quiet);
-    let losses = router::train(model, &rows, &targets, TrainOptions { steps, lr, batch: 8, seed: 0 }, |s, l| {
+    let targets = oracle::best(&oracle::summed(&per_layer, experts));
+    model.set_pregate(Some(router::init(model, experts, 512, 0)?));
+    let pb = progress(a.router_steps as u64, "router", quiet);
+    let opts = TrainOptions { steps: a.router_steps, lr: a.router_lr, batch: 8, seed: 0 };
+    let losses = router::train(model, &rows, &targets, opts, |s, l| {
         pb.set_position(s as u64);
         pb.set_message(format!("router (loss {l:.3})"));
     });
@@ -420,11 +531,32 @@ fn train_router(
     model.set_pregate(None);
     let (losses, trained) = (losses?, trained?);
     tracing::info!(
-        "router: {steps} steps, loss {:.3} -> {:.3}",
+        "router: {} steps, loss {:.3} -> {:.3}",
+        a.router_steps,
         losses.first().copied().unwrap_or(f64::NAN),
         losses.last().copied().unwrap_or(f64::NAN)
     );
-    trained.context("the router went missing during training")
+    let trained = trained.context("the router went missing during training")?;
+    if a.layerwise_steps == 0 {
+        return Ok((trained, None));
+    }
+    let every = 8;
+    let xs = recompose_moe::layerwise::inputs(model, &rows, every)?;
+    let layer_targets: Vec<Vec<u32>> = (0..split.layers())
+        .map(|l| {
+            let best = oracle::best(&oracle::at_layer(&per_layer, l, experts));
+            best.iter().flat_map(|r| r.iter().step_by(every).copied()).collect()
+        })
+        .collect();
+    let (gates, losses) =
+        recompose_moe::layerwise::train(&xs, &layer_targets, experts, a.layerwise_steps, 512, a.router_lr, 0)?;
+    tracing::info!(
+        "layer-wise gates: {} steps, loss {:.3} -> {:.3}",
+        a.layerwise_steps,
+        losses.first().copied().unwrap_or(f64::NAN),
+        losses.last().copied().unwrap_or(f64::NAN)
+    );
+    Ok((trained, Some(gates)))
 }
 
 /// Fine-tunes the MoE's experts (router frozen) and the pruned model with the same steps on the
