@@ -122,6 +122,16 @@ fn moefy_splits_a_tiny_model_by_two_domains_and_scores_the_split() {
     write_tiny_gguf(&other, &TinySpec { seed: 5, ..Default::default() }).unwrap();
     let e = fails(d.path(), &["generate", "-m", other.to_str().unwrap(), "--moe", moe, "--prompt", "O"]);
     assert!(e.contains("made for another model"), "{e}");
+    let (shown, _) = succeeds(d.path(), &["inspect", moe]);
+    assert!(shown.contains("pre-gating, 2 experts") && shown.contains("fine-tuned"), "{shown}");
+    // A corrupt config is one line, not a panic.
+    let broken = d.path().join("broken");
+    std::fs::create_dir_all(&broken).unwrap();
+    let text = std::fs::read_to_string(out.join("config.json")).unwrap();
+    std::fs::write(broken.join("config.json"), text.replace("\"permanent\"", "\"perm\"")).unwrap();
+    let e =
+        fails(d.path(), &["generate", "-m", m.to_str().unwrap(), "--moe", broken.to_str().unwrap(), "--prompt", "O"]);
+    assert!(e.contains("a corrupt MoE config"), "{e}");
     let stats: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("stats.json")).unwrap()).unwrap();
     assert_eq!(stats.as_array().unwrap().len(), 2);

@@ -236,13 +236,37 @@ impl Ffn for MoeFfn {
         if let Some(&e) = route.iter().find(|&&e| e as usize >= self.experts.len()) {
             return Err(bad(format!("layer {}: route to expert {e} of {}", self.layer, self.experts.len())));
         }
-        let mut y = permanent()?;
         let mut usage = vec![0u64; self.experts.len()];
         for (i, &e) in route.iter().enumerate() {
             if i % ctx.t.max(1) < ctx.lens[ctx.sequence_of(i)] {
                 usage[e as usize] += 1;
             }
         }
+        // Every token to one expert (a decode step of one sequence, a prefill chunk of one
+        // domain): no rows to gather, and the permanent part's and the expert's gate and up
+        // projections read the input together.
+        if let (Some(&e), Some(p)) = (route.first(), &self.permanent) {
+            if route.iter().all(|&r| r == e) {
+                let Some(part) = &self.experts[e as usize] else {
+                    return Ok(FfnOutput { y: run(p, x)?, aux_loss: None, usage: Some(usage) });
+                };
+                let wide = |l: &Linear| l.dims().0;
+                let [pg, pu, eg, eu] = recompose_llm::linear::forward_group(
+                    [
+                        (&p.gate, wide(&p.gate), None),
+                        (&p.up, wide(&p.up), None),
+                        (&part.gate, wide(&part.gate), None),
+                        (&part.up, wide(&part.up), None),
+                    ],
+                    x,
+                )?;
+                let ap = recompose_llm::grad::gated(&pg, &pu, p.activation)?;
+                let ae = recompose_llm::grad::gated(&eg, &eu, part.activation)?;
+                let y = (p.down.forward(&ap)? + part.down.forward(&ae)?)?;
+                return Ok(FfnOutput { y, aux_loss: None, usage: Some(usage) });
+            }
+        }
+        let mut y = permanent()?;
         for (e, part) in self.experts.iter().enumerate() {
             let rows: Vec<u32> = (0..n as u32).filter(|&i| route[i as usize] as usize == e).collect();
             let Some(part) = part.as_ref().filter(|_| !rows.is_empty()) else { continue };

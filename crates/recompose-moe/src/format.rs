@@ -35,6 +35,40 @@ pub struct MoeConfig {
     pub router: Option<PreGateConfig>,
 }
 
+impl MoeConfig {
+    /// Reads and checks `dir/config.json` on its own (no model needed: `inspect`).
+    pub fn read(dir: &Path) -> Result<Self> {
+        let bad = |what: String| Error::Data(format!("{}: {what}", dir.display()));
+        let cfg_path = dir.join("config.json");
+        let size =
+            std::fs::metadata(&cfg_path).map_err(|e| bad(format!("config.json: {e} (not a MoE folder?)")))?.len();
+        if size > MAX_CONFIG_BYTES {
+            return Err(bad(format!("config.json is {size} bytes, too big for a MoE config")));
+        }
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| bad(format!("config.json: {e}")))?;
+        let format = serde_json::from_str::<serde_json::Value>(&text)
+            .map_err(|e| bad(format!("config.json is not JSON ({e})")))?
+            .get("format")
+            .and_then(|f| f.as_str().map(str::to_string));
+        if format.as_deref() != Some(FORMAT) {
+            return Err(bad(format!("config.json is not a {FORMAT} config (format {format:?})")));
+        }
+        let config: MoeConfig =
+            serde_json::from_str(&text).map_err(|e| bad(format!("config.json: a corrupt MoE config ({e})")))?;
+        let (layers, channels) = (config.split.layers(), config.split.channels);
+        config.split.check(layers, channels).map_err(|e| bad(format!("config.json: {e}")))?;
+        Ok(config)
+    }
+
+    /// Whether `dir` holds a MoE config (what `inspect` and `--model` tell apart by).
+    pub fn is_moe(dir: &Path) -> bool {
+        std::fs::read_to_string(dir.join("config.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .is_some_and(|v| v.get("format").and_then(|f| f.as_str()) == Some(FORMAT))
+    }
+}
+
 /// What a MoE is made for: architecture, tensor layout, and layer 0's FFN weights.
 pub fn identity(file: &ModelFile) -> Result<String> {
     let shapes = recompose_core::identity::shapes(file)?;
@@ -79,22 +113,7 @@ impl MoeModel {
     /// Reads a MoE folder made for `file`'s model (its identity is checked).
     pub fn load(dir: &Path, file: &ModelFile) -> Result<Self> {
         let bad = |what: String| Error::Data(format!("{}: {what}", dir.display()));
-        let cfg_path = dir.join("config.json");
-        let size =
-            std::fs::metadata(&cfg_path).map_err(|e| bad(format!("config.json: {e} (not a MoE folder?)")))?.len();
-        if size > MAX_CONFIG_BYTES {
-            return Err(bad(format!("config.json is {size} bytes, too big for a MoE config")));
-        }
-        let text = std::fs::read_to_string(&cfg_path).map_err(|e| bad(format!("config.json: {e}")))?;
-        let format = serde_json::from_str::<serde_json::Value>(&text)
-            .map_err(|e| bad(format!("config.json is not JSON ({e})")))?
-            .get("format")
-            .and_then(|f| f.as_str().map(str::to_string));
-        if format.as_deref() != Some(FORMAT) {
-            return Err(bad(format!("config.json is not a {FORMAT} config (format {format:?})")));
-        }
-        let config: MoeConfig =
-            serde_json::from_str(&text).map_err(|e| bad(format!("config.json: a corrupt MoE config ({e})")))?;
+        let config = MoeConfig::read(dir)?;
         let c = &file.config;
         let channels = c.dims(0).intermediate;
         config.split.check(c.num_layers, channels).map_err(|e| bad(format!("config.json: {e}")))?;

@@ -80,32 +80,36 @@ fn check_against_masked_dense(arch: &'static str, mode: WeightMode) {
     let n = 9;
     let x: Vec<f32> = (0..n * hidden).map(|i| ((i * 29 % 23) as f32 / 11.0 - 1.0) + 0.2 * (i as f32).cos()).collect();
     let x = Tensor::from_vec(x, (n, hidden), &Device::Cpu).unwrap();
-    // Expert 1 gets no token: an idle expert must not disturb the others.
-    let route: Vec<u32> = (0..n as u32).map(|i| if i % 2 == 0 { 0 } else { 2 }).collect();
-    let lens = [n];
-    let ctx = FfnContext {
-        layer: 1,
-        batch: 1,
-        t: n,
-        start: &[0],
-        lens: &lens,
-        route: Some(&route),
-        width: None,
-        dropout_seed: None,
-    };
-    let out = moe.forward(&x, &ctx).unwrap();
-    let want = masked_dense(dense, &split, 1, &x, &route);
-    let gap = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-    let diff = gap(&out.y, &want);
-    let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-    // Packed experts run the int8 kernels (activations rounded to 8 bits, down requantised to
-    // Q8_0): a rounding error, far below what a wrong mask changes (checked below).
-    let tol = if mode == WeightMode::Quantized { 2e-2 } else { 1e-5 } * scale.max(1.0);
-    assert!(diff <= tol, "{arch} {mode:?}: off the masked dense FFN by {diff} (scale {scale})");
-    let wrong: Vec<u32> = route.iter().map(|&e| if e == 0 { 1 } else { 0 }).collect();
-    let far = gap(&masked_dense(dense, &split, 1, &x, &wrong), &want);
-    assert!(far > 10.0 * tol, "{arch} {mode:?}: other routes change the output by only {far}");
-    assert_eq!(out.usage, Some(vec![5, 0, 4]));
+    // Mixed routes with expert 1 idle (an idle expert must not disturb the others), and every
+    // token to one expert (the path without gathering rows).
+    let mixed: Vec<u32> = (0..n as u32).map(|i| if i % 2 == 0 { 0 } else { 2 }).collect();
+    for (route, usage) in [(mixed, vec![5, 0, 4]), (vec![1; n], vec![0, 9, 0])] {
+        let lens = [n];
+        let ctx = FfnContext {
+            layer: 1,
+            batch: 1,
+            t: n,
+            start: &[0],
+            lens: &lens,
+            route: Some(&route),
+            width: None,
+            dropout_seed: None,
+        };
+        let out = moe.forward(&x, &ctx).unwrap();
+        let want = masked_dense(dense, &split, 1, &x, &route);
+        let gap =
+            |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = gap(&out.y, &want);
+        let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        // Packed experts run the int8 kernels (activations rounded to 8 bits, down requantised
+        // to Q8_0): a rounding error, far below what a wrong mask changes (checked below).
+        let tol = if mode == WeightMode::Quantized { 2e-2 } else { 1e-5 } * scale.max(1.0);
+        assert!(diff <= tol, "{arch} {mode:?} {route:?}: off the masked dense FFN by {diff} (scale {scale})");
+        let wrong: Vec<u32> = route.iter().map(|&e| (e + 1) % 3).collect();
+        let far = gap(&masked_dense(dense, &split, 1, &x, &wrong), &want);
+        assert!(far > 10.0 * tol, "{arch} {mode:?}: other routes change the output by only {far}");
+        assert_eq!(out.usage, Some(usage));
+    }
 }
 
 #[test]

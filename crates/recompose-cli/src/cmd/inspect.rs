@@ -5,7 +5,7 @@ use recompose_core::weights::{ModelFile, Source};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// A .gguf file, an HF safetensors folder, or an asset name.
+    /// A .gguf file, an HF safetensors folder, an asset name, or a MoE folder (`moefy`).
     file: String,
     /// List every tensor (name, dtype, shape, bytes).
     #[arg(long)]
@@ -16,6 +16,10 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    let dir = std::path::Path::new(&a.file);
+    if recompose_moe::MoeConfig::is_moe(dir) {
+        return moe(dir, a.json);
+    }
     let path = recompose_core::assets::resolve_model(&a.file)?;
     let f = ModelFile::open(&path)?;
     let tok = f.tokenizer()?;
@@ -91,6 +95,61 @@ pub fn run(a: Args) -> Result<()> {
         for e in &entries {
             println!("{:<48} {:<6} {:<16} {:>12}", e.name, e.dtype, format!("{:?}", e.shape), e.bytes);
         }
+    }
+    Ok(())
+}
+
+/// A MoE folder: what it was made from, its experts per layer, its router, what it holds.
+fn moe(dir: &std::path::Path, json: bool) -> Result<()> {
+    let c = recompose_moe::MoeConfig::read(dir)?;
+    let s = &c.split;
+    let files: Vec<(String, u64)> = ["config.json", "router.safetensors", "experts.safetensors"]
+        .iter()
+        .filter_map(|f| std::fs::metadata(dir.join(f)).ok().map(|m| (f.to_string(), m.len())))
+        .collect();
+    let report = s.report();
+    if json {
+        let v = serde_json::json!({
+            "path": dir, "format": c.format, "base": c.base, "experts": s.names, "keep": s.keep,
+            "channels": s.channels, "router": c.router, "layers": report, "files": files,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("MoE folder    {}", dir.display());
+    println!("format        {}", c.format);
+    println!("made from     {}", c.base);
+    println!(
+        "experts       {} ({}), keep {} of {} FFN channels per token",
+        s.names.len(),
+        s.names.join(", "),
+        s.keep,
+        s.channels
+    );
+    match c.router {
+        Some(r) => println!("router        pre-gating, {} experts, MLP width {}", r.experts, r.ffn),
+        None => println!("router        none (every kept channel is permanent: a pruned model)"),
+    }
+    let fine_tuned = files.iter().any(|(f, _)| f == "experts.safetensors");
+    println!(
+        "experts from  {}",
+        if fine_tuned { "experts.safetensors (fine-tuned)" } else { "the base model's weights (cut at load)" }
+    );
+    let (pmin, pmax) = report.iter().fold((usize::MAX, 0), |(a, b), r| (a.min(r.permanent), b.max(r.permanent)));
+    println!("permanent     {pmin}-{pmax} channels per layer over {} layers", report.len());
+    for r in &report {
+        let e: Vec<String> = r.experts.iter().map(usize::to_string).collect();
+        println!(
+            "  layer {:>3}  permanent {:>5}  experts {}  shared {}  dropped {}",
+            r.layer,
+            r.permanent,
+            e.join("/"),
+            r.shared,
+            r.dropped
+        );
+    }
+    for (f, b) in files {
+        println!("file          {f} {:.2} MiB", b as f64 / 1048576.0);
     }
     Ok(())
 }
