@@ -170,3 +170,52 @@ fn moefy_refuses_bad_settings_and_thin_or_missing_text() {
     assert!(e.contains("-o takes a folder"), "{e}");
     assert!(!out.exists(), "a refused run left an output folder");
 }
+
+#[test]
+fn moefy_clusters_unlabelled_text_into_experts() {
+    let d = tempfile::tempdir().unwrap();
+    let (m, a, b) = setup(d.path());
+    let out = d.path().join("moe");
+    // Both texts pooled, then clustered: the experts are clusters, not the texts.
+    let calib = format!("{},{}", a.display(), b.display());
+    let args = [
+        "moefy",
+        "-q",
+        "-m",
+        m.to_str().unwrap(),
+        "--calib",
+        &calib,
+        "--cluster",
+        "--experts",
+        "3",
+        "--rows",
+        "8",
+        "--ctx",
+        "64",
+        "--eval-rows",
+        "2",
+        "--router-steps",
+        "10",
+        "--layerwise-steps",
+        "10",
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    succeeds(d.path(), &args);
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["split"]["names"], serde_json::json!(["cluster0", "cluster1", "cluster2"]));
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let q = v["quality"].as_array().unwrap();
+    assert_eq!(q.len(), 2, "quality is still reported per text");
+    assert!(q[0]["oracle_is_own"].is_null(), "a cluster is no text's own expert");
+    let one = a.to_str().unwrap();
+    let e = fails(d.path(), &["moefy", "-m", m.to_str().unwrap(), "--calib", one, "--cluster", "-o", "x"]);
+    assert!(e.contains("--cluster needs --experts"), "{e}");
+    let e = fails(
+        d.path(),
+        &["moefy", "-m", m.to_str().unwrap(), "--calib", one, "--cluster", "--experts", "80", "-o", "x"],
+    );
+    assert!(e.contains("from 2 to 64 clusters"), "{e}");
+}

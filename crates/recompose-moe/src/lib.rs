@@ -4,6 +4,8 @@
 //!   last tenth held out.
 //! - [`stats`]: the mean |activation| of every FFN channel (the down projection's input,
 //!   `act(gate(x)) * up(x)`), per layer, over a calibration set; one set per data domain.
+//! - [`cluster`]: experts without domain labels: tokens clustered by their activation patterns
+//!   (balanced k-means), one expert per cluster.
 //! - [`experts`]: from one set of statistics per domain, each domain's top `keep` channels per
 //!   layer. Channels every domain keeps form the permanent expert that every token runs; each
 //!   domain's expert is the rest of its set (channels kept by several, not all, domains are in
@@ -22,6 +24,7 @@
 //! - [`quality`]: held-out NLL of a model as its FFNs stand, with every token routed to one
 //!   expert.
 
+pub mod cluster;
 pub mod domains;
 pub mod error;
 pub mod experts;

@@ -19,9 +19,15 @@ pub struct Args {
     /// text files or folders of .txt files.
     #[arg(long, value_delimiter = ',', required = true)]
     calib: Vec<String>,
-    /// Routed experts: one per calibration domain, so when given it must equal their count.
+    /// Routed experts: one per calibration domain (so when given it must equal their count),
+    /// or with --cluster the number of clusters.
     #[arg(long)]
     experts: Option<usize>,
+    /// Find the experts without domain labels: the calibration tokens of all --calib texts
+    /// pooled and clustered by their FFN activation patterns (balanced k-means on every 4th
+    /// token), one expert per cluster.
+    #[arg(long)]
+    cluster: bool,
     /// Fraction of each layer's FFN channels a domain keeps: what a token runs.
     #[arg(long, default_value_t = 0.5)]
     keep: f64,
@@ -119,7 +125,7 @@ struct Quality {
     oracle: f64,
     pruned: f64,
     /// Tokens whose oracle expert is the domain's own.
-    oracle_is_own: f64,
+    oracle_is_own: Option<f64>,
     /// Consecutive tokens with the same oracle expert.
     oracle_locality: f64,
     /// Share of the domain's tokens per oracle expert.
@@ -156,7 +162,7 @@ struct RouterQuality {
     /// How often its one pick for all layers is each layer's own oracle expert (mean over the
     /// layers).
     matches_layer_oracle: f64,
-    is_own: f64,
+    is_own: Option<f64>,
     locality: f64,
     load: Vec<f64>,
 }
@@ -169,13 +175,21 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
     names.sort();
     names.dedup();
     anyhow::ensure!(names.len() == a.calib.len(), "--calib names a domain twice");
-    anyhow::ensure!(a.calib.len() >= 2, "--calib needs at least two domains (one expert each)");
-    if let Some(e) = a.experts {
+    if a.cluster {
+        let e = a.experts.context("--cluster needs --experts E: how many clusters to find")?;
+        anyhow::ensure!((2..=64).contains(&e), "--experts {e}: from 2 to 64 clusters");
+    } else {
         anyhow::ensure!(
-            e == a.calib.len(),
-            "--experts {e} for {} calibration domains: each expert is one domain's",
-            a.calib.len()
+            a.calib.len() >= 2,
+            "--calib needs at least two domains (one expert each), or --cluster --experts E"
         );
+        if let Some(e) = a.experts {
+            anyhow::ensure!(
+                e == a.calib.len(),
+                "--experts {e} for {} calibration domains: each expert is one domain's (--cluster finds E experts without labels)",
+                a.calib.len()
+            );
+        }
     }
     anyhow::ensure!(a.router_steps > 0, "--router-steps must be at least 1: a MoE runs through its router");
     anyhow::ensure!(!a.output.is_file(), "{} is a file; -o takes a folder", a.output.display());
@@ -200,19 +214,33 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
     let mut calib_rows = vec![];
     let mut calibration = vec![];
     for (name, d) in a.calib.iter().zip(loaded) {
-        let pb = progress(d.calib.len() as u64, &format!("statistics: {name}"), quiet);
-        let s = stats::collect(&mut model, name, &d.calib, |done, _| pb.set_position(done as u64))?;
-        pb.finish_and_clear();
-        tracing::info!("{name}: {} rows, {} tokens ({} rows held out)", d.calib.len(), s.tokens, d.held_out.len());
+        let tokens = d.calib.iter().map(|r| r.len() as u64).sum();
+        if !a.cluster {
+            let pb = progress(d.calib.len() as u64, &format!("statistics: {name}"), quiet);
+            all.push(stats::collect(&mut model, name, &d.calib, |done, _| pb.set_position(done as u64))?);
+            pb.finish_and_clear();
+        }
+        tracing::info!("{name}: {} rows, {tokens} tokens ({} rows held out)", d.calib.len(), d.held_out.len());
         calibration.push(Calibration {
             name: name.clone(),
             rows: d.calib.len(),
-            tokens: s.tokens,
+            tokens,
             held_out_rows: d.held_out.len(),
         });
-        all.push(s);
         held.push(d.held_out.into_iter().take(a.eval_rows).collect::<Vec<_>>());
         calib_rows.push(d.calib);
+    }
+    if let (true, Some(k)) = (a.cluster, a.experts) {
+        let pooled: Vec<Vec<u32>> = calib_rows.iter().flatten().cloned().collect();
+        let pb = progress(2 * pooled.len() as u64, "clustering", quiet);
+        all = recompose_moe::cluster::cluster_stats(&mut model, &pooled, k, 4, 0, |d, _| pb.set_position(d as u64))?;
+        pb.finish_and_clear();
+        for c in &all {
+            recompose_moe::experts::enough_tokens(&c.name, c.tokens)
+                .map_err(|e| anyhow::anyhow!("{e}; raise --rows or lower --experts"))?;
+        }
+        let sizes: Vec<String> = all.iter().map(|c| c.tokens.to_string()).collect();
+        tracing::info!("{k} clusters of {} tokens", sizes.join(" / "));
     }
     let split = ExpertSplit::from_domains(&all, a.keep)?;
     let identity = recompose_moe::format::identity(&file)?;
@@ -220,7 +248,7 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
     let router = trained.frozen(&model.config)?;
     let (quality, router_share) = if a.eval_rows > 0 {
         model.set_pregate(Some(trained.frozen(&model.config)?));
-        let q = score(&mut model, &a.calib, &held, &split, &all, gates.as_ref(), quiet);
+        let q = score(&mut model, &a.calib, &held, &split, &all, gates.as_ref(), !a.cluster, quiet);
         model.set_pregate(None);
         q?
     } else {
@@ -314,8 +342,11 @@ fn score(
     split: &ExpertSplit,
     stats: &[recompose_moe::ChannelStats],
     gates: Option<&recompose_moe::layerwise::Gates>,
+    labelled: bool,
     quiet: bool,
 ) -> Result<(Vec<Quality>, RouterShares)> {
+    // With domain experts, domain d's own expert is expert d; clusters have no owner.
+    let own = |load: &[f64], d: usize| labelled.then(|| load[d]);
     use recompose_moe::quality::{everyone_to, held_out_nll};
     use recompose_moe::{ffn, layerwise};
     let router = model.pregate().is_some();
@@ -368,7 +399,7 @@ fn score(
             experts: vec![],
             oracle: f64::NAN,
             pruned: f64::NAN,
-            oracle_is_own: load[d],
+            oracle_is_own: own(&load, d),
             oracle_locality: oracle::locality(&best),
             oracle_load: load,
             layer_oracle_locality: layer_best.iter().map(|b| oracle::locality(b)).sum::<f64>() / split.layers() as f64,
@@ -398,7 +429,7 @@ fn score(
                 ppl: p,
                 matches_oracle: oracle::agreement(&r, best),
                 matches_layer_oracle: per_layer,
-                is_own: load[d],
+                is_own: own(&load, d),
                 locality: oracle::locality(&r),
                 load,
             });
@@ -442,6 +473,7 @@ fn print_quality(q: &[Quality], experts: &[String]) {
     if q.is_empty() {
         return;
     }
+    let pct = |x: Option<f64>| x.map_or("-".to_string(), |x| format!("{:.1}%", 100.0 * x));
     println!("held-out perplexity before training (dense / through each expert / pruned to the same size):");
     let heads: Vec<String> = experts.iter().map(|e| format!("{e:>12}")).collect();
     println!("{:>12} {:>7} {:>10} {} {:>10} {:>10}", "domain", "tokens", "dense", heads.join(" "), "oracle", "pruned");
@@ -463,12 +495,12 @@ fn print_quality(q: &[Quality], experts: &[String]) {
             let Some(r) = &d.router else { continue };
             let load: Vec<String> = r.load.iter().map(|l| format!("{:.0}%", 100.0 * l)).collect();
             println!(
-                "{:>12}: perplexity {:.2}, oracle expert {:.1}% (each layer's: {:.1}%), own expert {:.1}%, same as the previous token {:.1}%, load {}",
+                "{:>12}: perplexity {:.2}, oracle expert {:.1}% (each layer's: {:.1}%), own expert {}, same as the previous token {:.1}%, load {}",
                 d.domain,
                 r.ppl,
                 100.0 * r.matches_oracle,
                 100.0 * r.matches_layer_oracle,
-                100.0 * r.is_own,
+                pct(r.is_own),
                 100.0 * r.locality,
                 load.join("/")
             );
@@ -494,9 +526,9 @@ fn print_quality(q: &[Quality], experts: &[String]) {
     for d in q {
         let load: Vec<String> = d.oracle_load.iter().map(|l| format!("{:.0}%", 100.0 * l)).collect();
         println!(
-            "{:>12}: own expert {:.1}%, same as the previous token {:.1}%, load {}",
+            "{:>12}: own expert {}, same as the previous token {:.1}%, load {}",
             d.domain,
-            100.0 * d.oracle_is_own,
+            pct(d.oracle_is_own),
             100.0 * d.oracle_locality,
             load.join("/")
         );
