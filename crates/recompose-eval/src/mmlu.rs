@@ -47,6 +47,8 @@ pub struct MmluReport {
     /// The chosen answer (0..4 for A..D) of every question, in order: lets two runs be compared
     /// question by question (a paired comparison separates far more than two accuracies do).
     pub picks: Vec<u8>,
+    /// The right answer of every question, in the same order.
+    pub answers: Vec<u8>,
 }
 
 struct Question {
@@ -160,6 +162,7 @@ pub fn evaluate(
     let mut done = 0;
     let mut results = vec![];
     let mut picks = vec![];
+    let mut answers = vec![];
     for (subject, header, qs) in work {
         let mut correct = 0;
         for q in &qs {
@@ -168,6 +171,7 @@ pub fn evaluate(
             let pred = (0..4).max_by(|&a, &b| scores[a].total_cmp(&scores[b])).unwrap_or(0);
             correct += usize::from(pred == q.answer);
             picks.push(pred as u8);
+            answers.push(q.answer as u8);
             done += 1;
             progress(done, total_q);
         }
@@ -187,6 +191,7 @@ pub fn evaluate(
         accuracy: acc,
         ci95,
         picks,
+        answers,
     })
 }
 
