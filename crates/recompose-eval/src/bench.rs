@@ -33,6 +33,8 @@ pub struct BenchResult {
     pub kv_bytes: usize,
     pub peak_rss_mb: f64,
     pub runs: usize,
+    /// Wall seconds of this configuration's warm-up and runs (for shares of its time).
+    pub seconds: f64,
 }
 
 struct Run {
@@ -78,6 +80,14 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Benchmarks `model` on prompts cut from `source` (token ids of a long text).
 pub fn run(model: &Model, tok: &Tokenizer, source: &[u32], o: &BenchOptions) -> Result<BenchResult> {
+    let mut r = compare(&[model], tok, source, o)?;
+    r.pop().ok_or_else(|| Error::Invalid("no result".into()))
+}
+
+/// Benchmarks several models (a dense model and the MoE cut from it) on the same prompts with
+/// their timed runs interleaved, run `i` of every model back to back, so a machine whose speed
+/// drifts between runs slows them alike. One result per model, in order.
+pub fn compare(models: &[&Model], tok: &Tokenizer, source: &[u32], o: &BenchOptions) -> Result<Vec<BenchResult>> {
     if o.batch == 0 || o.runs == 0 || o.gen_tokens < 2 || o.prompt_tokens == 0 {
         return Err(Error::Invalid("batch, runs and prompt tokens must be >= 1, generated tokens >= 2".into()));
     }
@@ -88,33 +98,54 @@ pub fn run(model: &Model, tok: &Tokenizer, source: &[u32], o: &BenchOptions) -> 
             o.prompt_tokens
         )));
     }
-    if o.prompt_tokens + o.gen_tokens > model.config.max_position {
-        return Err(recompose_llm::Error::ContextOverflow {
-            tokens: o.prompt_tokens + o.gen_tokens,
-            context: model.config.max_position,
+    let mut seconds = vec![0f64; models.len()];
+    for (model, secs) in models.iter().zip(seconds.iter_mut()) {
+        if o.prompt_tokens + o.gen_tokens > model.config.max_position {
+            return Err(recompose_llm::Error::ContextOverflow {
+                tokens: o.prompt_tokens + o.gen_tokens,
+                context: model.config.max_position,
+            }
+            .into());
         }
-        .into());
+        // Warm-up: pages the weights in and fills allocator pools (a short prompt: long ones
+        // would only repeat the prefill).
+        let warm = BenchOptions {
+            gen_tokens: 4.min(o.gen_tokens),
+            runs: 1,
+            prompt_tokens: o.prompt_tokens.min(128),
+            ..o.clone()
+        };
+        let t0 = Instant::now();
+        one_run(model, tok, source, &warm)?;
+        *secs += t0.elapsed().as_secs_f64();
     }
-    // Warm-up: pages the weights in and fills allocator pools (a short prompt: long ones would
-    // only repeat the prefill).
-    let warm =
-        BenchOptions { gen_tokens: 4.min(o.gen_tokens), runs: 1, prompt_tokens: o.prompt_tokens.min(128), ..o.clone() };
-    one_run(model, tok, source, &warm)?;
-    let runs: Vec<Run> = (0..o.runs).map(|_| one_run(model, tok, source, o)).collect::<Result<_>>()?;
+    let mut runs: Vec<Vec<Run>> = models.iter().map(|_| vec![]).collect();
+    for _ in 0..o.runs {
+        for ((model, r), secs) in models.iter().zip(runs.iter_mut()).zip(seconds.iter_mut()) {
+            let t0 = Instant::now();
+            r.push(one_run(model, tok, source, o)?);
+            *secs += t0.elapsed().as_secs_f64();
+        }
+    }
     let steps = (o.gen_tokens - 1) * o.batch;
-    Ok(BenchResult {
-        kv: o.kv.to_string(),
-        threads: rayon_threads(),
-        batch: o.batch,
-        prompt_tokens: o.prompt_tokens,
-        gen_tokens: o.gen_tokens,
-        prefill_tok_s: median(runs.iter().map(|r| (o.prompt_tokens * o.batch) as f64 / r.ttft_s).collect()),
-        decode_tok_s: median(runs.iter().map(|r| steps as f64 / r.decode_s).collect()),
-        ttft_ms: median(runs.iter().map(|r| r.ttft_s * 1e3).collect()),
-        kv_bytes: runs.last().map(|r| r.kv_bytes).unwrap_or(0),
-        peak_rss_mb: peak_rss_bytes() as f64 / (1024.0 * 1024.0),
-        runs: o.runs,
-    })
+    Ok(runs
+        .into_iter()
+        .zip(seconds)
+        .map(|(runs, seconds)| BenchResult {
+            kv: o.kv.to_string(),
+            threads: rayon_threads(),
+            batch: o.batch,
+            prompt_tokens: o.prompt_tokens,
+            gen_tokens: o.gen_tokens,
+            prefill_tok_s: median(runs.iter().map(|r| (o.prompt_tokens * o.batch) as f64 / r.ttft_s).collect()),
+            decode_tok_s: median(runs.iter().map(|r| steps as f64 / r.decode_s).collect()),
+            ttft_ms: median(runs.iter().map(|r| r.ttft_s * 1e3).collect()),
+            kv_bytes: runs.last().map(|r| r.kv_bytes).unwrap_or(0),
+            peak_rss_mb: peak_rss_bytes() as f64 / (1024.0 * 1024.0),
+            runs: o.runs,
+            seconds,
+        })
+        .collect())
 }
 
 fn rayon_threads() -> usize {

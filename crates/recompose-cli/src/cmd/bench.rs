@@ -38,8 +38,12 @@ pub struct Args {
 pub fn run(a: Args, _quiet: bool) -> Result<()> {
     let path = crate::common::text_path(&a.data)?;
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    // With --moe the dense model it came from is measured first, in the same run.
-    let (file, mut model, tok) = a.model.load_base()?;
+    // With --moe the dense model it came from is measured too, their runs interleaved.
+    let (_, dense, tok) = a.model.load_base()?;
+    let moe = match &a.model.moe {
+        Some(_) => Some(a.model.load()?.1),
+        None => None,
+    };
     let source = tok.encode(&text, true)?;
     let threads = if a.bench_threads.is_empty() { vec![rayon::current_num_threads()] } else { a.bench_threads.clone() };
     println!(
@@ -57,11 +61,43 @@ pub fn run(a: Args, _quiet: bool) -> Result<()> {
         "RSS MiB",
         "router"
     );
+    let mut models = vec![("dense", &dense)];
+    models.extend(moe.as_ref().map(|m| ("moe", m)));
     let mut results = vec![];
-    measure(&a, &model, &tok, &source, &threads, "dense", &mut results)?;
-    if a.model.moe.is_some() {
-        a.model.apply_moe(&file, &mut model)?;
-        measure(&a, &model, &tok, &source, &threads, "moe", &mut results)?;
+    for &t in &threads {
+        anyhow::ensure!(t >= 1, "thread counts must be >= 1");
+        // candle's matmul reads this at each call; our kernels run in the pool below.
+        std::env::set_var("RAYON_NUM_THREADS", t.to_string());
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(t).build()?;
+        for &prompt_tokens in &a.prompt_tokens {
+            for &b in &a.batch {
+                for kv in &a.kv {
+                    let o = BenchOptions {
+                        prompt_tokens,
+                        gen_tokens: a.gen_tokens,
+                        batch: b,
+                        runs: a.runs,
+                        kv: kv.clone(),
+                    };
+                    let routed = || moe.as_ref().and_then(|m| m.pregate()).map(|g| g.seconds());
+                    let (before, t0) = (routed(), std::time::Instant::now());
+                    let ms: Vec<&recompose_llm::Model> = models.iter().map(|(_, m)| *m).collect();
+                    let rs = pool.install(|| bench::compare(&ms, &tok, &source, &o))?;
+                    let wall = t0.elapsed().as_secs_f64();
+                    for ((label, _), r) in models.iter().zip(rs) {
+                        // The router's time over the MoE's share of the wall time (its runs
+                        // alternate with the dense model's, which take no router time).
+                        let share = (*label == "moe")
+                            .then(|| {
+                                routed().zip(before).map(|(after, before)| (after - before) / (wall / 2.0).max(1e-9))
+                            })
+                            .flatten();
+                        print_row(label, &r, share);
+                        results.push(Row { model: label, result: r, router_share: share });
+                    }
+                }
+            }
+        }
     }
     if let Some(p) = &a.json {
         let v =
@@ -77,55 +113,24 @@ struct Row {
     model: &'static str,
     #[serde(flatten)]
     result: BenchResult,
-    /// The router's share of the configuration's wall time (prefill and decode, every run).
+    /// The router's share of the MoE's wall time (prefill and decode, every run).
     router_share: Option<f64>,
 }
 
-/// Every configuration on `model`, printed as it is measured.
-fn measure(
-    a: &Args,
-    model: &recompose_llm::Model,
-    tok: &recompose_core::Tokenizer,
-    source: &[u32],
-    threads: &[usize],
-    label: &'static str,
-    results: &mut Vec<Row>,
-) -> Result<()> {
-    for &t in threads {
-        anyhow::ensure!(t >= 1, "thread counts must be >= 1");
-        // candle's matmul reads this at each call; our kernels run in the pool below.
-        std::env::set_var("RAYON_NUM_THREADS", t.to_string());
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(t).build()?;
-        let mut configs = vec![];
-        for &p in &a.prompt_tokens {
-            for &b in &a.batch {
-                configs.extend(a.kv.iter().map(|kv| (p, b, kv)));
-            }
-        }
-        for (prompt_tokens, b, kv) in configs {
-            let o = BenchOptions { prompt_tokens, gen_tokens: a.gen_tokens, batch: b, runs: a.runs, kv: kv.clone() };
-            let routed = || model.pregate().map(|g| g.seconds());
-            let (before, t0) = (routed(), std::time::Instant::now());
-            let r = pool.install(|| bench::run(model, tok, source, &o))?;
-            let wall = t0.elapsed().as_secs_f64();
-            let share = routed().zip(before).map(|(after, before)| (after - before) / wall.max(1e-9));
-            println!(
-                "{:<6} {:<28} {:>7} {:>5} {:>7} {:>6} {:>12.1} {:>11.1} {:>9.1} {:>10.2} {:>9.1} {:>7}",
-                label,
-                r.kv,
-                r.threads,
-                r.batch,
-                r.prompt_tokens,
-                r.gen_tokens,
-                r.prefill_tok_s,
-                r.decode_tok_s,
-                r.ttft_ms,
-                r.kv_bytes as f64 / 1048576.0,
-                r.peak_rss_mb,
-                share.map_or("-".to_string(), |s| format!("{:.2}%", 100.0 * s))
-            );
-            results.push(Row { model: label, result: r, router_share: share });
-        }
-    }
-    Ok(())
+fn print_row(label: &str, r: &BenchResult, share: Option<f64>) {
+    println!(
+        "{:<6} {:<28} {:>7} {:>5} {:>7} {:>6} {:>12.1} {:>11.1} {:>9.1} {:>10.2} {:>9.1} {:>7}",
+        label,
+        r.kv,
+        r.threads,
+        r.batch,
+        r.prompt_tokens,
+        r.gen_tokens,
+        r.prefill_tok_s,
+        r.decode_tok_s,
+        r.ttft_ms,
+        r.kv_bytes as f64 / 1048576.0,
+        r.peak_rss_mb,
+        share.map_or("-".to_string(), |s| format!("{:.2}%", 100.0 * s))
+    );
 }
