@@ -11,6 +11,7 @@ from itertools import combinations
 
 def load(path):
     r = json.load(open(path))
+    r = r.get("report", r)  # `recompose eval mmlu --json` wraps the report with its KV policy
     r["right"] = [p == a for p, a in zip(r["picks"], r["answers"])]
     return r
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The Read-ME study on SmolLM2-135M (docs/READ-ME.md), end to end on the CPU:
 #   1. moefy: split by three domains, pre-gating router, layer-wise gates, 100 steps of expert
-#      fine-tuning and of the pruned baseline (~45 min on 2 cores);
+#      fine-tuning and of the pruned baseline (~40 min on 2 cores);
 #   2. speed: the dense model against the MoE and against the pruned model (bench/moe/speed.sh);
 #   3. MMLU 5-shot on the val split, 5 questions per subject: dense, MoE, pruned.
 #
