@@ -183,6 +183,16 @@ fn a_saved_moe_reads_back_and_refuses_another_model_or_a_corrupt_config() {
     }
     let e = MoeModel::load(&out, &other_file).err().unwrap().to_string();
     assert!(e.contains("made for another model"), "{e}");
+    // A router file of another model's MoE, dropped into this folder.
+    let (_, other_model) = tiny(d.path(), "llama", 9, DType::F32, WeightMode::F32);
+    let foreign = d.path().join("foreign");
+    common::moe(&other_file, &other_model, None).save(&foreign).unwrap();
+    let mixed = d.path().join("mixed");
+    std::fs::create_dir_all(&mixed).unwrap();
+    std::fs::copy(out.join("config.json"), mixed.join("config.json")).unwrap();
+    std::fs::copy(foreign.join("router.safetensors"), mixed.join("router.safetensors")).unwrap();
+    let e = MoeModel::load(&mixed, &f).err().unwrap().to_string();
+    assert!(e.contains("a router for another model"), "{e}");
     let cfg = out.join("config.json");
     let text = std::fs::read_to_string(&cfg).unwrap();
     std::fs::write(&cfg, &text[..text.len() / 2]).unwrap();
