@@ -151,6 +151,18 @@ pub fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// The `i`-th uniform in `[0, 1)` of stream `seed` (53 bits of [`mix`]).
+pub fn uniform(seed: u64, i: u64) -> f64 {
+    (mix(seed ^ mix(i)) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// The `i`-th standard normal of stream `seed` (Box-Muller over two hashed uniforms, each half
+/// a step off zero so the logarithm is finite).
+pub fn normal(seed: u64, i: u64) -> f64 {
+    let u = |j: u64| ((mix(seed ^ mix(j)) >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+    (-2.0 * u(2 * i).ln()).sqrt() * (2.0 * std::f64::consts::PI * u(2 * i + 1)).cos()
+}
+
 /// An inverted-dropout mask `(n, k)`: 0 with probability `p`, else `1 / (1 - p)`.
 pub fn dropout_mask(n: usize, k: usize, p: f64, seed: u64, dtype: DType, device: &Device) -> Result<Tensor> {
     let keep = 1.0 / (1.0 - p);
@@ -169,12 +181,7 @@ pub fn dropout_mask(n: usize, k: usize, p: f64, seed: u64, dtype: DType, device:
 /// a = sqrt(5)), `B = 0`, so a fresh adapter leaves the model unchanged.
 pub fn init_a(rank: usize, inp: usize, seed: u64) -> Vec<f32> {
     let bound = 1.0 / (inp as f64).sqrt();
-    (0..rank * inp)
-        .map(|i| {
-            let u = (mix(seed ^ mix(i as u64)) >> 11) as f64 / (1u64 << 53) as f64;
-            ((2.0 * u - 1.0) * bound) as f32
-        })
-        .collect()
+    (0..rank * inp).map(|i| ((2.0 * uniform(seed, i as u64) - 1.0) * bound) as f32).collect()
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@
 use crate::error::{Error, Result};
 use crate::ffn::DenseFfn;
 use crate::linear::Linear;
-use crate::lora::mix;
+use crate::lora::{mix, normal};
 use crate::model::Attention;
 use candle_core::{DType, Device, Tensor, Var};
 use recompose_core::config::{Activation, ModelConfig};
@@ -141,9 +141,15 @@ impl PreGate {
 
     /// A frozen copy (plain tensors, no gradients tracked), for running what was trained.
     pub fn frozen(&self, c: &ModelConfig) -> Result<Self> {
+        self.to(c, self.attn_norm.dtype(), self.attn_norm.device())
+    }
+
+    /// A frozen copy in `dtype` on `device` (a router read from a file, put into a model).
+    pub fn to(&self, c: &ModelConfig, dtype: DType, device: &Device) -> Result<Self> {
         Self::from_tensors(self.config, c, false, |name| {
             let t = self.tensors.iter().find(|(n, _)| n == name).map(|(_, t)| t.detach());
-            t.ok_or_else(|| Error::InvalidInput(format!("router: no {name}")))
+            let t = t.ok_or_else(|| Error::InvalidInput(format!("router: no {name}")))?;
+            Ok(t.to_dtype(dtype)?.to_device(device)?)
         })
     }
 
@@ -188,17 +194,11 @@ impl PreGate {
     }
 }
 
-/// The `i`-th standard normal of stream `seed` (Box-Muller over two hashed uniforms).
-pub fn normal(seed: u64, i: u64) -> f64 {
-    let u = |j: u64| ((mix(seed ^ mix(j)) >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
-    (-2.0 * u(2 * i).ln()).sqrt() * (2.0 * std::f64::consts::PI * u(2 * i + 1)).cos()
-}
-
 impl crate::Model {
-    /// Puts a router in front of the blocks (or takes it away). Caches made before this have the
-    /// wrong number of layers: make them after.
-    pub fn set_pregate(&mut self, g: Option<PreGate>) {
-        self.pregate = g;
+    /// Puts a router in front of the blocks (or takes it away), returning the one it replaces.
+    /// Caches made before this have the wrong number of layers: make them after.
+    pub fn set_pregate(&mut self, g: Option<PreGate>) -> Option<PreGate> {
+        std::mem::replace(&mut self.pregate, g)
     }
 
     pub fn pregate(&self) -> Option<&PreGate> {
@@ -222,12 +222,6 @@ impl crate::Model {
             }
             _ => Ok(None),
         }
-    }
-
-    /// Registers trainable parameters of parts put in after loading (a MoE's experts), so
-    /// training finds them with the rest.
-    pub fn add_params(&mut self, params: impl IntoIterator<Item = (String, Var)>) {
-        self.params.extend(params);
     }
 
     /// Each token's expert: the argmax of the router's logits, timed.

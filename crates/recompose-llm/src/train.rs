@@ -75,6 +75,12 @@ impl Model {
         &self.params
     }
 
+    /// Registers trainable parameters of parts put in after loading (a MoE's experts), so
+    /// training finds them with the rest.
+    pub fn add_params(&mut self, params: impl IntoIterator<Item = (String, Var)>) {
+        self.params.extend(params);
+    }
+
     /// Logits for every column of a batch, differentiable (attention within the rows).
     pub fn forward_train(&self, batch: &Batch, plan: &Plan) -> Result<Output> {
         let step = batch.step();

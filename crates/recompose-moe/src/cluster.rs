@@ -6,7 +6,7 @@
 
 use crate::stats::{observe, Sink};
 use crate::{ChannelStats, Error, Result};
-use recompose_llm::lora::mix;
+use recompose_llm::lora::uniform;
 use recompose_llm::Model;
 use std::sync::{Arc, Mutex};
 
@@ -34,14 +34,13 @@ pub fn balanced_kmeans(points: &[Vec<f32>], k: usize, rounds: usize, seed: u64) 
     if points.iter().any(|p| p.len() != dims) {
         return Err(Error::Data("clustering: points of different lengths".into()));
     }
-    let uniform = |j: u64| ((mix(seed ^ mix(j)) >> 11) as f64) / (1u64 << 53) as f64;
     // k-means++: each next centroid drawn with probability proportional to the squared distance
     // to the nearest one so far.
-    let mut centroids = vec![points[(uniform(0) * n as f64) as usize % n].clone()];
+    let mut centroids = vec![points[(uniform(seed, 0) * n as f64) as usize % n].clone()];
     let mut near: Vec<f32> = points.iter().map(|p| squared(p, &centroids[0])).collect();
     for c in 1..k {
         let total: f64 = near.iter().map(|&d| d as f64).sum();
-        let mut at = uniform(c as u64) * total;
+        let mut at = uniform(seed, c as u64) * total;
         let mut pick = n - 1;
         for (i, &d) in near.iter().enumerate() {
             at -= d as f64;
@@ -154,8 +153,8 @@ pub fn cluster_stats(
         for t in 0..a.len() {
             let parts: Vec<&[f32]> = at.iter().map(|&l| b[l][t].as_slice()).collect();
             let f = feature(&parts);
-            let c =
-                (0..k).min_by(|&x, &y| squared(&f, &centroids[x]).total_cmp(&squared(&f, &centroids[y]))).unwrap_or(0);
+            let dist: Vec<f32> = centroids.iter().map(|m| squared(&f, m)).collect();
+            let c = (0..k).min_by(|&x, &y| dist[x].total_cmp(&dist[y])).unwrap_or(0);
             counts[c] += 1;
             for (l, layer_sums) in sums[c].iter_mut().enumerate() {
                 layer_sums.iter_mut().zip(&b[l][t]).for_each(|(x, v)| *x += *v as f64);

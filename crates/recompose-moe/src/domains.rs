@@ -77,10 +77,14 @@ pub fn cut(name: &str, ids: &[u32], ctx: usize, rows: usize) -> Result<Domain> {
     Ok(Domain { name: name.to_string(), calib, held_out: tail.iter().map(|r| r.to_vec()).collect() })
 }
 
+/// Domain `name`'s text tokenized (no BOS), to [`cut`] once or several times.
+pub fn ids(name: &str, tok: &Tokenizer) -> Result<Vec<u32>> {
+    Ok(tok.encode(&text(name)?, false)?)
+}
+
 /// Domain `name`: its text tokenized (no BOS) and [`cut`].
 pub fn load(name: &str, tok: &Tokenizer, ctx: usize, rows: usize) -> Result<Domain> {
-    let ids = tok.encode(&text(name)?, false)?;
-    cut(name, &ids, ctx, rows)
+    cut(name, &ids(name, tok)?, ctx, rows)
 }
 
 #[cfg(test)]

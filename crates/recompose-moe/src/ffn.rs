@@ -125,20 +125,6 @@ impl MoeFfn {
         self.experts.len()
     }
 
-    /// Every part's f32 weights by name (what an experts file holds); packed parts are refused.
-    pub fn weights(&self) -> Result<Vec<(String, Tensor)>> {
-        let mut out = vec![];
-        for part in self.permanent.iter().chain(self.experts.iter().flatten()) {
-            for l in [&part.gate, &part.up, &part.down] {
-                let w = l
-                    .dense_weight()
-                    .ok_or_else(|| Error::Config(format!("{}: a packed expert has no f32 weights to save", l.name)))?;
-                out.push((l.name.clone(), w.detach()));
-            }
-        }
-        Ok(out)
-    }
-
     /// Makes every part's weights trainable `Var`s (f32 parts only) and returns them by name.
     pub fn make_trainable(&mut self) -> Result<Vec<(String, candle_core::Var)>> {
         let mut vars = vec![];

@@ -6,7 +6,7 @@
 //! checkpoints.
 
 use crate::{ffn, ExpertSplit, Result};
-use candle_core::Tensor;
+use candle_core::{Tensor, Var};
 use recompose_llm::pregate::PreGate;
 use recompose_llm::Model;
 use recompose_train::data::{Dataset, Example};
@@ -49,7 +49,23 @@ pub fn dataset(rows: &[Vec<u32>], describe: &str) -> Dataset {
     Dataset::new(examples, describe.to_string())
 }
 
-/// Cuts `model` (loaded in f32) under `split`, puts `router` (frozen) in front, trains every
+/// Cuts `model` (loaded in f32) under `split` with every part's weights trainable (registered
+/// as the model's parameters) and puts `router` (frozen) in front; returns the parts' `Var`s.
+pub fn prepare(model: &mut Model, split: &ExpertSplit, router: Option<PreGate>) -> Result<Vec<(String, Var)>> {
+    let mut moes = ffn::cut(model, split)?;
+    let mut vars = vec![];
+    for m in &mut moes {
+        vars.extend(m.make_trainable()?);
+    }
+    for (b, m) in model.layers.iter_mut().zip(moes) {
+        b.ffn = Box::new(m);
+    }
+    model.add_params(vars.clone());
+    model.set_pregate(router);
+    Ok(vars)
+}
+
+/// [`prepare`]s `model` (loaded in f32) under `split` and `router`, trains every
 /// part for `cfg.steps` steps on `train` (held-out checks on `held`), and returns the run's
 /// summary with the trained weights by name (what `MoeModel::experts` holds). The model is
 /// left as trained.
@@ -65,16 +81,7 @@ pub fn run(
     paths: &Paths,
     obs: &mut dyn Observer,
 ) -> Result<(Summary, Vec<(String, Tensor)>)> {
-    let mut moes = ffn::cut(model, split)?;
-    let mut vars = vec![];
-    for m in &mut moes {
-        vars.extend(m.make_trainable()?);
-    }
-    for (b, m) in model.layers.iter_mut().zip(moes) {
-        b.ffn = Box::new(m);
-    }
-    model.add_params(vars.clone());
-    model.set_pregate(router);
+    let vars = prepare(model, split, router)?;
     let summary = finetune::run(model, base, train, held, cfg, paths, false, obs)?;
     let weights = vars.into_iter().map(|(n, v)| (n, v.as_tensor().detach())).collect();
     Ok((summary, weights))

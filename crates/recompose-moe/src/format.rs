@@ -60,7 +60,7 @@ impl MoeConfig {
         Ok(config)
     }
 
-    /// Whether `dir` holds a MoE config (what `inspect` and `--model` tell apart by).
+    /// Whether `dir` holds a MoE config (what `inspect` tells a MoE folder from a model by).
     pub fn is_moe(dir: &Path) -> bool {
         std::fs::read_to_string(dir.join("config.json"))
             .ok()
@@ -72,8 +72,7 @@ impl MoeConfig {
 /// What a MoE is made for: architecture, tensor layout, and layer 0's FFN weights.
 pub fn identity(file: &ModelFile) -> Result<String> {
     let shapes = recompose_core::identity::shapes(file)?;
-    let ffn0: Vec<String> =
-        ["gate_proj", "up_proj", "down_proj"].iter().map(|p| format!("model.layers.0.mlp.{p}.weight")).collect();
+    let ffn0: Vec<String> = PROJ.iter().map(|p| format!("model.layers.0.mlp.{p}.weight")).collect();
     Ok(format!(
         "{:?}-{}-{}",
         file.config.arch,
@@ -163,8 +162,10 @@ impl MoeModel {
             None => crate::ffn::cut(model, &self.config.split)?,
             Some(w) => {
                 let act = model.config.activation;
+                let by_name: std::collections::HashMap<&str, &Tensor> =
+                    w.iter().map(|(n, t)| (n.as_str(), t)).collect();
                 let get = |name: String| -> Result<Tensor> {
-                    let t = w.iter().find(|(n, _)| *n == name).map(|(_, t)| t.clone());
+                    let t = by_name.get(name.as_str()).copied().cloned();
                     let t = t.ok_or_else(|| Error::Data(format!("experts: no {name}")))?;
                     Ok(t.to_dtype(dtype)?.to_device(&device)?)
                 };
@@ -188,15 +189,10 @@ impl MoeModel {
                     .collect::<Result<Vec<_>>>()?
             }
         };
-        let router = match self.router {
+        let router = match &self.router {
             None => None,
             Some(r) => {
-                let named: Vec<(String, candle_core::Tensor)> = r.tensors().to_vec();
-                let r = PreGate::from_tensors(r.config, &model.config, false, |name| {
-                    let t = named.iter().find(|(n, _)| n == name).map(|(_, t)| t.clone());
-                    let t = t.ok_or_else(|| recompose_llm::Error::InvalidInput(format!("router: no {name}")))?;
-                    Ok(t.to_dtype(dtype)?.to_device(&device)?)
-                })?;
+                let r = r.to(&model.config, dtype, &device)?;
                 Some(if packed { r.packed()? } else { r })
             }
         };

@@ -76,7 +76,7 @@ pub fn train(
             )));
         }
         let init: Vec<f32> = (0..experts * hidden)
-            .map(|i| 0.02 * recompose_llm::pregate::normal(seed ^ (l as u64 + 1), i as u64) as f32)
+            .map(|i| 0.02 * recompose_llm::lora::normal(seed ^ (l as u64 + 1), i as u64) as f32)
             .collect();
         let w = Var::from_tensor(&Tensor::from_vec(init, (experts, hidden), &Device::Cpu)?)?;
         params.push(Param::new(format!("gate.{l}"), w, true, "gates"));

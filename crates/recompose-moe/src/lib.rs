@@ -21,6 +21,7 @@
 //!   distilled towards each layer's own oracle expert).
 //! - [`format`]: the MoE folder (config.json with the split and the base's identity, the
 //!   router's safetensors), and applying it to a loaded model.
+//! - [`testing`]: seeded splits, routers and MoEs for tests.
 //! - [`quality`]: held-out NLL of a model as its FFNs stand, with every token routed to one
 //!   expert.
 
@@ -36,6 +37,7 @@ pub mod oracle;
 pub mod quality;
 pub mod router;
 pub mod stats;
+pub mod testing;
 
 pub use error::{Error, Result};
 pub use experts::ExpertSplit;

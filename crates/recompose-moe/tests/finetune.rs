@@ -2,7 +2,7 @@
 //! differences (f64), training that lowers the held-out loss, and fine-tuned experts that save,
 //! load and run as trained (f32 exactly, on the packed kernels within int8 rounding).
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::DType;
 use recompose_llm::model::step_for;
 use recompose_llm::{Batch, Logits, Model, Plan, WeightMode};
 use recompose_moe::{MoeConfig, MoeModel};
@@ -25,15 +25,7 @@ fn an_experts_gradient_through_the_model_matches_finite_differences() {
     let (_f, mut model) = tiny(d.path(), "llama", 2, DType::F64, WeightMode::F32);
     let s = common::split(&model);
     let r = common::router(&model);
-    let mut moes = recompose_moe::ffn::cut(&model, &s).unwrap();
-    let mut vars = vec![];
-    for m in &mut moes {
-        vars.extend(m.make_trainable().unwrap());
-    }
-    for (b, m) in model.layers.iter_mut().zip(moes) {
-        b.ffn = Box::new(m);
-    }
-    model.set_pregate(Some(r));
+    let vars = recompose_moe::finetune::prepare(&mut model, &s, Some(r)).unwrap();
     let rs = rows(2, 9, 0);
     let batch =
         Batch::from_rows(&rs.iter().map(|r| (r[..8].to_vec(), r[1..].to_vec())).collect::<Vec<_>>(), 0).unwrap();
@@ -41,29 +33,12 @@ fn an_experts_gradient_through_the_model_matches_finite_differences() {
     assert!(routes.iter().any(|&e| e != routes[0]), "one expert for every token: {routes:?}");
     let loss = |model: &Model| model.loss(&batch, &Plan::default(), 1.0).unwrap().0;
     let grads = loss(&model).backward().unwrap();
-    let h = 1e-5;
     // The permanent part and every expert of layer 0, and the last layer's down projection.
     let checked: Vec<&(String, candle_core::Var)> =
         vars.iter().filter(|(n, _)| n.contains("layers.0.") || n.contains("layers.1.mlp.experts.2.down")).collect();
     assert!(checked.len() >= 10);
-    for (name, v) in checked {
-        let g: Vec<f64> =
-            grads.get(v.as_tensor()).expect("every part takes part").flatten_all().unwrap().to_vec1().unwrap();
-        let w0 = v.as_tensor().copy().unwrap();
-        let flat: Vec<f64> = w0.flatten_all().unwrap().to_vec1().unwrap();
-        for j in [0, flat.len() / 3, flat.len() - 1] {
-            let at = |dx: f64| {
-                let mut x = flat.clone();
-                x[j] += dx;
-                v.set(&Tensor::from_vec(x, w0.shape(), &Device::Cpu).unwrap()).unwrap();
-                loss(&model).to_scalar::<f64>().unwrap()
-            };
-            let fd = (at(h) - at(-h)) / (2.0 * h);
-            v.set(&w0).unwrap();
-            let e = (fd - g[j]).abs() / fd.abs().max(1e-4);
-            assert!(e < 1e-5, "{name} [{j}]: autograd {} vs finite differences {fd}", g[j]);
-        }
-    }
+    let total = || loss(&model).to_scalar::<f64>().unwrap();
+    common::check_finite_differences(&checked, &grads, total, |n| [0, n / 3, n - 1], 1e-4);
 }
 
 #[test]

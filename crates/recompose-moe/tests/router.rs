@@ -3,7 +3,7 @@
 //! and the router as the model runs it (routes decided in the step, its keys in the cache) against
 //! the router run once over the whole row.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::DType;
 use recompose_llm::model::step_for;
 use recompose_llm::{KvCache, Logits, Plan, WeightMode};
 use recompose_moe::router::{self, TrainOptions};
@@ -20,38 +20,15 @@ fn rows(n: usize, t: usize) -> Vec<Vec<u32>> {
 fn router_gradient_matches_finite_differences() {
     let d = tempfile::tempdir().unwrap();
     let (_f, mut model) = tiny(d.path(), "llama", 0, DType::F64, WeightMode::F32);
-    let g = router::init(&model, 3, 12, 7).unwrap();
     // Larger weights than the init's 0.02, so every part of the block matters to the loss.
-    for (_, v) in g.vars() {
-        if v.as_tensor().rank() == 2 {
-            v.set(&(v.as_tensor() * 20.0).unwrap()).unwrap();
-        }
-    }
+    let g = recompose_moe::testing::scaled_router(&model, 12, 7, 20.0).unwrap();
     let vars: Vec<(String, candle_core::Var)> = g.vars().to_vec();
     model.set_pregate(Some(g));
     let rows = rows(2, 5);
     let targets: Vec<u32> = (0..10).map(|i| (i * 7 % 3) as u32).collect();
-    let loss = router::loss(&model, &rows, &targets).unwrap();
-    let grads = loss.backward().unwrap();
-    let h = 1e-5;
-    for (name, v) in &vars {
-        let g = grads.get(v.as_tensor()).expect("every parameter takes part").flatten_all().unwrap();
-        let g: Vec<f64> = g.to_vec1().unwrap();
-        let w0 = v.as_tensor().copy().unwrap();
-        let flat: Vec<f64> = w0.flatten_all().unwrap().to_vec1().unwrap();
-        for j in [0, flat.len() / 2, flat.len() - 1] {
-            let at = |d: f64| {
-                let mut x = flat.clone();
-                x[j] += d;
-                v.set(&Tensor::from_vec(x, w0.shape(), &Device::Cpu).unwrap()).unwrap();
-                router::loss(&model, &rows, &targets).unwrap().to_scalar::<f64>().unwrap()
-            };
-            let fd = (at(h) - at(-h)) / (2.0 * h);
-            v.set(&w0).unwrap();
-            let e = (fd - g[j]).abs() / fd.abs().max(1e-3);
-            assert!(e < 1e-5, "{name} [{j}]: autograd {} vs finite differences {fd}", g[j]);
-        }
-    }
+    let grads = router::loss(&model, &rows, &targets).unwrap().backward().unwrap();
+    let total = || router::loss(&model, &rows, &targets).unwrap().to_scalar::<f64>().unwrap();
+    common::check_finite_differences(&vars.iter().collect::<Vec<_>>(), &grads, total, |n| [0, n / 2, n - 1], 1e-3);
 }
 
 #[test]

@@ -8,12 +8,12 @@ use recompose_core::weights::ModelFile;
 use recompose_kv::KvSpec;
 use recompose_llm::generate::{generate, GenerateOptions, TokenBudget};
 use recompose_llm::{Model, WeightMode};
-use recompose_moe::{router, ChannelStats, ExpertSplit, MoeConfig, MoeModel};
 use recompose_serve::engine::{Engine, EngineConfig, Event, Job};
 use std::sync::Arc;
 use std::time::Instant;
 
-/// The tiny model with a 3-expert MoE applied: a seeded split and a router whose picks vary.
+/// The tiny model with a 3-expert MoE applied: a seeded split and a router whose picks vary
+/// (`recompose_moe::testing`).
 fn tiny_moe() -> (tempfile::TempDir, Model, recompose_core::Tokenizer) {
     let d = tempfile::tempdir().unwrap();
     let p = d.path().join("tiny.gguf");
@@ -21,27 +21,7 @@ fn tiny_moe() -> (tempfile::TempDir, Model, recompose_core::Tokenizer) {
     write_tiny_gguf(&p, &TinySpec { seed: 6, dtype, ..Default::default() }).unwrap();
     let f = ModelFile::open(&p).unwrap();
     let mut model = Model::load(&f, WeightMode::Quantized).unwrap();
-    let channels = model.layers[0].ffn.as_dense().unwrap().gate.dims().0;
-    let stats: Vec<ChannelStats> = (0..3)
-        .map(|e| ChannelStats {
-            name: format!("e{e}"),
-            sums: (0..model.layers.len())
-                .map(|l| (0..channels).map(|c| ((c * 29 + l * 5 + e * 61) % 89) as f64).collect())
-                .collect(),
-            tokens: 1000,
-        })
-        .collect();
-    let split = ExpertSplit::from_domains(&stats, 0.5).unwrap();
-    let g = router::init(&model, 3, 16, 2).unwrap();
-    for (_, v) in g.vars() {
-        if v.as_tensor().rank() == 2 {
-            v.set(&(v.as_tensor() * 40.0).unwrap()).unwrap();
-        }
-    }
-    let r = g.frozen(&model.config).unwrap();
-    let base = recompose_moe::format::identity(&f).unwrap();
-    let config = MoeConfig { format: recompose_moe::format::FORMAT.into(), base, split, router: Some(r.config) };
-    MoeModel { config, router: Some(r), experts: None }.apply(&mut model).unwrap();
+    recompose_moe::testing::moe(&f, &model, None).unwrap().apply(&mut model).unwrap();
     (d, model, f.tokenizer().unwrap())
 }
 

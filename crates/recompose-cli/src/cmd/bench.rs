@@ -80,17 +80,13 @@ pub fn run(a: Args, _quiet: bool) -> Result<()> {
                         kv: kv.clone(),
                     };
                     let routed = || moe.as_ref().and_then(|m| m.pregate()).map(|g| g.seconds());
-                    let (before, t0) = (routed(), std::time::Instant::now());
+                    let before = routed();
                     let ms: Vec<&recompose_llm::Model> = models.iter().map(|(_, m)| *m).collect();
                     let rs = pool.install(|| bench::compare(&ms, &tok, &source, &o))?;
-                    let wall = t0.elapsed().as_secs_f64();
                     for ((label, _), r) in models.iter().zip(rs) {
-                        // The router's time over the MoE's share of the wall time (its runs
-                        // alternate with the dense model's, which take no router time).
+                        // The router's time over the MoE's own wall time (warm-up and runs).
                         let share = (*label == "moe")
-                            .then(|| {
-                                routed().zip(before).map(|(after, before)| (after - before) / (wall / 2.0).max(1e-9))
-                            })
+                            .then(|| routed().zip(before).map(|(after, before)| (after - before) / r.seconds.max(1e-9)))
                             .flatten();
                         print_row(label, &r, share);
                         results.push(Row { model: label, result: r, router_share: share });

@@ -42,7 +42,7 @@ pub struct Args {
     #[arg(long, default_value_t = 16)]
     eval_rows: usize,
     /// Training steps of the pre-gating router (8 rows a step, AdamW), distilled towards each
-    /// calibration token's oracle expert; 0 skips the router.
+    /// calibration token's oracle expert; at least 1 (a MoE runs through its router).
     #[arg(long, default_value_t = 300)]
     router_steps: usize,
     /// The router's learning rate.
@@ -201,13 +201,17 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
         model.config.max_position
     );
     // Every domain's text first: a thin or missing one fails before any statistics are taken.
+    // The token ids are kept: fine-tuning draws its rows from them too.
     let mut loaded = vec![];
+    let mut texts = vec![];
     for name in &a.calib {
-        let d = domains::load(name, &tok, a.ctx, a.rows).with_context(|| format!("calibration domain {name}"))?;
+        let ids = domains::ids(name, &tok).with_context(|| format!("calibration domain {name}"))?;
+        let d = domains::cut(name, &ids, a.ctx, a.rows).with_context(|| format!("calibration domain {name}"))?;
         let tokens: usize = d.calib.iter().map(Vec::len).sum();
         recompose_moe::experts::enough_tokens(name, tokens as u64)
             .map_err(|e| anyhow::anyhow!("calibration domain {e}; raise --rows or --ctx"))?;
         loaded.push(d);
+        texts.push(ids);
     }
     let mut all = vec![];
     let mut held = vec![];
@@ -244,19 +248,20 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
     }
     let split = ExpertSplit::from_domains(&all, a.keep)?;
     let identity = recompose_moe::format::identity(&file)?;
-    let (trained, gates) = train_routers(&mut model, &split, &calib_rows, &a, quiet)?;
-    let router = trained.frozen(&model.config)?;
-    let (quality, router_share) = if a.eval_rows > 0 {
-        model.set_pregate(Some(trained.frozen(&model.config)?));
+    let (router, gates) = train_routers(&mut model, &split, &calib_rows, &a, quiet)?;
+    let (quality, router_share, router) = if a.eval_rows > 0 {
+        model.set_pregate(Some(router));
         let q = score(&mut model, &a.calib, &held, &split, &all, gates.as_ref(), !a.cluster, quiet);
-        model.set_pregate(None);
-        q?
+        let router = model.set_pregate(None).context("the router went missing while scoring")?;
+        let (q, s) = q?;
+        (q, s, router)
     } else {
-        (vec![], RouterShares::default())
+        (vec![], RouterShares::default(), router)
     };
+    std::fs::create_dir_all(&a.output).with_context(|| format!("creating {}", a.output.display()))?;
     let (finetuned, trained_experts, trained_pruned) = if a.finetune_steps > 0 {
         let pruned = ExpertSplit::pruned(&all, a.keep)?;
-        let (f, w, p) = finetune(&a, &tok, &identity, &split, &pruned, &router, &held, quiet)?;
+        let (f, w, p) = finetune(&a, &texts, &identity, &split, &pruned, &router, &held, quiet)?;
         (Some(f), Some(w), Some((pruned, p)))
     } else {
         (None, None, None)
@@ -271,7 +276,6 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
         router_share,
         finetuned,
     };
-    std::fs::create_dir_all(&a.output).with_context(|| format!("creating {}", a.output.display()))?;
     recompose_core::atomic::write_bytes(&a.output.join("stats.json"), serde_json::to_string(&all)?.as_bytes())?;
     recompose_core::atomic::write_bytes(&a.output.join("report.json"), serde_json::to_string_pretty(&out)?.as_bytes())?;
     let moe = MoeModel {
@@ -417,29 +421,32 @@ fn score(
             qd.oracle = ppl(model, rows, Some(best))?.0;
         }
         let Some(g) = model.pregate() else { return Ok(()) };
+        // Its picks, for accuracy and load, before the timed runs (which route for themselves).
+        let picks: Vec<Vec<Vec<u32>>> = held
+            .iter()
+            .map(|rows| rows.iter().map(|row| model.routes(row)).collect::<Result<_, _>>())
+            .collect::<Result<_, _>>()?;
         let (before, t0) = (g.seconds(), std::time::Instant::now());
-        for (d, ((qd, rows), (best, layer_best))) in q.iter_mut().zip(held).zip(&oracles).enumerate() {
-            // The router routes as it does at run time: inside each step, before the blocks.
-            let p = ppl(model, rows, None)?.0;
-            let r: Vec<Vec<u32>> = rows.iter().map(|row| model.routes(row)).collect::<Result<_, _>>()?;
-            let load = oracle::load(&r, experts);
+        // The router routes as it does at run time: inside each step, before the blocks.
+        let ppls: Vec<f64> = held.iter().map(|rows| Ok(ppl(model, rows, None)?.0)).collect::<Result<_>>()?;
+        shares.pregate = Some((g.seconds() - before) / t0.elapsed().as_secs_f64().max(1e-9));
+        for (d, (((qd, r), p), (best, layer_best))) in q.iter_mut().zip(&picks).zip(ppls).zip(&oracles).enumerate() {
+            let load = oracle::load(r, experts);
             let per_layer =
-                layer_best.iter().map(|b| oracle::agreement(&r, b)).sum::<f64>() / layer_best.len().max(1) as f64;
+                layer_best.iter().map(|b| oracle::agreement(r, b)).sum::<f64>() / layer_best.len().max(1) as f64;
             qd.router = Some(RouterQuality {
                 ppl: p,
-                matches_oracle: oracle::agreement(&r, best),
+                matches_oracle: oracle::agreement(r, best),
                 matches_layer_oracle: per_layer,
                 is_own: own(&load, d),
-                locality: oracle::locality(&r),
+                locality: oracle::locality(r),
                 load,
             });
         }
-        shares.pregate = Some((g.seconds() - before) / t0.elapsed().as_secs_f64().max(1e-9));
         Ok(())
     })?;
     // The layer-wise gates and pruning route without the pre-gate: off for these runs.
-    let pregate = model.pregate().map(|g| g.frozen(&model.config)).transpose()?;
-    model.set_pregate(None);
+    let pregate = model.set_pregate(None);
     let rest = (|| -> Result<()> {
         if let Some(g) = gates {
             let (ffns, nanos) = layerwise::gated(model, split, g)?;
@@ -559,8 +566,8 @@ fn train_routers(
         pb.set_message(format!("router (loss {l:.3})"));
     });
     pb.finish_and_clear();
-    let trained = model.pregate().map(|g| g.frozen(&model.config)).transpose();
-    model.set_pregate(None);
+    // The trained router leaves the model frozen (its weights plain tensors again).
+    let trained = model.set_pregate(None).map(|g| g.frozen(&model.config)).transpose();
     let (losses, trained) = (losses?, trained?);
     tracing::info!(
         "router: {} steps, loss {:.3} -> {:.3}",
@@ -596,7 +603,7 @@ fn train_routers(
 #[allow(clippy::too_many_arguments)]
 fn finetune(
     a: &Args,
-    tok: &recompose_core::Tokenizer,
+    texts: &[Vec<u32>],
     identity: &str,
     split: &ExpertSplit,
     pruned: &ExpertSplit,
@@ -608,8 +615,8 @@ fn finetune(
     crate::cmd::finetune::keep_freed_memory();
     anyhow::ensure!(a.finetune_batch > 0 && a.finetune_lr > 0.0, "--finetune-batch and --finetune-lr must be positive");
     let mut rows = vec![];
-    for name in &a.calib {
-        rows.extend(domains::load(name, tok, a.ctx, a.finetune_rows)?.calib);
+    for (name, ids) in a.calib.iter().zip(texts) {
+        rows.extend(domains::cut(name, ids, a.ctx, a.finetune_rows)?.calib);
     }
     let train = recompose_moe::finetune::dataset(&rows, "calibration domains");
     let held_all: Vec<Vec<u32>> = held.iter().flatten().cloned().collect();
@@ -621,17 +628,18 @@ fn finetune(
     let ppl = |model: &recompose_llm::Model| -> Result<Vec<f64>> {
         held.iter().map(|rows| Ok(recompose_moe::quality::held_out_nll(model, rows, None)?.0.exp())).collect()
     };
-    let (_, dense, _) = f32_args.load_base()?;
-    let dense_f32 = ppl(&dense)?;
-    drop(dense);
+    let mut dense_f32 = vec![];
     let mut runs = vec![];
     for (what, split, router) in [("moe", split, Some(router)), ("pruned", pruned, None)] {
         let (_, mut model, _) = f32_args.load_base()?;
+        if dense_f32.is_empty() {
+            // The dense model in f32, scored before its FFNs are cut.
+            dense_f32 = ppl(&model)?;
+        }
         let router = router.map(|r| r.frozen(&model.config)).transpose()?;
         let pb = progress(steps as u64, &format!("fine-tuning ({what})"), quiet);
         let mut obs = crate::cmd::finetune::Progress { pb, quiet };
         let paths = Paths::beside(&a.output.join(format!("finetune-{what}")));
-        std::fs::create_dir_all(&a.output).with_context(|| format!("creating {}", a.output.display()))?;
         let (summary, weights) = recompose_moe::finetune::run(
             &mut model, identity, split, router, &train, &held_set, &cfg, &paths, &mut obs,
         )?;

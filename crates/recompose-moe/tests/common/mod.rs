@@ -6,7 +6,7 @@ use recompose_core::testing::{write_tiny_gguf, TinySpec};
 use recompose_core::weights::ModelFile;
 use recompose_llm::pregate::PreGate;
 use recompose_llm::{LoadOptions, Model, WeightMode};
-use recompose_moe::{router, ChannelStats, ExpertSplit, MoeConfig, MoeModel};
+use recompose_moe::{ExpertSplit, MoeModel};
 
 /// A tiny model of `arch` with Q8_0 weights (written into `dir` once), loaded as `mode` asks:
 /// the same file runs packed or dequantised.
@@ -29,39 +29,46 @@ pub fn tiny(
 
 /// A split of `model` into 3 experts from seeded pseudo-random statistics.
 pub fn split(model: &Model) -> ExpertSplit {
-    let channels = model.layers[0].ffn.as_dense().unwrap().gate.dims().0;
-    let stats: Vec<ChannelStats> = (0..3)
-        .map(|d| ChannelStats {
-            name: format!("d{d}"),
-            sums: (0..model.layers.len())
-                .map(|l| (0..channels).map(|c| ((c * 31 + l * 7 + d * 57) % 97) as f64).collect())
-                .collect(),
-            tokens: 1000,
-        })
-        .collect();
-    ExpertSplit::from_domains(&stats, 0.5).unwrap()
+    recompose_moe::testing::split(model).unwrap()
 }
 
 /// A frozen router over 3 experts with weights large enough that its picks vary by token.
 pub fn router(model: &Model) -> PreGate {
-    let g = router::init(model, 3, 16, 5).unwrap();
-    for (_, v) in g.vars() {
-        if v.as_tensor().rank() == 2 {
-            v.set(&(v.as_tensor() * 40.0).unwrap()).unwrap();
-        }
-    }
-    g.frozen(&model.config).unwrap()
+    recompose_moe::testing::scaled_router(model, 16, 5, 40.0).unwrap().frozen(&model.config).unwrap()
 }
 
 /// The MoE of [`split`] and [`router`] for `model` (made from `file`), experts from the base.
 pub fn moe(file: &ModelFile, model: &Model, experts: Option<Vec<(String, candle_core::Tensor)>>) -> MoeModel {
-    let router = router(model);
-    let base = recompose_moe::format::identity(file).unwrap();
-    let config = MoeConfig {
-        format: recompose_moe::format::FORMAT.into(),
-        base,
-        split: split(model),
-        router: Some(router.config),
-    };
-    MoeModel { config, router: Some(router), experts }
+    recompose_moe::testing::moe(file, model, experts).unwrap()
+}
+
+/// Checks the gradient `grads` holds for each of `vars` against central finite differences of
+/// `loss` at three elements (`at(len)`), within a relative error of 1e-5 (`floor`: the smallest
+/// derivative the error is relative to).
+pub fn check_finite_differences(
+    vars: &[&(String, candle_core::Var)],
+    grads: &candle_core::backprop::GradStore,
+    loss: impl Fn() -> f64,
+    at: impl Fn(usize) -> [usize; 3],
+    floor: f64,
+) {
+    let h = 1e-5;
+    for (name, v) in vars {
+        let g: Vec<f64> =
+            grads.get(v.as_tensor()).expect("every parameter takes part").flatten_all().unwrap().to_vec1().unwrap();
+        let w0 = v.as_tensor().copy().unwrap();
+        let flat: Vec<f64> = w0.flatten_all().unwrap().to_vec1().unwrap();
+        for j in at(flat.len()) {
+            let shifted = |dx: f64| {
+                let mut x = flat.clone();
+                x[j] += dx;
+                v.set(&candle_core::Tensor::from_vec(x, w0.shape(), &candle_core::Device::Cpu).unwrap()).unwrap();
+                loss()
+            };
+            let fd = (shifted(h) - shifted(-h)) / (2.0 * h);
+            v.set(&w0).unwrap();
+            let e = (fd - g[j]).abs() / fd.abs().max(floor);
+            assert!(e < 1e-5, "{name} [{j}]: autograd {} vs finite differences {fd}", g[j]);
+        }
+    }
 }
