@@ -43,7 +43,14 @@ fn a_gated_layer_is_its_moe_routed_by_the_gates_argmax() {
     let xs = layerwise::inputs(&mut model, &rows, 1).unwrap();
     assert_eq!(xs.len(), model.layers.len());
     assert_eq!(xs[0].dims(), &[19, model.config.hidden_size]);
-    assert_eq!(layerwise::inputs(&mut model, &rows, 3).unwrap()[1].dims()[0], 5 + 2);
+    let every3 = layerwise::inputs(&mut model, &rows, 3).unwrap();
+    assert_eq!(every3[1].dims()[0], 5 + 2);
+    // Every third token of each row (13 and 6 tokens: 0, 3, .., 12 and 13 + 0, 13 + 3).
+    let picked: Vec<u32> = vec![0, 3, 6, 9, 12, 13, 16];
+    let want = xs[1].index_select(&Tensor::new(picked.as_slice(), &Device::Cpu).unwrap(), 0).unwrap();
+    let (a, b): (Vec<f32>, Vec<f32>) =
+        (every3[1].flatten_all().unwrap().to_vec1().unwrap(), want.flatten_all().unwrap().to_vec1().unwrap());
+    assert_eq!(a, b, "the sampled inputs are every third of all of them");
     let hidden = model.config.hidden_size;
     let weights: Vec<Tensor> = (0..model.layers.len())
         .map(|l| {
