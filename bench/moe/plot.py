@@ -1,6 +1,7 @@
 """The Read-ME study in two pictures (docs/readme_moe.png): the training loss of the MoE's expert
-fine-tuning against the pruned baseline's (same rows, same steps), and held-out perplexity per
-domain for the dense model, the pruned model and the MoE before and after fine-tuning.
+fine-tuning against the layer-wise MoE's and the pruned baseline's (same rows, same steps), and
+held-out perplexity per domain for the dense model, the pruned model and the MoE before and after
+fine-tuning, and the layer-wise MoE after.
 
     python3 bench/moe/plot.py bench/results/moe docs/readme_moe.png   # matplotlib (peers venv)
 """
@@ -25,8 +26,12 @@ def smooth(v, k=9):
 
 
 rep = json.load(open(f"{res}/smollm2-report.json"))
-fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-for name, label in [("moe", "MoE experts (router frozen)"), ("pruned", "pruned to the same size")]:
+fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.5))
+for name, label in [
+    ("moe", "MoE experts (pre-gate frozen)"),
+    ("layerwise", "layer-wise MoE experts (gates frozen)"),
+    ("pruned", "pruned to the same size"),
+]:
     x, y = steps(f"{res}/finetune-{name}.log.jsonl")
     a.plot(x, smooth(y), label=label)
 a.set_xlabel("step (4 rows x 255 tokens)")
@@ -40,12 +45,14 @@ bars = [
     ("pruned", [q["pruned"] for q in rep["quality"]]),
     ("MoE (router)", [q["router"]["ppl"] for q in rep["quality"]]),
     ("pruned, fine-tuned", ft["pruned"]),
+    ("layer-wise, fine-tuned", ft["layerwise"]),
     ("MoE, fine-tuned", ft["moe"]),
 ]
-w = 0.16
+w = 0.8 / len(bars)
 for i, (label, v) in enumerate(bars):
-    b.bar([d + (i - 2) * w for d in range(len(doms))], v, w, label=label)
-b.set_xticks(range(len(doms)), doms)
+    b.bar([d + (i - (len(bars) - 1) / 2) * w for d in range(len(doms))], v, w, label=label)
+b.set_xticks(range(len(doms)), doms, rotation=30)
+b.set_yscale("log")
 b.set_ylabel("held-out perplexity")
 b.set_title("SmolLM2-135M, 50% of the FFN active")
 b.legend(fontsize=8, loc="upper right")

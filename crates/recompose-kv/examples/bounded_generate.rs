@@ -11,7 +11,7 @@ fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let spec: KvSpec = args.next().unwrap_or_else(|| "h2o:0.5".into()).parse()?;
     let prompt = args.next().unwrap_or_else(|| "The quick brown fox jumps over the lazy dog. ".repeat(20));
-    let file = ModelFile::open(recompose_core::assets::main_file("smollm2-135m")?)?;
+    let file = ModelFile::open(recompose_assets::main_file("smollm2-135m")?)?;
     let tok = file.tokenizer()?;
     let model = Model::load(&file, WeightMode::Quantized)?;
     let ids = tok.encode(&prompt, true)?;

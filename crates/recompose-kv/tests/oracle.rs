@@ -20,7 +20,7 @@ fn tiny(arch: &'static str, kv_heads: usize) -> (tempfile::TempDir, Model) {
 }
 
 fn real(asset: &str) -> Model {
-    let path = recompose_core::assets::main_file(asset).unwrap();
+    let path = recompose_assets::main_file(asset).unwrap();
     Model::load(&ModelFile::open(path).unwrap(), WeightMode::F32).unwrap()
 }
 

@@ -65,6 +65,12 @@ pub trait Ffn: Send + Sync {
     fn linears(&mut self) -> Vec<(&'static str, &mut Linear)> {
         vec![]
     }
+
+    /// Seconds this FFN has spent choosing its tokens' routes (a layer-wise MoE gate), for the
+    /// routers' share of step time. 0 by default.
+    fn routing_seconds(&self) -> f64 {
+        0.0
+    }
 }
 
 /// The gated MLP of Llama and Gemma: `down(act(gate(x)) * up(x))`. With a per-sequence width it

@@ -205,6 +205,12 @@ impl crate::Model {
         self.pregate.as_ref()
     }
 
+    /// Seconds spent routing so far: the pre-gate's and every layer's own gates'.
+    pub fn routing_seconds(&self) -> f64 {
+        self.pregate.as_ref().map_or(0.0, PreGate::seconds)
+            + self.layers.iter().map(|b| b.ffn.routing_seconds()).sum::<f64>()
+    }
+
     /// With a router and no routes from the caller (oracle routes, evaluation), `plan` with the
     /// router's pick for every token of the step; None otherwise. Runs after the caches began
     /// the step, before the first block.

@@ -15,7 +15,7 @@ fn fixture(name: &str) -> Value {
 }
 
 fn open(asset: &str) -> ModelFile {
-    let path = recompose_core::assets::main_file(asset).unwrap();
+    let path = recompose_assets::main_file(asset).unwrap();
     ModelFile::open(path).unwrap()
 }
 

@@ -99,8 +99,8 @@ impl Store {
 
     fn open_plain(label: &str) -> Result<Self> {
         let mut path = PathBuf::from(label);
-        if !path.exists() && recompose_core::assets::find(label).is_some() {
-            path = recompose_core::assets::resolve_model(label)?;
+        if !path.exists() && recompose_assets::find(label).is_some() {
+            path = recompose_assets::resolve_model(label)?;
         }
         if !path.exists() {
             return Err(Error::Mismatch(format!("{label}: no such file or directory")));

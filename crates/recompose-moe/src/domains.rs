@@ -1,9 +1,11 @@
 //! Calibration domains: a named text cut into rows of tokens, the last tenth held out for
 //! evaluation (never sharing text with the rows calibration draws from).
 //!
-//! Built in: `shakespeare` (the complete works), `austen` (the six novels) and `mmlu` (the test
-//! split's questions with their choices and answers); any other name is read as a text file or
-//! a folder of them.
+//! Built in ([`BUILT_IN`], each an asset pinned by sha256): `shakespeare` (the complete works),
+//! `austen` (the six novels), `mmlu` (the test split's questions with their choices and
+//! answers), `code` (a Python library's source), `docs` (a Python library's documentation),
+//! `fortunes` (quotations and jokes) and `bigbench` (BIG-bench task inputs with their answers);
+//! any other name is read as a text file or a folder of them.
 
 use crate::{Error, Result};
 use recompose_core::Tokenizer;
@@ -20,12 +22,15 @@ pub struct Domain {
     pub held_out: Vec<Vec<u32>>,
 }
 
+/// The built-in domains: seven, as the paper's seven experts.
+pub const BUILT_IN: &[&str] = &["shakespeare", "austen", "mmlu", "code", "docs", "fortunes", "bigbench"];
+
 /// The text of domain `name`.
 pub fn text(name: &str) -> Result<String> {
     match name {
-        "shakespeare" | "austen" => read_folder(&recompose_core::assets::ensure(name)?.join("texts")),
-        "mmlu" => Ok(recompose_eval::mmlu::split_text(&recompose_core::assets::ensure("mmlu")?, "test")
+        "mmlu" => Ok(recompose_eval::mmlu::split_text(&recompose_assets::ensure("mmlu")?, "test")
             .map_err(|e| Error::Data(format!("mmlu: {e}")))?),
+        n if BUILT_IN.contains(&n) => read_folder(&recompose_assets::main_file(n)?),
         other => {
             let p = PathBuf::from(other);
             if p.is_dir() {
@@ -33,7 +38,7 @@ pub fn text(name: &str) -> Result<String> {
             } else if p.is_file() {
                 std::fs::read_to_string(&p).map_err(|e| Error::Data(format!("{other}: {e}")))
             } else {
-                Err(Error::Data(format!("{other}: not a domain (shakespeare, austen, mmlu) nor a text file or folder")))
+                Err(Error::Data(format!("{other}: not a domain ({}) nor a text file or folder", BUILT_IN.join(", "))))
             }
         }
     }

@@ -6,6 +6,8 @@ pub enum Error {
     #[error(transparent)]
     Core(#[from] recompose_core::Error),
     #[error(transparent)]
+    Assets(#[from] recompose_assets::Error),
+    #[error(transparent)]
     Llm(#[from] recompose_llm::Error),
     #[error(transparent)]
     Train(#[from] recompose_train::Error),

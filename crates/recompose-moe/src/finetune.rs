@@ -1,12 +1,14 @@
 //! Fine-tuning the experts of a refactorised model with the LM loss: every part's f32 weights
-//! trainable, everything else (attention, embeddings, norms, and the router, which routes each
-//! row as it will at run time) frozen. The same runs the pruned baseline (a split whose
+//! trainable, everything else (attention, embeddings, norms, and the router or the layer-wise
+//! gates, which route each row as they will at run time) frozen. The same runs the pruned baseline (a split whose
 //! channels are all permanent, nothing routed), so the two get the same token budget through the
 //! same loop: recompose-train's, with its schedule, clipping, held-out checks, log and
 //! checkpoints.
 
+use crate::layerwise::{behind_gates, Gates};
 use crate::{ffn, ExpertSplit, Result};
 use candle_core::{Tensor, Var};
+use recompose_llm::ffn::Ffn;
 use recompose_llm::pregate::PreGate;
 use recompose_llm::Model;
 use recompose_train::data::{Dataset, Example};
@@ -49,23 +51,38 @@ pub fn dataset(rows: &[Vec<u32>], describe: &str) -> Dataset {
     Dataset::new(examples, describe.to_string())
 }
 
+/// What routes the tokens while the experts train (frozen).
+pub enum Routing<'a> {
+    /// Nothing is routed: a split whose channels are all permanent (the pruned baseline).
+    None,
+    /// The pre-gating router, in front of the blocks.
+    PreGate(PreGate),
+    /// One gate per layer over its FFN input.
+    Layerwise(&'a Gates),
+}
+
 /// Cuts `model` (loaded in f32) under `split` with every part's weights trainable (registered
-/// as the model's parameters) and puts `router` (frozen) in front; returns the parts' `Var`s.
-pub fn prepare(model: &mut Model, split: &ExpertSplit, router: Option<PreGate>) -> Result<Vec<(String, Var)>> {
+/// as the model's parameters) and routed by `routing`; returns the parts' `Var`s.
+pub fn prepare(model: &mut Model, split: &ExpertSplit, routing: Routing) -> Result<Vec<(String, Var)>> {
     let mut moes = ffn::cut(model, split)?;
     let mut vars = vec![];
     for m in &mut moes {
         vars.extend(m.make_trainable()?);
     }
-    for (b, m) in model.layers.iter_mut().zip(moes) {
-        b.ffn = Box::new(m);
+    let (router, ffns): (_, Vec<Box<dyn Ffn>>) = match routing {
+        Routing::Layerwise(g) => (None, behind_gates(moes, g, model.dtype(), model.device())?),
+        Routing::PreGate(r) => (Some(r), moes.into_iter().map(|m| Box::new(m) as Box<dyn Ffn>).collect()),
+        Routing::None => (None, moes.into_iter().map(|m| Box::new(m) as Box<dyn Ffn>).collect()),
+    };
+    for (b, f) in model.layers.iter_mut().zip(ffns) {
+        b.ffn = f;
     }
     model.add_params(vars.clone());
     model.set_pregate(router);
     Ok(vars)
 }
 
-/// [`prepare`]s `model` (loaded in f32) under `split` and `router`, trains every
+/// [`prepare`]s `model` (loaded in f32) under `split` and `routing`, trains every
 /// part for `cfg.steps` steps on `train` (held-out checks on `held`), and returns the run's
 /// summary with the trained weights by name (what `MoeModel::experts` holds). The model is
 /// left as trained.
@@ -74,14 +91,14 @@ pub fn run(
     model: &mut Model,
     base: &str,
     split: &ExpertSplit,
-    router: Option<PreGate>,
+    routing: Routing,
     train: &Dataset,
     held: &Dataset,
     cfg: &FinetuneConfig,
     paths: &Paths,
     obs: &mut dyn Observer,
 ) -> Result<(Summary, Vec<(String, Tensor)>)> {
-    let vars = prepare(model, split, router)?;
+    let vars = prepare(model, split, routing)?;
     let summary = finetune::run(model, base, train, held, cfg, paths, false, obs)?;
     let weights = vars.into_iter().map(|(n, v)| (n, v.as_tensor().detach())).collect();
     Ok((summary, weights))

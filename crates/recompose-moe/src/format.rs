@@ -4,10 +4,14 @@
 //! - `config.json`: `format` (`recompose-moe/1`), `base` (the identity of the dense model it
 //!   was cut from: architecture, tensor layout hash, a hash of layer 0's FFN weights), the
 //!   `split` (expert names, `keep`, and per layer the permanent channels and each expert's
-//!   channels) and `router` (its expert count and MLP width; null for a model pruned to its
-//!   permanent channels, which routes nothing);
+//!   channels), `router` (its expert count and MLP width; null for a model pruned to its
+//!   permanent channels, which routes nothing, and for layer-wise routing) and `layerwise`
+//!   (true when one gate per layer routes instead of the pre-gate: the paper's baseline);
 //! - `router.safetensors`: the pre-gating router's tensors (`router.*`, f32), the base's
 //!   identity in its metadata;
+//! - `gates.safetensors`, with `layerwise`: each layer's gate over its FFN input
+//!   (`model.layers.{l}.mlp.gate.weight`, `(experts, hidden)` f32), the base's identity in its
+//!   metadata;
 //! - `experts.safetensors`, once the experts are fine-tuned: every part's f32 weights
 //!   (`model.layers.{l}.mlp.permanent.{gate,up,down}_proj.weight`, and `...mlp.experts.{e}...`).
 //!
@@ -16,9 +20,11 @@
 //! copied, and applying the MoE to another model is refused.
 
 use crate::ffn::{part_name, PartWeights, PROJ};
+use crate::layerwise::Gates;
 use crate::{Error, ExpertSplit, MoeFfn, Result};
 use candle_core::{DType, Tensor};
 use recompose_core::weights::ModelFile;
+use recompose_llm::ffn::Ffn;
 use recompose_llm::pregate::{PreGate, PreGateConfig};
 use recompose_llm::Model;
 use std::path::Path;
@@ -33,6 +39,9 @@ pub struct MoeConfig {
     pub base: String,
     pub split: ExpertSplit,
     pub router: Option<PreGateConfig>,
+    /// Routed by one gate per layer (`gates.safetensors`) rather than by a pre-gate.
+    #[serde(default)]
+    pub layerwise: bool,
 }
 
 impl MoeConfig {
@@ -84,8 +93,10 @@ pub fn identity(file: &ModelFile) -> Result<String> {
 
 pub struct MoeModel {
     pub config: MoeConfig,
-    /// None exactly when the split routes nothing (a pruned model).
+    /// None when the split routes nothing (a pruned model) or routes layer-wise.
     pub router: Option<PreGate>,
+    /// With `config.layerwise`: each layer's gate.
+    pub gates: Option<Gates>,
     /// Fine-tuned expert weights by name (None: slices of the base).
     pub experts: Option<Vec<(String, Tensor)>>,
 }
@@ -100,6 +111,9 @@ impl MoeModel {
         if let Some(r) = &self.router {
             let named: Vec<(String, candle_core::Tensor)> = r.tensors().to_vec();
             recompose_train::checkpoint::save_tensors(&dir.join("router.safetensors"), &named, &meta)?;
+        }
+        if let Some(g) = &self.gates {
+            recompose_train::checkpoint::save_tensors(&dir.join("gates.safetensors"), &g.tensors(), &meta)?;
         }
         if let Some(w) = &self.experts {
             recompose_train::checkpoint::save_tensors(&dir.join("experts.safetensors"), w, &meta)?;
@@ -125,7 +139,12 @@ impl MoeModel {
                     config.split.names.len()
                 )))
             }
-            None if routes => return Err(bad("config.json: a split with routed experts and no router".into())),
+            Some(_) if config.layerwise => {
+                return Err(bad("config.json: a router and layer-wise gates (one routes, not both)".into()))
+            }
+            None if routes && !config.layerwise => {
+                return Err(bad("config.json: a split with routed experts and no router".into()))
+            }
             _ => {}
         }
         let here = identity(file)?;
@@ -135,19 +154,25 @@ impl MoeModel {
         let router = match config.router {
             None => None,
             Some(rc) => {
-                let st = recompose_core::weights::HfDir::open_tensors(&dir.join("router.safetensors"))?;
-                if st.metadata.get("recompose.backbone") != Some(&here) {
-                    return Err(bad("router.safetensors: a router for another model".into()));
-                }
+                let st = open_for(&dir.join("router.safetensors"), &here, "a router")?;
                 let load = |name: &str| Ok(st.load(name)?.to_dtype(DType::F32)?);
                 Some(PreGate::from_tensors(rc, c, false, load).map_err(|e| bad(format!("router.safetensors: {e}")))?)
+            }
+        };
+        let gates = match config.layerwise {
+            false => None,
+            true => {
+                let st = open_for(&dir.join("gates.safetensors"), &here, "layer-wise gates")?;
+                let get = |name: &str| Ok(st.load(name)?);
+                let g = Gates::from_tensors(c.num_layers, config.split.names.len(), c.hidden_size, get);
+                Some(g.map_err(|e| bad(format!("gates.safetensors: {e}")))?)
             }
         };
         let experts = match dir.join("experts.safetensors") {
             p if p.exists() => Some(read_experts(&p, &config.split, c.hidden_size, &here)?),
             _ => None,
         };
-        Ok(Self { config, router, experts })
+        Ok(Self { config, router, gates, experts })
     }
 
     /// Cuts `model`'s FFNs into the experts and puts the router in front (moving the router's
@@ -196,22 +221,32 @@ impl MoeModel {
                 Some(if packed { r.packed()? } else { r })
             }
         };
-        for (b, m) in model.layers.iter_mut().zip(moes) {
-            b.ffn = Box::new(m);
+        let ffns: Vec<Box<dyn Ffn>> = match &self.gates {
+            Some(g) => crate::layerwise::behind_gates(moes, g, dtype, &device)?,
+            None => moes.into_iter().map(|m| Box::new(m) as Box<dyn Ffn>).collect(),
+        };
+        for (b, f) in model.layers.iter_mut().zip(ffns) {
+            b.ffn = f;
         }
         model.set_pregate(router);
         Ok(())
     }
 }
 
+/// Opens a safetensors file of a MoE folder, refusing `what` made for a base other than `base`.
+fn open_for(path: &Path, base: &str, what: &str) -> Result<recompose_core::weights::HfDir> {
+    let st = recompose_core::weights::HfDir::open_tensors(path)?;
+    if st.metadata.get("recompose.backbone").map(String::as_str) != Some(base) {
+        return Err(Error::Data(format!("{}: {what} for another model", path.display())));
+    }
+    Ok(st)
+}
+
 /// Reads fine-tuned expert weights, checking that every part the split has is there with its
 /// shape, and that they were made for this base.
 fn read_experts(path: &Path, split: &ExpertSplit, hidden: usize, base: &str) -> Result<Vec<(String, Tensor)>> {
     let bad = |what: String| Error::Data(format!("{}: {what}", path.display()));
-    let st = recompose_core::weights::HfDir::open_tensors(path)?;
-    if st.metadata.get("recompose.backbone").map(String::as_str) != Some(base) {
-        return Err(bad("expert weights for another model".into()));
-    }
+    let st = open_for(path, base, "expert weights")?;
     let mut out = vec![];
     for l in 0..split.layers() {
         let parts = std::iter::once((None, &split.permanent[l]))

@@ -44,6 +44,39 @@ impl Gates {
     pub fn route(&self, layer: usize, x: &Tensor) -> Result<Vec<u32>> {
         Ok(x.to_dtype(DType::F32)?.matmul(&self.weights[layer].t()?)?.argmax(D::Minus1)?.to_vec1()?)
     }
+
+    /// The name of layer `l`'s gate in a gates file.
+    pub fn name(l: usize) -> String {
+        format!("model.layers.{l}.mlp.gate.weight")
+    }
+
+    /// The gates by name (what a MoE folder's `gates.safetensors` holds).
+    pub fn tensors(&self) -> Vec<(String, Tensor)> {
+        self.weights.iter().enumerate().map(|(l, w)| (Self::name(l), w.clone())).collect()
+    }
+
+    /// `layers` gates over `experts` experts for FFN inputs of width `hidden`, fetched by name
+    /// through `get` and checked.
+    pub fn from_tensors(
+        layers: usize,
+        experts: usize,
+        hidden: usize,
+        mut get: impl FnMut(&str) -> Result<Tensor>,
+    ) -> Result<Self> {
+        let weights = (0..layers)
+            .map(|l| {
+                let (name, t) = (Self::name(l), get(&Self::name(l))?.to_dtype(DType::F32)?);
+                if t.dims() != [experts, hidden] {
+                    return Err(Error::Data(format!(
+                        "{name} is {:?}, the split needs [{experts}, {hidden}]",
+                        t.dims()
+                    )));
+                }
+                Ok(t)
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self { experts, weights })
+    }
 }
 
 /// Trains the gates for `steps` AdamW steps of `batch` tokens per layer (all layers each step)
@@ -113,8 +146,8 @@ pub fn train(
 pub struct GatedMoe {
     moe: MoeFfn,
     gate: Linear,
-    /// Nanoseconds spent in the gate (its share of step time), shared by all layers.
-    nanos: Arc<AtomicU64>,
+    /// Nanoseconds spent in the gate (its share of step time).
+    nanos: AtomicU64,
 }
 
 impl Ffn for GatedMoe {
@@ -124,33 +157,34 @@ impl Ffn for GatedMoe {
         self.nanos.fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
         self.moe.forward(x, &FfnContext { route: Some(&routes), ..*ctx })
     }
+
+    fn routing_seconds(&self) -> f64 {
+        self.nanos.load(Ordering::Relaxed) as f64 * 1e-9
+    }
 }
 
-/// Every layer of `model` cut under `split` behind its gate, with the clock the gates add their
-/// time to.
-pub fn gated(model: &Model, split: &ExpertSplit, gates: &Gates) -> Result<(Vec<Box<dyn Ffn>>, Arc<AtomicU64>)> {
-    if gates.weights.len() != model.layers.len() || gates.experts != split.names.len() {
+/// Every layer of `model` cut under `split` behind its gate (each timed: `Model::routing_seconds`).
+pub fn gated(model: &Model, split: &ExpertSplit, gates: &Gates) -> Result<Vec<Box<dyn Ffn>>> {
+    behind_gates(crate::ffn::cut(model, split)?, gates, model.dtype(), model.device())
+}
+
+/// Each layer's MoE FFN behind its gate (moved to `dtype` on `device`).
+pub fn behind_gates(moes: Vec<MoeFfn>, gates: &Gates, dtype: DType, device: &Device) -> Result<Vec<Box<dyn Ffn>>> {
+    let experts = moes.first().map_or(0, |m| m.experts());
+    if gates.weights.len() != moes.len() || gates.experts != experts {
         return Err(Error::Config(format!(
-            "{} gates over {} experts for {} layers and {} experts",
+            "{} gates over {} experts for {} layers and {experts} experts",
             gates.weights.len(),
             gates.experts,
-            model.layers.len(),
-            split.names.len()
+            moes.len(),
         )));
     }
-    let nanos = Arc::new(AtomicU64::new(0));
-    let moes = crate::ffn::cut(model, split)?;
-    let ffns = moes
-        .into_iter()
+    moes.into_iter()
         .zip(&gates.weights)
         .enumerate()
         .map(|(l, (moe, w))| -> Result<Box<dyn Ffn>> {
-            let gate = Linear::dense(
-                format!("model.layers.{l}.mlp.gate.weight"),
-                w.to_dtype(model.dtype())?.to_device(model.device())?,
-            );
-            Ok(Box::new(GatedMoe { moe, gate, nanos: nanos.clone() }))
+            let gate = Linear::dense(Gates::name(l), w.to_dtype(dtype)?.to_device(device)?);
+            Ok(Box::new(GatedMoe { moe, gate, nanos: AtomicU64::new(0) }) as Box<dyn Ffn>)
         })
-        .collect::<Result<_>>()?;
-    Ok((ffns, nanos))
+        .collect()
 }

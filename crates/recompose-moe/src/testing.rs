@@ -1,7 +1,8 @@
 //! Seeded MoE pieces for tests, here and in the crates that run a MoE (the server's): a split
-//! from pseudo-random statistics and a router whose weights are large enough that its picks
-//! change from token to token.
+//! from pseudo-random statistics, and a router and layer-wise gates whose weights are large
+//! enough that their picks change from token to token.
 
+use crate::layerwise::Gates;
 use crate::{router, ChannelStats, ExpertSplit, MoeConfig, MoeModel, Result};
 use recompose_core::weights::ModelFile;
 use recompose_llm::pregate::PreGate;
@@ -42,6 +43,19 @@ pub fn moe(file: &ModelFile, model: &Model, experts: Option<Vec<(String, candle_
         base: crate::format::identity(file)?,
         split: split(model)?,
         router: Some(router.config),
+        layerwise: false,
     };
-    Ok(MoeModel { config, router: Some(router), experts })
+    Ok(MoeModel { config, router: Some(router), gates: None, experts })
+}
+
+/// Layer-wise gates over 3 experts for `model`, seeded, with weights of order 1.
+pub fn gates(model: &Model) -> Result<Gates> {
+    let hidden = model.config.hidden_size;
+    let weights = (0..model.layers.len())
+        .map(|l| {
+            let v: Vec<f32> = (0..3 * hidden).map(|i| (((i * 17 + l * 3) % 11) as f32 - 5.0) / 5.0).collect();
+            Ok(candle_core::Tensor::from_vec(v, (3, hidden), &candle_core::Device::Cpu)?)
+        })
+        .collect::<Result<_>>()?;
+    Ok(Gates { experts: 3, weights })
 }

@@ -51,15 +51,9 @@ fn a_gated_layer_is_its_moe_routed_by_the_gates_argmax() {
     let (a, b): (Vec<f32>, Vec<f32>) =
         (every3[1].flatten_all().unwrap().to_vec1().unwrap(), want.flatten_all().unwrap().to_vec1().unwrap());
     assert_eq!(a, b, "the sampled inputs are every third of all of them");
-    let hidden = model.config.hidden_size;
-    let weights: Vec<Tensor> = (0..model.layers.len())
-        .map(|l| {
-            let v: Vec<f32> = (0..3 * hidden).map(|i| (((i * 17 + l * 3) % 11) as f32 - 5.0) / 5.0).collect();
-            Tensor::from_vec(v, (3, hidden), &Device::Cpu).unwrap()
-        })
-        .collect();
-    let gates = Gates { experts: 3, weights };
-    let (ffns, nanos) = layerwise::gated(&model, &split, &gates).unwrap();
+    let gates = recompose_moe::testing::gates(&model).unwrap();
+    let ffns = layerwise::gated(&model, &split, &gates).unwrap();
+    assert_eq!(ffns[1].routing_seconds(), 0.0);
     let moes = recompose_moe::ffn::cut(&model, &split).unwrap();
     let x = &xs[1];
     let routes = gates.route(1, x).unwrap();
@@ -82,7 +76,8 @@ fn a_gated_layer_is_its_moe_routed_by_the_gates_argmax() {
         (got.y.flatten_all().unwrap().to_vec1().unwrap(), want.y.flatten_all().unwrap().to_vec1().unwrap());
     assert_eq!(a, b);
     assert_eq!(got.usage, want.usage);
-    assert!(nanos.load(std::sync::atomic::Ordering::Relaxed) > 0);
+    assert!(ffns[1].routing_seconds() > 0.0, "the gate's time is counted");
+    assert_eq!(ffns[0].routing_seconds(), 0.0, "each layer counts its own");
     let short = Gates { experts: 3, weights: gates.weights[..1].to_vec() };
     assert!(layerwise::gated(&model, &split, &short).is_err());
 }

@@ -178,7 +178,7 @@ fn a_full_fine_tune_writes_a_model_that_loads_and_generates_its_training_loss() 
 
 #[test]
 fn chat_rows_take_loss_on_assistant_turns_only() {
-    let file = ModelFile::open(recompose_core::assets::main_file("smollm2-135m").unwrap()).unwrap();
+    let file = ModelFile::open(recompose_assets::main_file("smollm2-135m").unwrap()).unwrap();
     let tok = file.tokenizer().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("chat.jsonl");

@@ -27,7 +27,7 @@ fn hashed(n: usize, seed: u64, scale: f64) -> Vec<f32> {
 fn one_lora_adamw_step_matches_transformers_and_peft() {
     let p = format!("{}/tests/fixtures/lora_step_smollm2-135m.json", env!("CARGO_MANIFEST_DIR"));
     let fx: Value = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
-    let file = ModelFile::open(recompose_core::assets::main_file("smollm2-135m").unwrap()).unwrap();
+    let file = ModelFile::open(recompose_assets::main_file("smollm2-135m").unwrap()).unwrap();
     let mut model = Model::load_with(&file, LoadOptions::new(WeightMode::F32)).unwrap();
     let c = model.config.clone();
     let (rank, alpha) = (fx["rank"].as_u64().unwrap() as usize, fx["alpha"].as_f64().unwrap());

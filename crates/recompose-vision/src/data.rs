@@ -220,8 +220,8 @@ pub const DATASETS: [&str; 2] = ["fashion-mnist", "cifar10"];
 /// A data set by name, fetching its asset when it is not cached.
 pub fn load(name: &str, split: Split) -> Result<Dataset> {
     match name {
-        "fashion-mnist" => fashion_mnist(&recompose_core::assets::ensure("fashion-mnist")?, split),
-        "cifar10" => cifar10(&recompose_core::assets::main_file("cifar10-test")?, split),
+        "fashion-mnist" => fashion_mnist(&recompose_assets::ensure("fashion-mnist")?, split),
+        "cifar10" => cifar10(&recompose_assets::main_file("cifar10-test")?, split),
         _ => Err(Error::Config(format!("unknown data set '{name}' (known: {})", DATASETS.join(", ")))),
     }
 }
@@ -655,7 +655,7 @@ mod tests {
     /// Loads the real data when it is cached (`recompose fetch fashion-mnist cifar10-test`).
     #[test]
     fn real_data_sets_when_cached() {
-        let home = recompose_core::assets::home();
+        let home = recompose_assets::home();
         let counts =
             |ds: &Dataset| (0..10u8).map(|c| ds.labels.iter().filter(|&&l| l == c).count()).collect::<Vec<_>>();
         if home.join("fashion-mnist").is_dir() {

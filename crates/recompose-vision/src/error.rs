@@ -17,6 +17,8 @@ pub enum Error {
     #[error(transparent)]
     Core(#[from] recompose_core::Error),
     #[error(transparent)]
+    Assets(#[from] recompose_assets::Error),
+    #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }
 

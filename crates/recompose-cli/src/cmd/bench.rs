@@ -79,7 +79,7 @@ pub fn run(a: Args, _quiet: bool) -> Result<()> {
                         runs: a.runs,
                         kv: kv.clone(),
                     };
-                    let routed = || moe.as_ref().and_then(|m| m.pregate()).map(|g| g.seconds());
+                    let routed = || moe.as_ref().map(|m| m.routing_seconds());
                     let before = routed();
                     let ms: Vec<&recompose_llm::Model> = models.iter().map(|(_, m)| *m).collect();
                     let rs = pool.install(|| bench::compare(&ms, &tok, &source, &o))?;

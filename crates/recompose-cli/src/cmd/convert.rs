@@ -17,7 +17,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args, quiet: bool) -> Result<()> {
-    let input = recompose_core::assets::resolve_model(&a.input)?;
+    let input = recompose_assets::resolve_model(&a.input)?;
     let pb = progress(0, "converting", quiet);
     convert::convert(&input, &a.output, a.dtype, &mut |d, t| {
         pb.set_length(t as u64);

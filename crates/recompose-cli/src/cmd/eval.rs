@@ -2,7 +2,7 @@
 
 use crate::common::{progress, ModelArgs};
 use anyhow::{Context, Result};
-use recompose_core::assets;
+use recompose_assets as assets;
 use recompose_eval::{mmlu, passkey, ppl};
 use std::path::PathBuf;
 

@@ -1,7 +1,7 @@
 //! `recompose fetch`: download assets by name.
 
 use anyhow::Result;
-use recompose_core::assets;
+use recompose_assets as assets;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {

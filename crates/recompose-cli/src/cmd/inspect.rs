@@ -20,7 +20,7 @@ pub fn run(a: Args) -> Result<()> {
     if recompose_moe::MoeConfig::is_moe(dir) {
         return moe(dir, a.json);
     }
-    let path = recompose_core::assets::resolve_model(&a.file)?;
+    let path = recompose_assets::resolve_model(&a.file)?;
     let f = ModelFile::open(&path)?;
     let tok = f.tokenizer()?;
     let c = &f.config;
@@ -103,7 +103,7 @@ pub fn run(a: Args) -> Result<()> {
 fn moe(dir: &std::path::Path, json: bool) -> Result<()> {
     let c = recompose_moe::MoeConfig::read(dir)?;
     let s = &c.split;
-    let files: Vec<(String, u64)> = ["config.json", "router.safetensors", "experts.safetensors"]
+    let files: Vec<(String, u64)> = ["config.json", "router.safetensors", "gates.safetensors", "experts.safetensors"]
         .iter()
         .filter_map(|f| std::fs::metadata(dir.join(f)).ok().map(|m| (f.to_string(), m.len())))
         .collect();
@@ -111,7 +111,7 @@ fn moe(dir: &std::path::Path, json: bool) -> Result<()> {
     if json {
         let v = serde_json::json!({
             "path": dir, "format": c.format, "base": c.base, "experts": s.names, "keep": s.keep,
-            "channels": s.channels, "router": c.router, "layers": report, "files": files,
+            "channels": s.channels, "router": c.router, "layerwise": c.layerwise, "layers": report, "files": files,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
@@ -128,6 +128,7 @@ fn moe(dir: &std::path::Path, json: bool) -> Result<()> {
     );
     match c.router {
         Some(r) => println!("router        pre-gating, {} experts, MLP width {}", r.experts, r.ffn),
+        None if c.layerwise => println!("router        layer-wise: one linear gate per layer over its FFN input"),
         None => println!("router        none (every kept channel is permanent: a pruned model)"),
     }
     let fine_tuned = files.iter().any(|(f, _)| f == "experts.safetensors");

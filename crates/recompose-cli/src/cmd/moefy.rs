@@ -1,8 +1,9 @@
 //! `recompose moefy`: Read-ME's refactorisation of a dense model's FFNs into experts, by
 //! calibration statistics per data domain, and its pre-gating router trained by distillation.
 //! Writes the runnable MoE folder (config.json with the split and the model's identity,
-//! router.safetensors: `--moe DIR` runs it), the statistics it came from, and a report of the
-//! split and its held-out quality.
+//! router.safetensors: `--moe DIR` runs it), the layer-wise routing baseline and the pruned
+//! baseline beside it (`DIR/layerwise`, `DIR/pruned`, runnable the same way), the statistics it
+//! came from, and a report of the split and its held-out quality.
 
 use crate::common::{progress, ModelArgs};
 use anyhow::{Context, Result};
@@ -15,8 +16,9 @@ use std::path::PathBuf;
 pub struct Args {
     #[command(flatten)]
     model: ModelArgs,
-    /// Calibration domains, one expert each (comma-separated): shakespeare, austen, mmlu, or
-    /// text files or folders of .txt files.
+    /// Calibration domains, one expert each (comma-separated): shakespeare, austen, mmlu, code,
+    /// docs, fortunes, bigbench (assets, fetched when needed), or text files or folders of .txt
+    /// files.
     #[arg(long, value_delimiter = ',', required = true)]
     calib: Vec<String>,
     /// Routed experts: one per calibration domain (so when given it must equal their count),
@@ -50,12 +52,14 @@ pub struct Args {
     router_lr: f64,
     /// Training steps of the layer-wise routing baseline (one linear gate per layer over its
     /// FFN input, distilled towards the layer's own oracle expert; every 8th calibration token,
-    /// 512 a step); 0 skips it. Scored beside the pre-gating router.
+    /// 512 a step); 0 skips it. Scored beside the pre-gating router, fine-tuned beside it with
+    /// --finetune-steps, and written to DIR/layerwise.
     #[arg(long, default_value_t = 300)]
     layerwise_steps: usize,
     /// Expert fine-tuning steps (LM loss, every expert's and the permanent part's weights
-    /// trainable, the router frozen and routing as at run time, f32); the dense model pruned to
-    /// the same size is fine-tuned with the same token budget to compare. 0 skips both.
+    /// trainable, the router frozen and routing as at run time, f32); the layer-wise MoE and the
+    /// dense model pruned to the same size are fine-tuned with the same token budget to
+    /// compare. 0 skips all three.
     #[arg(long, default_value_t = 0)]
     finetune_steps: usize,
     /// Fine-tuning rows per domain (of --ctx tokens, from the calibration part of its text).
@@ -107,9 +111,12 @@ struct Finetuned {
     domains: Vec<String>,
     dense_f32: Vec<f64>,
     moe: Vec<f64>,
+    /// The layer-wise MoE (with --layerwise-steps).
+    layerwise: Option<Vec<f64>>,
     pruned: Vec<f64>,
     /// Held-out perplexity over all domains before and after, from the training loop.
     moe_run: (f64, f64),
+    layerwise_run: Option<(f64, f64)>,
     pruned_run: (f64, f64),
 }
 
@@ -259,12 +266,12 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
         (vec![], RouterShares::default(), router)
     };
     std::fs::create_dir_all(&a.output).with_context(|| format!("creating {}", a.output.display()))?;
-    let (finetuned, trained_experts, trained_pruned) = if a.finetune_steps > 0 {
-        let pruned = ExpertSplit::pruned(&all, a.keep)?;
-        let (f, w, p) = finetune(&a, &texts, &identity, &split, &pruned, &router, &held, quiet)?;
-        (Some(f), Some(w), Some((pruned, p)))
+    let pruned = ExpertSplit::pruned(&all, a.keep)?;
+    let (finetuned, trained) = if a.finetune_steps > 0 {
+        let (f, t) = finetune(&a, &texts, &identity, &split, &pruned, &router, gates.as_ref(), &held, quiet)?;
+        (Some(f), t)
     } else {
-        (None, None, None)
+        (None, Trained::default())
     };
     let out = Report {
         format: "recompose-moe-report/1",
@@ -279,21 +286,27 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
     recompose_core::atomic::write_bytes(&a.output.join("stats.json"), serde_json::to_string(&all)?.as_bytes())?;
     recompose_core::atomic::write_bytes(&a.output.join("report.json"), serde_json::to_string_pretty(&out)?.as_bytes())?;
     let moe = MoeModel {
-        experts: trained_experts,
+        experts: trained.moe,
         config: MoeConfig {
             format: recompose_moe::format::FORMAT.into(),
             base: identity,
             split: split.clone(),
             router: Some(router.config),
+            layerwise: false,
         },
         router: Some(router),
+        gates: None,
     };
     moe.save(&a.output)?;
-    if let Some((split, w)) = trained_pruned {
-        // The pruned baseline, runnable too (--moe DIR/pruned): its channels are all permanent.
-        let config = MoeConfig { split, router: None, ..moe.config.clone() };
-        MoeModel { config, router: None, experts: Some(w) }.save(&a.output.join("pruned"))?;
+    // The baselines, runnable too: the same experts behind one gate per layer (--moe
+    // DIR/layerwise), and the pruned model, whose channels are all permanent (--moe DIR/pruned).
+    if let Some(g) = gates {
+        let config = MoeConfig { router: None, layerwise: true, ..moe.config.clone() };
+        MoeModel { config, router: None, gates: Some(g), experts: trained.layerwise }
+            .save(&a.output.join("layerwise"))?;
     }
+    let config = MoeConfig { split: pruned, router: None, ..moe.config.clone() };
+    MoeModel { config, router: None, gates: None, experts: trained.pruned }.save(&a.output.join("pruned"))?;
     print_report(&split, &out.layers);
     print_quality(&out.quality, &split.names);
     let share = |s: Option<f64>| s.map_or("-".to_string(), |s| format!("{:.2}%", 100.0 * s));
@@ -304,11 +317,12 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
     );
     if let Some(f) = &out.finetuned {
         println!(
-            "held-out perplexity after {} fine-tuning steps ({} tokens), f32 (dense / MoE through its router / pruned to the same size):",
+            "held-out perplexity after {} fine-tuning steps ({} tokens), f32 (dense / MoE through its router / layer-wise MoE / pruned to the same size):",
             f.steps, f.tokens
         );
         for (i, d) in f.domains.iter().enumerate() {
-            println!("{d:>12} {:>10.2} {:>10.2} {:>10.2}", f.dense_f32[i], f.moe[i], f.pruned[i]);
+            let lw = f.layerwise.as_ref().map_or("-".to_string(), |l| format!("{:.2}", l[i]));
+            println!("{d:>12} {:>10.2} {:>10.2} {lw:>10} {:>10.2}", f.dense_f32[i], f.moe[i], f.pruned[i]);
         }
     }
     println!("wrote the MoE to {} (run it with --moe {0})", a.output.display());
@@ -420,16 +434,18 @@ fn score(
             }
             qd.oracle = ppl(model, rows, Some(best))?.0;
         }
-        let Some(g) = model.pregate() else { return Ok(()) };
+        if model.pregate().is_none() {
+            return Ok(());
+        }
         // Its picks, for accuracy and load, before the timed runs (which route for themselves).
         let picks: Vec<Vec<Vec<u32>>> = held
             .iter()
             .map(|rows| rows.iter().map(|row| model.routes(row)).collect::<Result<_, _>>())
             .collect::<Result<_, _>>()?;
-        let (before, t0) = (g.seconds(), std::time::Instant::now());
+        let (before, t0) = (model.routing_seconds(), std::time::Instant::now());
         // The router routes as it does at run time: inside each step, before the blocks.
         let ppls: Vec<f64> = held.iter().map(|rows| Ok(ppl(model, rows, None)?.0)).collect::<Result<_>>()?;
-        shares.pregate = Some((g.seconds() - before) / t0.elapsed().as_secs_f64().max(1e-9));
+        shares.pregate = Some((model.routing_seconds() - before) / t0.elapsed().as_secs_f64().max(1e-9));
         for (d, (((qd, r), p), (best, layer_best))) in q.iter_mut().zip(&picks).zip(ppls).zip(&oracles).enumerate() {
             let load = oracle::load(r, experts);
             let per_layer =
@@ -449,18 +465,17 @@ fn score(
     let pregate = model.set_pregate(None);
     let rest = (|| -> Result<()> {
         if let Some(g) = gates {
-            let (ffns, nanos) = layerwise::gated(model, split, g)?;
-            let t0 = std::time::Instant::now();
+            let ffns = layerwise::gated(model, split, g)?;
             ffn::with_ffns(model, ffns, |model| -> Result<()> {
+                let t0 = std::time::Instant::now();
                 for (qd, rows) in q.iter_mut().zip(held) {
                     if let Some(l) = qd.layerwise.as_mut() {
                         l.ppl = ppl(model, rows, None)?.0;
                     }
                 }
+                shares.layerwise = Some(model.routing_seconds() / t0.elapsed().as_secs_f64().max(1e-9));
                 Ok(())
             })?;
-            let secs = nanos.load(std::sync::atomic::Ordering::Relaxed) as f64 * 1e-9;
-            shares.layerwise = Some(secs / t0.elapsed().as_secs_f64().max(1e-9));
         }
         let pruned = ExpertSplit::pruned(stats, split.keep)?;
         ffn::with_moe(model, &pruned, |model| -> Result<()> {
@@ -598,8 +613,17 @@ fn train_routers(
     Ok((trained, Some(gates)))
 }
 
-/// Fine-tunes the MoE's experts (router frozen) and the pruned model with the same steps on the
-/// same rows, in f32, and scores both and the dense model on the held-out rows.
+/// The fine-tuned weights of each model (None: not fine-tuned, or no such model).
+#[derive(Default)]
+struct Trained {
+    moe: Option<Weights>,
+    layerwise: Option<Weights>,
+    pruned: Option<Weights>,
+}
+
+/// Fine-tunes the MoE's experts (router frozen), the layer-wise MoE's (gates frozen) and the
+/// pruned model with the same steps on the same rows, in f32, and scores them and the dense
+/// model on the held-out rows.
 #[allow(clippy::too_many_arguments)]
 fn finetune(
     a: &Args,
@@ -608,9 +632,11 @@ fn finetune(
     split: &ExpertSplit,
     pruned: &ExpertSplit,
     router: &PreGate,
+    gates: Option<&recompose_moe::layerwise::Gates>,
     held: &[Vec<Vec<u32>>],
     quiet: bool,
-) -> Result<(Finetuned, Weights, Weights)> {
+) -> Result<(Finetuned, Trained)> {
+    use recompose_moe::finetune::Routing;
     use recompose_train::finetune::Paths;
     crate::cmd::finetune::keep_freed_memory();
     anyhow::ensure!(a.finetune_batch > 0 && a.finetune_lr > 0.0, "--finetune-batch and --finetune-lr must be positive");
@@ -629,39 +655,46 @@ fn finetune(
         held.iter().map(|rows| Ok(recompose_moe::quality::held_out_nll(model, rows, None)?.0.exp())).collect()
     };
     let mut dense_f32 = vec![];
-    let mut runs = vec![];
-    for (what, split, router) in [("moe", split, Some(router)), ("pruned", pruned, None)] {
+    let mut run_one = |what: &str, split: &ExpertSplit| -> Result<(Vec<f64>, (f64, f64), Weights)> {
         let (_, mut model, _) = f32_args.load_base()?;
         if dense_f32.is_empty() {
             // The dense model in f32, scored before its FFNs are cut.
             dense_f32 = ppl(&model)?;
         }
-        let router = router.map(|r| r.frozen(&model.config)).transpose()?;
+        let routing = match what {
+            "moe" => Routing::PreGate(router.frozen(&model.config)?),
+            "layerwise" => Routing::Layerwise(gates.context("layer-wise gates")?),
+            _ => Routing::None,
+        };
         let pb = progress(steps as u64, &format!("fine-tuning ({what})"), quiet);
         let mut obs = crate::cmd::finetune::Progress { pb, quiet };
         let paths = Paths::beside(&a.output.join(format!("finetune-{what}")));
         let (summary, weights) = recompose_moe::finetune::run(
-            &mut model, identity, split, router, &train, &held_set, &cfg, &paths, &mut obs,
+            &mut model, identity, split, routing, &train, &held_set, &cfg, &paths, &mut obs,
         )?;
         obs.pb.finish_and_clear();
         let run =
             (summary.first_eval.map_or(f64::NAN, |e| e.eval_ppl), summary.last_eval.map_or(f64::NAN, |e| e.eval_ppl));
         tracing::info!("{what}: held-out perplexity {:.2} -> {:.2} in {steps} steps", run.0, run.1);
-        runs.push((ppl(&model)?, run, weights));
-    }
-    let (pruned_ppl, pruned_run, pruned_weights) = runs.pop().context("the pruned run")?;
-    let (moe_ppl, moe_run, weights) = runs.pop().context("the MoE run")?;
+        Ok((ppl(&model)?, run, weights))
+    };
+    let (moe_ppl, moe_run, moe_w) = run_one("moe", split)?;
+    let layerwise = gates.map(|_| run_one("layerwise", split)).transpose()?;
+    let (pruned_ppl, pruned_run, pruned_w) = run_one("pruned", pruned)?;
     let report = Finetuned {
         steps,
         tokens: steps * a.finetune_batch * (a.ctx - 1),
         domains: a.calib.clone(),
         dense_f32,
         moe: moe_ppl,
+        layerwise: layerwise.as_ref().map(|l| l.0.clone()),
         pruned: pruned_ppl,
         moe_run,
+        layerwise_run: layerwise.as_ref().map(|l| l.1),
         pruned_run,
     };
-    Ok((report, weights, pruned_weights))
+    let trained = Trained { moe: Some(moe_w), layerwise: layerwise.map(|l| l.2), pruned: Some(pruned_w) };
+    Ok((report, trained))
 }
 
 /// Trained weights by name.

