@@ -318,17 +318,21 @@ fn list(dir: &Path) -> Vec<PathBuf> {
     std::fs::read_dir(dir).map(|rd| rd.flatten().map(|e| e.path()).collect()).unwrap_or_default()
 }
 
-fn find_file(dir: &Path, file: &str) -> Option<PathBuf> {
+/// Every file under `dir` (at any depth) that `keep` accepts.
+fn files_under(dir: &Path, keep: &dyn Fn(&Path) -> bool, found: &mut Vec<PathBuf>) {
     for p in list(dir) {
         if p.is_dir() {
-            if let Some(f) = find_file(&p, file) {
-                return Some(f);
-            }
-        } else if p.file_name().is_some_and(|n| n == file) {
-            return Some(p);
+            files_under(&p, keep, found);
+        } else if p.is_file() && keep(&p) {
+            found.push(p);
         }
     }
-    None
+}
+
+fn find_file(dir: &Path, file: &str) -> Option<PathBuf> {
+    let mut found = vec![];
+    files_under(dir, &|p| p.file_name().is_some_and(|n| n == file), &mut found);
+    found.into_iter().next()
 }
 
 fn unzip(name: &str, archive: &Path, dest: &Path) -> Result<()> {
@@ -350,20 +354,11 @@ fn concat(parts: &[PathBuf], dest: &Path) -> Result<()> {
 
 /// Moves every file under `src` that `keep` accepts into `out/texts`, flattened to one
 /// `.txt` file per source file named by its path (`a/b.py` becomes `a__b.py.txt`).
-fn texts_from(name: &str, src: &Path, keep: impl Fn(&Path) -> bool + Copy, out: &Path) -> Result<()> {
+fn texts_from(name: &str, src: &Path, keep: impl Fn(&Path) -> bool, out: &Path) -> Result<()> {
     let texts = out.join("texts");
     std::fs::create_dir_all(&texts).map_err(|e| Error::io(&texts, e))?;
-    fn walk(dir: &Path, keep: impl Fn(&Path) -> bool + Copy, found: &mut Vec<PathBuf>) {
-        for p in list(dir) {
-            if p.is_dir() {
-                walk(&p, keep, found);
-            } else if p.is_file() && keep(&p) {
-                found.push(p);
-            }
-        }
-    }
     let mut found = vec![];
-    walk(src, keep, &mut found);
+    files_under(src, &keep, &mut found);
     if found.is_empty() {
         return Err(asset_err(name, format!("no texts under {}", src.display())));
     }

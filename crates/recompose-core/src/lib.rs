@@ -1,4 +1,5 @@
-//! recompose-core: model formats (GGUF, safetensors), configs, tokenizers, chat templates. Everything that touches bytes on disk lives here; nothing here runs a model.
+//! recompose-core: model formats (GGUF, safetensors), configs, tokenizers and chat templates:
+//! the bytes of a model on disk (fetching them is recompose-assets'); nothing here runs a model.
 
 pub mod atomic;
 pub mod chat;

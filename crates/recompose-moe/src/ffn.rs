@@ -279,6 +279,34 @@ pub fn cut(model: &recompose_llm::Model, split: &ExpertSplit) -> Result<Vec<MoeF
         .collect()
 }
 
+/// What routes a MoE's tokens.
+pub enum Routing<'a> {
+    /// Nothing is routed: a split whose channels are all permanent (the pruned baseline).
+    None,
+    /// The pre-gating router, in front of the blocks.
+    PreGate(recompose_llm::pregate::PreGate),
+    /// One gate per layer over its FFN input.
+    Layerwise(&'a crate::layerwise::Gates),
+}
+
+/// Puts `moes` (one per layer) into `model` as its FFNs, routed by `routing`: behind each
+/// layer's gate, or with the router in front of the blocks (replacing any it had).
+pub fn install(model: &mut recompose_llm::Model, moes: Vec<MoeFfn>, routing: Routing) -> Result<()> {
+    let (router, ffns): (_, Vec<Box<dyn Ffn>>) = match routing {
+        Routing::Layerwise(g) => (None, crate::layerwise::behind_gates(moes, g, model.dtype(), model.device())?),
+        Routing::PreGate(r) => (Some(r), moes.into_iter().map(|m| Box::new(m) as Box<dyn Ffn>).collect()),
+        Routing::None => (None, moes.into_iter().map(|m| Box::new(m) as Box<dyn Ffn>).collect()),
+    };
+    if ffns.len() != model.layers.len() {
+        return Err(Error::Config(format!("{} MoE layers for a model of {}", ffns.len(), model.layers.len())));
+    }
+    for (b, f) in model.layers.iter_mut().zip(ffns) {
+        b.ffn = f;
+    }
+    model.set_pregate(router);
+    Ok(())
+}
+
 /// Runs `f` on `model` with every layer's dense FFN replaced by its MoE cut under `split`; the
 /// dense FFNs are back afterwards, whatever `f` gave.
 pub fn with_moe<R, E: From<Error>>(

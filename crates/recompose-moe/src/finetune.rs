@@ -1,15 +1,13 @@
 //! Fine-tuning the experts of a refactorised model with the LM loss: every part's f32 weights
 //! trainable, everything else (attention, embeddings, norms, and the router or the layer-wise
-//! gates, which route each row as they will at run time) frozen. The same runs the pruned baseline (a split whose
+//! gates, which route each row as they will at run time) frozen. The same runs the pruned
+//! baseline (a split whose
 //! channels are all permanent, nothing routed), so the two get the same token budget through the
 //! same loop: recompose-train's, with its schedule, clipping, held-out checks, log and
 //! checkpoints.
 
-use crate::layerwise::{behind_gates, Gates};
-use crate::{ffn, ExpertSplit, Result};
+use crate::{ffn, ExpertSplit, Result, Routing};
 use candle_core::{Tensor, Var};
-use recompose_llm::ffn::Ffn;
-use recompose_llm::pregate::PreGate;
 use recompose_llm::Model;
 use recompose_train::data::{Dataset, Example};
 use recompose_train::finetune::{self, FinetuneConfig, Observer, Paths, Summary};
@@ -51,16 +49,6 @@ pub fn dataset(rows: &[Vec<u32>], describe: &str) -> Dataset {
     Dataset::new(examples, describe.to_string())
 }
 
-/// What routes the tokens while the experts train (frozen).
-pub enum Routing<'a> {
-    /// Nothing is routed: a split whose channels are all permanent (the pruned baseline).
-    None,
-    /// The pre-gating router, in front of the blocks.
-    PreGate(PreGate),
-    /// One gate per layer over its FFN input.
-    Layerwise(&'a Gates),
-}
-
 /// Cuts `model` (loaded in f32) under `split` with every part's weights trainable (registered
 /// as the model's parameters) and routed by `routing`; returns the parts' `Var`s.
 pub fn prepare(model: &mut Model, split: &ExpertSplit, routing: Routing) -> Result<Vec<(String, Var)>> {
@@ -69,16 +57,8 @@ pub fn prepare(model: &mut Model, split: &ExpertSplit, routing: Routing) -> Resu
     for m in &mut moes {
         vars.extend(m.make_trainable()?);
     }
-    let (router, ffns): (_, Vec<Box<dyn Ffn>>) = match routing {
-        Routing::Layerwise(g) => (None, behind_gates(moes, g, model.dtype(), model.device())?),
-        Routing::PreGate(r) => (Some(r), moes.into_iter().map(|m| Box::new(m) as Box<dyn Ffn>).collect()),
-        Routing::None => (None, moes.into_iter().map(|m| Box::new(m) as Box<dyn Ffn>).collect()),
-    };
-    for (b, f) in model.layers.iter_mut().zip(ffns) {
-        b.ffn = f;
-    }
+    ffn::install(model, moes, routing)?;
     model.add_params(vars.clone());
-    model.set_pregate(router);
     Ok(vars)
 }
 

@@ -24,7 +24,6 @@ use crate::layerwise::Gates;
 use crate::{Error, ExpertSplit, MoeFfn, Result};
 use candle_core::{DType, Tensor};
 use recompose_core::weights::ModelFile;
-use recompose_llm::ffn::Ffn;
 use recompose_llm::pregate::{PreGate, PreGateConfig};
 use recompose_llm::Model;
 use std::path::Path;
@@ -221,15 +220,12 @@ impl MoeModel {
                 Some(if packed { r.packed()? } else { r })
             }
         };
-        let ffns: Vec<Box<dyn Ffn>> = match &self.gates {
-            Some(g) => crate::layerwise::behind_gates(moes, g, dtype, &device)?,
-            None => moes.into_iter().map(|m| Box::new(m) as Box<dyn Ffn>).collect(),
+        let routing = match (&self.gates, router) {
+            (Some(g), _) => crate::Routing::Layerwise(g),
+            (None, Some(r)) => crate::Routing::PreGate(r),
+            (None, None) => crate::Routing::None,
         };
-        for (b, f) in model.layers.iter_mut().zip(ffns) {
-            b.ffn = f;
-        }
-        model.set_pregate(router);
-        Ok(())
+        crate::ffn::install(model, moes, routing)
     }
 }
 

@@ -65,7 +65,8 @@ impl Gates {
     ) -> Result<Self> {
         let weights = (0..layers)
             .map(|l| {
-                let (name, t) = (Self::name(l), get(&Self::name(l))?.to_dtype(DType::F32)?);
+                let name = Self::name(l);
+                let t = get(&name)?.to_dtype(DType::F32)?;
                 if t.dims() != [experts, hidden] {
                     return Err(Error::Data(format!(
                         "{name} is {:?}, the split needs [{experts}, {hidden}]",

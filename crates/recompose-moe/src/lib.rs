@@ -41,6 +41,6 @@ pub mod testing;
 
 pub use error::{Error, Result};
 pub use experts::ExpertSplit;
-pub use ffn::MoeFfn;
+pub use ffn::{MoeFfn, Routing};
 pub use format::{MoeConfig, MoeModel};
 pub use stats::ChannelStats;

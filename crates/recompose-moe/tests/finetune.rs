@@ -6,7 +6,7 @@
 use candle_core::DType;
 use recompose_llm::model::step_for;
 use recompose_llm::{Batch, Logits, Model, Plan, WeightMode};
-use recompose_moe::finetune::Routing;
+use recompose_moe::Routing;
 use recompose_moe::{MoeConfig, MoeModel};
 use recompose_train::finetune::{Observer, Paths};
 

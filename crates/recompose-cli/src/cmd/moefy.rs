@@ -625,18 +625,18 @@ struct Trained {
 /// pruned model with the same steps on the same rows, in f32, and scores them and the dense
 /// model on the held-out rows.
 #[allow(clippy::too_many_arguments)]
-fn finetune(
+fn finetune<'g>(
     a: &Args,
     texts: &[Vec<u32>],
     identity: &str,
     split: &ExpertSplit,
     pruned: &ExpertSplit,
     router: &PreGate,
-    gates: Option<&recompose_moe::layerwise::Gates>,
+    gates: Option<&'g recompose_moe::layerwise::Gates>,
     held: &[Vec<Vec<u32>>],
     quiet: bool,
 ) -> Result<(Finetuned, Trained)> {
-    use recompose_moe::finetune::Routing;
+    use recompose_moe::Routing;
     use recompose_train::finetune::Paths;
     crate::cmd::finetune::keep_freed_memory();
     anyhow::ensure!(a.finetune_batch > 0 && a.finetune_lr > 0.0, "--finetune-batch and --finetune-lr must be positive");
@@ -655,17 +655,17 @@ fn finetune(
         held.iter().map(|rows| Ok(recompose_moe::quality::held_out_nll(model, rows, None)?.0.exp())).collect()
     };
     let mut dense_f32 = vec![];
-    let mut run_one = |what: &str, split: &ExpertSplit| -> Result<(Vec<f64>, (f64, f64), Weights)> {
+    // Each run loads the base afresh (f32) and cuts it under `split`, routed by `routing`.
+    let mut run_one = |what: &str,
+                       split: &ExpertSplit,
+                       routing: &dyn Fn(&recompose_llm::Model) -> Result<Routing<'g>>|
+     -> Result<(Vec<f64>, (f64, f64), Weights)> {
         let (_, mut model, _) = f32_args.load_base()?;
         if dense_f32.is_empty() {
             // The dense model in f32, scored before its FFNs are cut.
             dense_f32 = ppl(&model)?;
         }
-        let routing = match what {
-            "moe" => Routing::PreGate(router.frozen(&model.config)?),
-            "layerwise" => Routing::Layerwise(gates.context("layer-wise gates")?),
-            _ => Routing::None,
-        };
+        let routing = routing(&model)?;
         let pb = progress(steps as u64, &format!("fine-tuning ({what})"), quiet);
         let mut obs = crate::cmd::finetune::Progress { pb, quiet };
         let paths = Paths::beside(&a.output.join(format!("finetune-{what}")));
@@ -678,9 +678,9 @@ fn finetune(
         tracing::info!("{what}: held-out perplexity {:.2} -> {:.2} in {steps} steps", run.0, run.1);
         Ok((ppl(&model)?, run, weights))
     };
-    let (moe_ppl, moe_run, moe_w) = run_one("moe", split)?;
-    let layerwise = gates.map(|_| run_one("layerwise", split)).transpose()?;
-    let (pruned_ppl, pruned_run, pruned_w) = run_one("pruned", pruned)?;
+    let (moe_ppl, moe_run, moe_w) = run_one("moe", split, &|m| Ok(Routing::PreGate(router.frozen(&m.config)?)))?;
+    let layerwise = gates.map(|g| run_one("layerwise", split, &|_| Ok(Routing::Layerwise(g)))).transpose()?;
+    let (pruned_ppl, pruned_run, pruned_w) = run_one("pruned", pruned, &|_| Ok(Routing::None))?;
     let report = Finetuned {
         steps,
         tokens: steps * a.finetune_batch * (a.ctx - 1),
