@@ -49,6 +49,9 @@ enum Command {
     /// Read-ME: split a dense model's FFN channels into a permanent part and one expert per
     /// calibration domain (shakespeare, austen, mmlu, text files).
     Moefy(cmd::moefy::Args),
+    /// Read-ME serving, replayed offline: a request trace through a MoE's pre-gate routes, the
+    /// experts each step needs by batching policy, and expert-cache hit rates by capacity.
+    MoeTrace(cmd::moe_trace::Args),
     /// Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming, metrics).
     Serve(cmd::serve::Args),
     /// Fine-tune a language model (LoRA or full) on text or chat data.
@@ -106,6 +109,7 @@ fn main() {
         Command::Bench(a) => cmd::bench::run(a, quiet),
         Command::Merge(a) => cmd::merge::run(a, quiet),
         Command::Moefy(a) => cmd::moefy::run(a, quiet),
+        Command::MoeTrace(a) => cmd::moe_trace::run(a),
         Command::Serve(a) => cmd::serve::run(a),
         Command::Finetune(a) => cmd::finetune::run(a, quiet),
         Command::Lora(c) => cmd::lora::run(c, quiet),

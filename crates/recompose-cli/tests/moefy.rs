@@ -120,6 +120,41 @@ fn moefy_splits_a_tiny_model_by_two_domains_and_scores_the_split() {
     let stats: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("stats.json")).unwrap()).unwrap();
     assert_eq!(stats.as_array().unwrap().len(), 2);
+    moe_trace_replays_the_routes(d.path(), &m, &out, &calib);
+}
+
+/// `moe-trace` on the MoE just made: every batching and policy reported, and a cache holding
+/// every expert loads each once.
+fn moe_trace_replays_the_routes(dir: &Path, m: &Path, moe: &Path, calib: &str) {
+    let (m, moe) = (m.to_str().unwrap(), moe.to_str().unwrap());
+    let json = dir.join("trace.json");
+    let args = ["moe-trace", "-q", "-m", m, "--moe", moe, "--domains", calib, "--requests", "6", "--prompt", "16"];
+    let more = ["--completion", "8", "--capacity", "1,2", "--batch", "2", "--json", json.to_str().unwrap()];
+    let (stdout, _) = succeeds(dir, &[&args[..], &more[..]].concat());
+    assert!(stdout.contains("hit rate, expert batching"), "{stdout}");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let b = v["batching"].as_array().unwrap();
+    assert_eq!(b.len(), 3);
+    for r in b {
+        let u = r["unique_experts"].as_f64().unwrap();
+        assert!((1.0..=2.0).contains(&u), "{r}");
+        let runs = r["cache"].as_array().unwrap();
+        assert_eq!(runs.len(), 8);
+        for c in runs {
+            let (hits, loads) = (c["hits"].as_u64().unwrap(), c["loads"].as_u64().unwrap());
+            assert!(hits + loads >= 1, "{c}");
+            if c["capacity"] == 2 {
+                assert!(loads <= 2, "a cache holding both experts loads each at most once: {c}");
+            }
+        }
+    }
+    // Without a pre-gate, an impossible capacity, or no --moe: one line each.
+    let e = fails(dir, &["moe-trace", "-m", m, "--moe", &format!("{moe}/pruned"), "--domains", calib]);
+    assert!(e.contains("no pre-gating router"), "{e}");
+    let e = fails(dir, &["moe-trace", "-m", m, "--moe", moe, "--domains", calib, "--capacity", "3"]);
+    assert!(e.contains("--capacity 3: from 1 to the MoE's 2 experts"), "{e}");
+    let e = fails(dir, &["moe-trace", "-m", m]);
+    assert!(e.contains("give --moe DIR"), "{e}");
 }
 
 #[test]

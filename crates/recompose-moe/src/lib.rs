@@ -22,9 +22,15 @@
 //! - [`format`]: the MoE folder (config.json with the split and the base's identity, the
 //!   router's safetensors), and applying it to a loaded model.
 //! - [`testing`]: seeded splits, routers and MoEs for tests.
+//! - [`cache`]: the expert cache (random, LRU, LFU, Belady with look-ahead) that decides
+//!   which experts stay resident when only some fit.
+//! - [`trace`]: a request trace replayed through a model of the server's scheduler in steps
+//!   (decode-first, prefill-first, expert-aware batching): the experts each step needs, and
+//!   what a cache of each capacity makes of them.
 //! - [`quality`]: held-out NLL of a model as its FFNs stand, with every token routed to one
 //!   expert.
 
+pub mod cache;
 pub mod cluster;
 pub mod domains;
 pub mod error;
@@ -38,6 +44,7 @@ pub mod quality;
 pub mod router;
 pub mod stats;
 pub mod testing;
+pub mod trace;
 
 pub use error::{Error, Result};
 pub use experts::ExpertSplit;
