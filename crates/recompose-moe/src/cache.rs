@@ -69,7 +69,7 @@ impl Eviction for Random {
     }
     fn used(&mut self, _: u32) {}
     fn victim(&mut self, resident: &[u32], _: &[Option<u64>]) -> u32 {
-        resident[self.0.random_range(0..resident.len())]
+        resident.get(self.0.random_range(0..resident.len().max(1))).copied().unwrap_or(0)
     }
 }
 
@@ -85,7 +85,7 @@ impl Eviction for Lru {
         self.0.used(e)
     }
     fn victim(&mut self, resident: &[u32], _: &[Option<u64>]) -> u32 {
-        *resident.iter().min_by_key(|&&e| self.0.last(e)).unwrap_or(&resident[0])
+        resident.iter().copied().min_by_key(|&e| self.0.last(e)).unwrap_or(0)
     }
 }
 
@@ -101,7 +101,7 @@ impl Eviction for Lfu {
         self.0.used(e)
     }
     fn victim(&mut self, resident: &[u32], _: &[Option<u64>]) -> u32 {
-        *resident.iter().min_by_key(|&&e| (self.0.count(e), self.0.last(e))).unwrap_or(&resident[0])
+        resident.iter().copied().min_by_key(|&e| (self.0.count(e), self.0.last(e))).unwrap_or(0)
     }
 }
 
@@ -126,7 +126,7 @@ impl Eviction for Belady {
             // Furthest next use first, then the least recent.
             (next, u64::MAX - self.0.last(e))
         };
-        *resident.iter().max_by_key(|&&e| key(e)).unwrap_or(&resident[0])
+        resident.iter().copied().max_by_key(|&e| key(e)).unwrap_or(0)
     }
 }
 

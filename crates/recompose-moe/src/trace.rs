@@ -29,9 +29,9 @@ pub enum Batching {
     DecodeFirst,
     /// Prompt chunks first, then decoding sequences.
     PrefillFirst,
-    /// Read-ME's Algorithm 1: sequences passed over for `max_wait` steps first, then the
-    /// sequences whose next token goes to the expert with the longest queue, then the next
-    /// longest, until the step is full.
+    /// Read-ME's Algorithm 1 on top of decode-first: sequences passed over for `max_wait`
+    /// steps first, then decoding sequences grouped by the expert of their next token, the
+    /// expert with the longest queue first, then prompt chunks grouped the same way.
     ExpertAware,
 }
 
@@ -171,7 +171,10 @@ pub fn schedule(requests: &[Request], experts: usize, limits: &Limits, batching:
                     let l = &pool[i];
                     let starved = l.waited >= limits.max_wait;
                     let e = next(l) as usize;
-                    (!starved, usize::MAX - queue_len[e], usize::MAX - oldest[e], e, usize::MAX - l.waited)
+                    // The starved by how long they waited; the rest by their expert's queue.
+                    let wait = if starved { usize::MAX - l.waited } else { 0 };
+                    let key = (usize::MAX - queue_len[e], usize::MAX - oldest[e], e, usize::MAX - l.waited);
+                    (!starved, wait, !decoding(l), key)
                 });
             }
         }
@@ -259,7 +262,7 @@ pub fn replay(schedule: &Schedule, mut cache: ExpertCache, horizon: usize) -> Ca
 /// step `t`, looking `horizon` steps past `t`.
 fn next_uses(s: &Schedule, t: usize, i: usize, horizon: usize) -> Vec<Option<u64>> {
     let mut next = vec![None; s.experts];
-    let end = s.steps.len().min(t + 1 + horizon);
+    let end = s.steps.len().min(t.saturating_add(1).saturating_add(horizon));
     for (u, step) in s.steps.iter().enumerate().take(end).skip(t) {
         for (j, n) in step.iter().enumerate() {
             let ahead = u > t || j > i;
@@ -317,8 +320,12 @@ mod tests {
         let mut reqs: Vec<Request> = (0..6).map(|_| req(0, &[0], &[0; 30])).collect();
         reqs.push(req(0, &[1], &[1; 3]));
         let s = schedule(&reqs, 2, &limits(2), Batching::ExpertAware).unwrap();
-        // Passed over at most max_wait steps per token, it finishes long before the others.
-        assert!(s.latency[6] <= 4 * (limits(2).max_wait + 1), "{}", s.latency[6]);
+        // The wait bound lets it through long before the long queue of expert 0 is done...
+        let first_done = |s: &Schedule| *s.latency[..6].iter().min().unwrap();
+        assert!(s.latency[6] < first_done(&s) / 2, "{} {}", s.latency[6], first_done(&s));
+        // ...which without it would come first.
+        let s = schedule(&reqs, 2, &Limits { max_wait: usize::MAX, ..limits(2) }, Batching::ExpertAware).unwrap();
+        assert!(s.latency[6] > first_done(&s), "{} {}", s.latency[6], first_done(&s));
     }
 
     #[test]
@@ -337,6 +344,8 @@ mod tests {
         // At step 2 expert 1's use at step 3 is known, expert 0's is not yet.
         assert_eq!(next_uses(&s, 2, 0, 8), vec![None, Some(10), None]);
         assert_eq!(next_uses(&s, 2, 0, 0), vec![None, None, None]);
+        // A horizon past the end of time is the whole trace, not an overflow.
+        assert_eq!(next_uses(&s, 2, 0, usize::MAX), vec![None, Some(10), None]);
         // So a 2-slot Belady cache evicts 0 at step 2 and loads it back at step 3.
         let run = replay(&s, ExpertCache::new(2, policy("belady", 0).unwrap()).unwrap(), 8);
         assert_eq!((run.hits, run.loads), (1, 4));
