@@ -55,6 +55,7 @@ b.set_xticks(range(len(doms)), doms, rotation=30)
 b.set_yscale("log")
 b.set_ylabel("held-out perplexity")
 b.set_title("SmolLM2-135M, 50% of the FFN active")
-b.legend(fontsize=8, loc="upper right")
+b.legend(fontsize=8, ncol=3, loc="upper right")
+b.set_ylim(top=b.get_ylim()[1] * 6)  # room for the legend above the bars
 fig.tight_layout()
 fig.savefig(out, dpi=110)

@@ -20,6 +20,7 @@ for ax, rep in zip(axes, reports):
     for policy, style in [("random", ":"), ("lru", "--"), ("lfu", "-."), ("belady", "-")]:
         runs = sorted((c for c in expert["cache"] if c["policy"] == policy), key=lambda c: c["capacity"])
         ax.plot([c["capacity"] for c in runs], [100 * c["hit_rate"] for c in runs], style, marker="o", label=policy)
+    ax.set_xticks(sorted({c["capacity"] for c in expert["cache"]}))
     ax.set_title(f"{rep['rate']} arrivals/step, expert batching")
     ax.set_xlabel("resident experts (of %d)" % len(rep["domains"]))
     ax.set_ylabel("hit rate (%)")
@@ -34,7 +35,7 @@ for i, rep in enumerate(reports):
 ax.set_xticks([j + width * (len(reports) - 1) / 2 for j in range(len(names))], names)
 ax.set_ylabel("distinct experts per step")
 ax.set_title("batching policy")
-ax.legend()
+ax.legend(loc="lower left")
 fig.tight_layout()
 fig.savefig(out, dpi=110)
 print(out)
