@@ -8,28 +8,27 @@
 
 use crate::{Error, Result};
 use rand::{rngs::StdRng, Rng, SeedableRng};
+use std::cmp::Reverse;
 
 /// The policy names [`policy`] knows, in the order reports list them.
 pub const POLICIES: &[&str] = &["random", "lru", "lfu", "belady"];
 
-/// An eviction policy: told of every use, asked for a victim when a load finds the cache full.
+/// An eviction policy: asked for a victim when a load finds the cache full.
 pub trait Eviction: Send {
     fn name(&self) -> &'static str;
     /// Whether [`Eviction::victim`] reads `next_use` (the caller computes it only then).
     fn looks_ahead(&self) -> bool {
         false
     }
-    /// `expert` was used (a hit or a load).
-    fn used(&mut self, expert: u32);
-    /// The expert of `resident` (never empty) to evict. `next_use[e]` is when expert `e` is
-    /// next known to be used, in the caller's clock (`None`: no use known); empty unless
-    /// [`Eviction::looks_ahead`].
-    fn victim(&mut self, resident: &[u32], next_use: &[Option<u64>]) -> u32;
+    /// The expert of `resident` (never empty) to evict, given every expert's `uses` so far.
+    /// `next_use[e]` is when expert `e` is next known to be used, in the caller's clock
+    /// (`None`: no use known); empty unless [`Eviction::looks_ahead`].
+    fn victim(&mut self, resident: &[u32], uses: &Uses, next_use: &[Option<u64>]) -> u32;
 }
 
-/// Recency and frequency of every expert's uses, kept by the policies that need them.
+/// Recency and frequency of every expert's uses, kept by the cache for its policy.
 #[derive(Default)]
-struct Uses {
+pub struct Uses {
     tick: u64,
     last: Vec<u64>,
     count: Vec<u64>,
@@ -46,10 +45,14 @@ impl Uses {
         self.last[e] = self.tick;
         self.count[e] += 1;
     }
-    fn last(&self, e: u32) -> u64 {
+
+    /// When `e` was last used, on a clock that ticks at every use (0: never).
+    pub fn last(&self, e: u32) -> u64 {
         self.last.get(e as usize).copied().unwrap_or(0)
     }
-    fn count(&self, e: u32) -> u64 {
+
+    /// How many times `e` was used.
+    pub fn count(&self, e: u32) -> u64 {
         self.count.get(e as usize).copied().unwrap_or(0)
     }
 }
@@ -67,48 +70,38 @@ impl Eviction for Random {
     fn name(&self) -> &'static str {
         "random"
     }
-    fn used(&mut self, _: u32) {}
-    fn victim(&mut self, resident: &[u32], _: &[Option<u64>]) -> u32 {
+    fn victim(&mut self, resident: &[u32], _: &Uses, _: &[Option<u64>]) -> u32 {
         resident.get(self.0.random_range(0..resident.len().max(1))).copied().unwrap_or(0)
     }
 }
 
 /// Evicts the least recently used expert.
-#[derive(Default)]
-pub struct Lru(Uses);
+pub struct Lru;
 
 impl Eviction for Lru {
     fn name(&self) -> &'static str {
         "lru"
     }
-    fn used(&mut self, e: u32) {
-        self.0.used(e)
-    }
-    fn victim(&mut self, resident: &[u32], _: &[Option<u64>]) -> u32 {
-        resident.iter().copied().min_by_key(|&e| self.0.last(e)).unwrap_or(0)
+    fn victim(&mut self, resident: &[u32], uses: &Uses, _: &[Option<u64>]) -> u32 {
+        resident.iter().copied().min_by_key(|&e| uses.last(e)).unwrap_or(0)
     }
 }
 
 /// Evicts the least frequently used expert (over all uses so far), the least recent of equals.
-#[derive(Default)]
-pub struct Lfu(Uses);
+pub struct Lfu;
 
 impl Eviction for Lfu {
     fn name(&self) -> &'static str {
         "lfu"
     }
-    fn used(&mut self, e: u32) {
-        self.0.used(e)
-    }
-    fn victim(&mut self, resident: &[u32], _: &[Option<u64>]) -> u32 {
-        resident.iter().copied().min_by_key(|&e| (self.0.count(e), self.0.last(e))).unwrap_or(0)
+    fn victim(&mut self, resident: &[u32], uses: &Uses, _: &[Option<u64>]) -> u32 {
+        resident.iter().copied().min_by_key(|&e| (uses.count(e), uses.last(e))).unwrap_or(0)
     }
 }
 
 /// Evicts the expert whose next known use lies furthest ahead; experts with no known use come
 /// first (beyond the horizon nothing is known), the least recently used of them.
-#[derive(Default)]
-pub struct Belady(Uses);
+pub struct Belady;
 
 impl Eviction for Belady {
     fn name(&self) -> &'static str {
@@ -117,16 +110,10 @@ impl Eviction for Belady {
     fn looks_ahead(&self) -> bool {
         true
     }
-    fn used(&mut self, e: u32) {
-        self.0.used(e)
-    }
-    fn victim(&mut self, resident: &[u32], next_use: &[Option<u64>]) -> u32 {
-        let key = |e: u32| {
-            let next = next_use.get(e as usize).copied().flatten().unwrap_or(u64::MAX);
-            // Furthest next use first, then the least recent.
-            (next, u64::MAX - self.0.last(e))
-        };
-        resident.iter().copied().max_by_key(|&e| key(e)).unwrap_or(0)
+    fn victim(&mut self, resident: &[u32], uses: &Uses, next_use: &[Option<u64>]) -> u32 {
+        let next = |e: u32| next_use.get(e as usize).copied().flatten().unwrap_or(u64::MAX);
+        // Furthest next use first, then the least recent.
+        resident.iter().copied().max_by_key(|&e| (next(e), Reverse(uses.last(e)))).unwrap_or(0)
     }
 }
 
@@ -134,9 +121,9 @@ impl Eviction for Belady {
 pub fn policy(name: &str, seed: u64) -> Result<Box<dyn Eviction>> {
     Ok(match name {
         "random" => Box::new(Random::new(seed)),
-        "lru" => Box::<Lru>::default(),
-        "lfu" => Box::<Lfu>::default(),
-        "belady" => Box::<Belady>::default(),
+        "lru" => Box::new(Lru),
+        "lfu" => Box::new(Lfu),
+        "belady" => Box::new(Belady),
         other => return Err(Error::Config(format!("expert cache `{other}`: expected one of {}", POLICIES.join(", ")))),
     })
 }
@@ -156,6 +143,7 @@ pub struct ExpertCache {
     capacity: usize,
     resident: Vec<u32>,
     policy: Box<dyn Eviction>,
+    uses: Uses,
     pub hits: u64,
     pub loads: u64,
 }
@@ -165,7 +153,7 @@ impl ExpertCache {
         if capacity == 0 {
             return Err(Error::Config("an expert cache holds at least one expert".into()));
         }
-        Ok(Self { capacity, resident: Vec::with_capacity(capacity), policy, hits: 0, loads: 0 })
+        Ok(Self { capacity, resident: Vec::with_capacity(capacity), policy, uses: Uses::default(), hits: 0, loads: 0 })
     }
 
     pub fn capacity(&self) -> usize {
@@ -183,7 +171,7 @@ impl ExpertCache {
     /// Uses `expert`. `next_use` is called only when a full cache's policy looks ahead (see
     /// [`Eviction::victim`]).
     pub fn use_expert(&mut self, expert: u32, next_use: impl FnOnce() -> Vec<Option<u64>>) -> Use {
-        self.policy.used(expert);
+        self.uses.used(expert);
         if self.resident.contains(&expert) {
             self.hits += 1;
             return Use::Hit;
@@ -193,7 +181,7 @@ impl ExpertCache {
             None
         } else {
             let ahead = if self.policy.looks_ahead() { next_use() } else { Vec::new() };
-            let v = self.policy.victim(&self.resident, &ahead);
+            let v = self.policy.victim(&self.resident, &self.uses, &ahead);
             self.resident.retain(|&e| e != v);
             Some(v)
         };

@@ -12,6 +12,7 @@
 
 use crate::cache::ExpertCache;
 use crate::{Error, Result};
+use std::cmp::Reverse;
 use std::collections::VecDeque;
 
 /// One request: its arrival step and its tokens' experts.
@@ -20,6 +21,18 @@ pub struct Request {
     pub arrival: usize,
     pub prompt: Vec<u32>,
     pub completion: Vec<u32>,
+}
+
+impl Request {
+    /// Prompt and completion tokens.
+    fn len(&self) -> usize {
+        self.prompt.len() + self.completion.len()
+    }
+
+    /// The expert of token `i`, counting the prompt then the completion.
+    fn route(&self, i: usize) -> u32 {
+        *self.prompt.get(i).unwrap_or_else(|| &self.completion[i - self.prompt.len()])
+    }
 }
 
 /// How a step chooses among the sequences ready to run.
@@ -127,38 +140,35 @@ pub fn schedule(requests: &[Request], experts: usize, limits: &Limits, batching:
     let mut order: Vec<usize> = (0..requests.len()).collect();
     order.sort_by_key(|&i| (requests[i].arrival, i));
     let mut arriving: VecDeque<usize> = order.into();
-    let mut queue: VecDeque<usize> = VecDeque::new();
+    // Queued requests with the step their prompt's routes became known.
+    let mut queue: VecDeque<(usize, usize)> = VecDeque::new();
     let mut pool: Vec<Live> = Vec::new();
     let (mut latency, mut first_token) = (vec![0; requests.len()], vec![0; requests.len()]);
     let mut steps: Vec<Vec<Need>> = Vec::new();
-    let len = |r: &Request| r.prompt.len() + r.completion.len();
     // `clock` counts steps for arrivals and latencies, idle ones included; `t` indexes the
     // steps that ran, which is the clock routes are known by.
-    let (mut clock, mut known) = (0usize, vec![0usize; requests.len()]);
+    let mut clock = 0usize;
     while !(arriving.is_empty() && queue.is_empty() && pool.is_empty()) {
         if queue.is_empty() && pool.is_empty() {
             clock = clock.max(arriving.front().map_or(0, |&i| requests[i].arrival));
         }
         let t = steps.len();
-        while arriving.front().is_some_and(|&i| requests[i].arrival <= clock) {
-            known[arriving[0]] = t;
-            queue.extend(arriving.pop_front());
+        while let Some(i) = arriving.front().copied().filter(|&i| requests[i].arrival <= clock) {
+            arriving.pop_front();
+            queue.push_back((i, t));
         }
         while pool.len() < limits.pool {
-            let Some(req) = queue.pop_front() else { break };
-            pool.push(Live { req, done: 0, waited: 0, known_from: known[req] });
+            let Some((req, known_from)) = queue.pop_front() else { break };
+            pool.push(Live { req, done: 0, waited: 0, known_from });
         }
         // Who runs: an order over the pool, then filled up to the step's limits.
         let decoding = |l: &Live| l.done >= requests[l.req].prompt.len();
         let mut rank: Vec<usize> = (0..pool.len()).collect();
         match batching {
-            Batching::DecodeFirst => rank.sort_by_key(|&i| (!decoding(&pool[i]), usize::MAX - pool[i].waited)),
-            Batching::PrefillFirst => rank.sort_by_key(|&i| (decoding(&pool[i]), usize::MAX - pool[i].waited)),
+            Batching::DecodeFirst => rank.sort_by_key(|&i| (!decoding(&pool[i]), Reverse(pool[i].waited))),
+            Batching::PrefillFirst => rank.sort_by_key(|&i| (decoding(&pool[i]), Reverse(pool[i].waited))),
             Batching::ExpertAware => {
-                let next = |l: &Live| {
-                    let r = &requests[l.req];
-                    *r.prompt.get(l.done).unwrap_or_else(|| &r.completion[l.done - r.prompt.len()])
-                };
+                let next = |l: &Live| requests[l.req].route(l.done);
                 // Per expert, its queue and its longest wait (which breaks ties, so that equal
                 // queues take turns).
                 let (mut queue_len, mut oldest) = (vec![0usize; experts], vec![0usize; experts]);
@@ -172,8 +182,8 @@ pub fn schedule(requests: &[Request], experts: usize, limits: &Limits, batching:
                     let starved = l.waited >= limits.max_wait;
                     let e = next(l) as usize;
                     // The starved by how long they waited; the rest by their expert's queue.
-                    let wait = if starved { usize::MAX - l.waited } else { 0 };
-                    let key = (usize::MAX - queue_len[e], usize::MAX - oldest[e], e, usize::MAX - l.waited);
+                    let wait = Reverse(if starved { l.waited } else { 0 });
+                    let key = (Reverse(queue_len[e]), Reverse(oldest[e]), e, Reverse(l.waited));
                     (!starved, wait, !decoding(l), key)
                 });
             }
@@ -198,7 +208,7 @@ pub fn schedule(requests: &[Request], experts: usize, limits: &Limits, batching:
                 }
                 n
             } else {
-                need(r.completion[l.done - r.prompt.len()], l.known_from);
+                need(r.route(l.done), l.known_from);
                 1
             };
             l.done += n;
@@ -220,7 +230,7 @@ pub fn schedule(requests: &[Request], experts: usize, limits: &Limits, batching:
         steps.push(step);
         clock += 1;
         pool.retain(|l| {
-            let finished = l.done == len(&requests[l.req]);
+            let finished = l.done == requests[l.req].len();
             if finished {
                 latency[l.req] = clock - requests[l.req].arrival;
             }
