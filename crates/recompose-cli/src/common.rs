@@ -4,8 +4,10 @@ use anyhow::{Context, Result};
 use clap::Args;
 use recompose_core::weights::ModelFile;
 use recompose_llm::{Model, WeightMode};
+use recompose_moe::store::{ExpertStore, StoreOptions};
 use std::io::IsTerminal;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// Bounds every pool we use (rayon's global pool and candle's, which reads RAYON_NUM_THREADS).
 pub fn set_threads(n: Option<usize>) -> Result<()> {
@@ -63,6 +65,21 @@ pub struct ModelArgs {
     /// token's chosen before the blocks by the pre-gating router.
     #[arg(long, value_name = "DIR")]
     pub moe: Option<PathBuf>,
+    /// With --moe: keep at most this many of each layer's routed experts in memory (a count,
+    /// as 4, or a size for all layers, as 512MiB) and read the rest on demand from the MoE's
+    /// expert store (`recompose moe-store write` makes it); permanent channels and the router
+    /// stay resident.
+    #[arg(long, value_name = "N|SIZE")]
+    pub expert_budget: Option<recompose_moe::store::Budget>,
+    /// Which resident expert a load evicts under --expert-budget: lru (default), lfu, random,
+    /// belady (furthest next known use: the step's own experts are kept, LRU beyond what is
+    /// known), or none (nothing kept between steps: every use reads, the on-demand baseline).
+    #[arg(long, value_name = "POLICY")]
+    pub expert_cache: Option<String>,
+    /// Under --expert-budget: a worker thread reads each step's experts, layer by layer, while
+    /// the blocks compute (the pre-gate knows them before the first block runs).
+    #[arg(long)]
+    pub prefetch: bool,
 }
 
 /// A `--device` value.
@@ -123,20 +140,70 @@ impl ModelArgs {
 
     /// The model as the flags ask: base, adapter, MoE.
     pub fn load(&self) -> Result<(ModelFile, Model, recompose_core::Tokenizer)> {
-        let (file, mut model, tok) = self.load_base()?;
-        self.apply_moe(&file, &mut model)?;
+        let (file, model, tok, _) = self.load_with_store()?;
         Ok((file, model, tok))
     }
 
-    /// Puts the `--moe` folder (if any) into `model`, the dense model it was made from.
-    pub fn apply_moe(&self, file: &ModelFile, model: &mut Model) -> Result<()> {
-        let Some(dir) = &self.moe else { return Ok(()) };
+    /// As [`Self::load`], with the expert store the model reads its experts from (under
+    /// --expert-budget), for its counters.
+    pub fn load_with_store(&self) -> Result<(ModelFile, Model, recompose_core::Tokenizer, Option<Arc<ExpertStore>>)> {
+        let (file, mut model, tok) = self.load_base()?;
+        let store = self.apply_moe(&file, &mut model)?;
+        Ok((file, model, tok, store))
+    }
+
+    /// The expert store's settings, if --expert-budget asks for one.
+    fn store_options(&self) -> Result<Option<StoreOptions>> {
+        let Some(budget) = self.expert_budget else {
+            anyhow::ensure!(
+                self.expert_cache.is_none() && !self.prefetch,
+                "--expert-cache and --prefetch go with --expert-budget (how many experts stay resident)"
+            );
+            return Ok(None);
+        };
+        anyhow::ensure!(self.device == DeviceArg::Cpu, "--expert-budget: the expert store runs on the CPU");
+        let policy = self.expert_cache.clone().unwrap_or_else(|| "lru".into());
+        Ok(Some(StoreOptions { budget, policy, seed: 0, prefetch: self.prefetch }))
+    }
+
+    /// Puts the `--moe` folder (if any) into `model`, the dense model it was made from, its
+    /// experts read from the folder's store under --expert-budget.
+    pub fn apply_moe(&self, file: &ModelFile, model: &mut Model) -> Result<Option<Arc<ExpertStore>>> {
+        let Some(dir) = &self.moe else {
+            anyhow::ensure!(
+                self.expert_budget.is_none() && self.expert_cache.is_none() && !self.prefetch,
+                "--expert-budget, --expert-cache and --prefetch need a MoE (--moe DIR); {} is a dense model",
+                self.model
+            );
+            return Ok(None);
+        };
         anyhow::ensure!(self.parts()?.1.is_none(), "--moe with a LoRA adapter: apply one or the other");
-        let moe = recompose_moe::MoeModel::load(dir, file)?;
+        let opts = self.store_options()?;
+        let moe = match opts {
+            None => recompose_moe::MoeModel::load(dir, file)?,
+            Some(_) => recompose_moe::MoeModel::load_for_store(dir, file)?,
+        };
         let (experts, keep) = (moe.config.split.names.join(", "), moe.config.split.keep);
-        moe.apply(model)?;
-        tracing::info!("MoE {}: experts {experts}, keep {keep}", dir.display());
-        Ok(())
+        let Some(opts) = opts else {
+            moe.apply(model)?;
+            tracing::info!("MoE {}: experts {experts}, keep {keep}", dir.display());
+            return Ok(None);
+        };
+        moe.check_storable()?;
+        let path = dir.join(recompose_moe::store::FILE_NAME);
+        let store = Arc::new(ExpertStore::open(&path, &moe.config.base, model.config.activation, &opts)?);
+        moe.apply_stored(model, store.clone())?;
+        let s = store.stats();
+        tracing::info!(
+            "MoE {}: experts {experts}, keep {keep}; {} of {} resident per layer ({}, prefetch {}, direct reads {})",
+            dir.display(),
+            s.capacity,
+            s.experts,
+            s.policy,
+            s.prefetch,
+            s.direct
+        );
+        Ok(Some(store))
     }
 
     /// The model and adapter, without `--moe`.

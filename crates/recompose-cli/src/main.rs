@@ -52,6 +52,10 @@ enum Command {
     /// Read-ME serving, replayed offline: a request trace through a MoE's pre-gate routes, the
     /// experts each step needs by batching policy, and expert-cache hit rates by capacity.
     MoeTrace(cmd::moe_trace::Args),
+    /// The expert store a MoE runs from under --expert-budget: write one, make a synthetic one,
+    /// or replay decode steps through one.
+    #[command(subcommand)]
+    MoeStore(cmd::moe_store::Command),
     /// Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming, metrics).
     Serve(cmd::serve::Args),
     /// Fine-tune a language model (LoRA or full) on text or chat data.
@@ -110,6 +114,7 @@ fn main() {
         Command::Merge(a) => cmd::merge::run(a, quiet),
         Command::Moefy(a) => cmd::moefy::run(a, quiet),
         Command::MoeTrace(a) => cmd::moe_trace::run(a),
+        Command::MoeStore(c) => cmd::moe_store::run(c),
         Command::Serve(a) => cmd::serve::run(a),
         Command::Finetune(a) => cmd::finetune::run(a, quiet),
         Command::Lora(c) => cmd::lora::run(c, quiet),

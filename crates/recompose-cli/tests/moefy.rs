@@ -121,6 +121,40 @@ fn moefy_splits_a_tiny_model_by_two_domains_and_scores_the_split() {
         serde_json::from_str(&std::fs::read_to_string(out.join("stats.json")).unwrap()).unwrap();
     assert_eq!(stats.as_array().unwrap().len(), 2);
     moe_trace_replays_the_routes(d.path(), &m, &out, &calib);
+    the_expert_store_runs_the_fine_tuned_moe_as_it_runs_resident(d.path(), &m, &out);
+}
+
+/// `moe-store write` on the fine-tuned MoE, then generation from the store under the smallest
+/// budget (every policy, with and without prefetch) gives the resident MoE's greedy text.
+fn the_expert_store_runs_the_fine_tuned_moe_as_it_runs_resident(dir: &Path, m: &Path, moe: &Path) {
+    let (m, moe) = (m.to_str().unwrap(), moe.to_str().unwrap());
+    let gen =
+        ["generate", "-m", m, "--moe", moe, "--prompt", "O that 12 +", "--max-tokens", "12", "--temperature", "0"];
+    let e = fails(dir, &[&gen[..], &["--expert-budget", "1"]].concat());
+    assert!(e.contains("moe-store write"), "{e}");
+    let (_, err) = succeeds(dir, &["moe-store", "write", "-m", m, "--moe", moe]);
+    assert!(err.contains("experts.store"), "{err}");
+    let (want, _) = succeeds(dir, &gen);
+    for policy in ["lru", "lfu", "random", "belady", "none"] {
+        for prefetch in [&[][..], &["--prefetch"][..]] {
+            let flags = [&["--expert-budget", "1", "--expert-cache", policy][..], prefetch].concat();
+            let (text, err) = succeeds(dir, &[&gen[..], &flags[..]].concat());
+            assert_eq!(text, want, "{policy} {prefetch:?}");
+            assert!(err.contains("expert store: 1 of 2 experts resident") && err.contains("loads"), "{err}");
+        }
+    }
+    // Bad budgets and flags, one line each.
+    let e = fails(dir, &[&gen[..], &["--expert-budget", "1KiB"]].concat());
+    assert!(e.contains("smaller than one expert"), "{e}");
+    let e = fails(dir, &[&gen[..], &["--expert-cache", "lru"]].concat());
+    assert!(e.contains("go with --expert-budget"), "{e}");
+    let e = fails(dir, &["generate", "-m", m, "--prompt", "O", "--expert-cache", "lru"]);
+    assert!(e.contains("need a MoE (--moe DIR)") && e.contains("dense model"), "{e}");
+    let e = fails(dir, &[&gen[..], &["--expert-budget", "lots"]].concat());
+    assert!(e.contains("a count of experts"), "{e}");
+    let e =
+        fails(dir, &["generate", "-m", m, "--moe", &format!("{moe}/pruned"), "--prompt", "O", "--expert-budget", "1"]);
+    assert!(e.contains("needs a pre-gated MoE"), "{e}");
 }
 
 /// `moe-trace` on the MoE just made: every batching and policy reported, and a cache holding

@@ -191,12 +191,15 @@ impl ExpertCache {
 
     /// Hits over all uses (0 before any use).
     pub fn hit_rate(&self) -> f64 {
-        let n = self.hits + self.loads;
-        if n == 0 {
-            0.0
-        } else {
-            self.hits as f64 / n as f64
-        }
+        hit_rate(self.hits, self.loads)
+    }
+}
+
+/// Hits over all uses (0 before any use).
+pub fn hit_rate(hits: u64, loads: u64) -> f64 {
+    match hits + loads {
+        0 => 0.0,
+        n => hits as f64 / n as f64,
     }
 }
 

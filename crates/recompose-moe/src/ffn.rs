@@ -18,8 +18,31 @@ pub struct MoeFfn {
     layer: usize,
     /// None when no channel is permanent.
     permanent: Option<DenseFfn>,
-    /// None for an expert with no channels of its own.
-    experts: Vec<Option<DenseFfn>>,
+    experts: Experts,
+}
+
+/// Where a MoE layer's routed experts are.
+enum Experts {
+    /// In memory; None for an expert with no channels of its own.
+    Resident(Vec<Option<DenseFfn>>),
+    /// In an expert store, read on demand under its budget.
+    Stored(Arc<crate::store::ExpertStore>),
+}
+
+/// A routed expert's part for one step: borrowed from the layer or held from the store.
+enum PartRef<'a> {
+    Borrowed(&'a DenseFfn),
+    Held(Arc<DenseFfn>),
+}
+
+impl std::ops::Deref for PartRef<'_> {
+    type Target = DenseFfn;
+    fn deref(&self) -> &DenseFfn {
+        match self {
+            PartRef::Borrowed(p) => p,
+            PartRef::Held(p) => p,
+        }
+    }
 }
 
 /// One part's weights in f32: gate and up `(k, hidden)`, down `(hidden, k)`.
@@ -84,7 +107,9 @@ impl MoeFfn {
         Ok(Self {
             layer,
             permanent: part(&split.permanent[layer], None)?,
-            experts: split.experts[layer].iter().enumerate().map(|(e, c)| part(c, Some(e))).collect::<Result<_>>()?,
+            experts: Experts::Resident(
+                split.experts[layer].iter().enumerate().map(|(e, c)| part(c, Some(e))).collect::<Result<_>>()?,
+            ),
         })
     }
 
@@ -117,18 +142,63 @@ impl MoeFfn {
         Ok(Self {
             layer,
             permanent: part(permanent, None)?,
-            experts: experts.into_iter().enumerate().map(|(e, w)| part(w, Some(e))).collect::<Result<_>>()?,
+            experts: Experts::Resident(
+                experts.into_iter().enumerate().map(|(e, w)| part(w, Some(e))).collect::<Result<_>>()?,
+            ),
         })
     }
 
+    /// A layer from its parts as they are: the permanent one and each expert's (None: no
+    /// channels of its own). The experts' shapes must agree with `permanent`'s and the input.
+    pub fn from_parts(layer: usize, permanent: Option<DenseFfn>, experts: Vec<Option<DenseFfn>>) -> Self {
+        Self { layer, permanent, experts: Experts::Resident(experts) }
+    }
+
     pub fn experts(&self) -> usize {
-        self.experts.len()
+        match &self.experts {
+            Experts::Resident(v) => v.len(),
+            Experts::Stored(s) => s.experts(),
+        }
+    }
+
+    /// The resident experts that have channels, by index (None once they are in a store).
+    pub fn resident_experts(&self) -> Option<impl Iterator<Item = (usize, &DenseFfn)>> {
+        match &self.experts {
+            Experts::Resident(v) => Some(v.iter().enumerate().filter_map(|(e, p)| Some((e, p.as_ref()?)))),
+            Experts::Stored(_) => None,
+        }
+    }
+
+    /// This layer with its routed experts read from `store` instead of memory (the caller
+    /// has checked that the store holds this MoE's experts).
+    pub fn into_stored(self, store: Arc<crate::store::ExpertStore>) -> Self {
+        Self { experts: Experts::Stored(store), ..self }
+    }
+
+    /// The parts of `need` (experts with tokens this step, ascending), from memory or the store.
+    fn parts(&self, need: &[u32]) -> recompose_llm::Result<Vec<(u32, Option<PartRef<'_>>)>> {
+        match &self.experts {
+            Experts::Resident(v) => {
+                Ok(need.iter().map(|&e| (e, v[e as usize].as_ref().map(PartRef::Borrowed))).collect())
+            }
+            Experts::Stored(store) => {
+                if self.layer == 0 {
+                    store.begin_step(need);
+                }
+                let got =
+                    store.parts(self.layer, need).map_err(|e| recompose_llm::Error::InvalidInput(e.to_string()))?;
+                Ok(got.into_iter().map(|(e, p)| (e, p.map(PartRef::Held))).collect())
+            }
+        }
     }
 
     /// Makes every part's weights trainable `Var`s (f32 parts only) and returns them by name.
     pub fn make_trainable(&mut self) -> Result<Vec<(String, candle_core::Var)>> {
         let mut vars = vec![];
-        for part in self.permanent.iter_mut().chain(self.experts.iter_mut().flatten()) {
+        let Experts::Resident(experts) = &mut self.experts else {
+            return Err(Error::Config("experts in a store do not train".into()));
+        };
+        for part in self.permanent.iter_mut().chain(experts.iter_mut().flatten()) {
             for l in [&mut part.gate, &mut part.up, &mut part.down] {
                 let w = l.dense_weight().ok_or_else(|| {
                     Error::Config(format!("{}: packed experts do not train (load the model with --f32)", l.name))
@@ -207,7 +277,8 @@ impl Ffn for MoeFfn {
             None => Ok(Tensor::zeros((n, hidden), x.dtype(), x.device())?),
         };
         // A model pruned to its permanent channels has nothing to route.
-        if self.experts.iter().all(Option::is_none) && ctx.route.is_none() {
+        let pruned = matches!(&self.experts, Experts::Resident(v) if v.iter().all(Option::is_none));
+        if pruned && ctx.route.is_none() {
             return Ok(FfnOutput::plain(permanent()?));
         }
         let Some(route) = ctx.route else {
@@ -219,10 +290,10 @@ impl Ffn for MoeFfn {
         if route.len() != n {
             return Err(bad(format!("layer {}: {} routes for {n} tokens", self.layer, route.len())));
         }
-        if let Some(&e) = route.iter().find(|&&e| e as usize >= self.experts.len()) {
-            return Err(bad(format!("layer {}: route to expert {e} of {}", self.layer, self.experts.len())));
+        if let Some(&e) = route.iter().find(|&&e| e as usize >= self.experts()) {
+            return Err(bad(format!("layer {}: route to expert {e} of {}", self.layer, self.experts())));
         }
-        let mut usage = vec![0u64; self.experts.len()];
+        let mut usage = vec![0u64; self.experts()];
         for (i, &e) in route.iter().enumerate() {
             if i % ctx.t.max(1) < ctx.lens[ctx.sequence_of(i)] {
                 usage[e as usize] += 1;
@@ -231,9 +302,13 @@ impl Ffn for MoeFfn {
         // Every token to one expert (a decode step of one sequence, a prefill chunk of one
         // domain): no rows to gather, and the permanent part's and the expert's gate and up
         // projections read the input together.
-        if let (Some(&e), Some(p)) = (route.first(), &self.permanent) {
-            if route.iter().all(|&r| r == e) {
-                let Some(part) = &self.experts[e as usize] else {
+        let mut need: Vec<u32> = route.to_vec();
+        need.sort_unstable();
+        need.dedup();
+        let parts = self.parts(&need)?;
+        if let Some(p) = &self.permanent {
+            if need.len() == 1 {
+                let Some(part) = parts.first().and_then(|(_, p)| p.as_ref()) else {
                     return Ok(FfnOutput { y: run(p, x)?, aux_loss: None, usage: Some(usage) });
                 };
                 let wide = |l: &Linear| l.dims().0;
@@ -253,9 +328,9 @@ impl Ffn for MoeFfn {
             }
         }
         let mut y = permanent()?;
-        for (e, part) in self.experts.iter().enumerate() {
-            let rows: Vec<u32> = (0..n as u32).filter(|&i| route[i as usize] as usize == e).collect();
-            let Some(part) = part.as_ref().filter(|_| !rows.is_empty()) else { continue };
+        for (e, part) in &parts {
+            let Some(part) = part else { continue };
+            let rows: Vec<u32> = (0..n as u32).filter(|&i| route[i as usize] == *e).collect();
             let idx = Tensor::new(rows.as_slice(), x.device())?;
             let ye = run(part, &x.index_select(&idx, 0)?)?;
             y = y.index_add(&idx, &ye, 0)?;

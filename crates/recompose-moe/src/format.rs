@@ -124,6 +124,16 @@ impl MoeModel {
 
     /// Reads a MoE folder made for `file`'s model (its identity is checked).
     pub fn load(dir: &Path, file: &ModelFile) -> Result<Self> {
+        Self::load_parts(dir, file, true)
+    }
+
+    /// As [`Self::load`] for a MoE that will run from its expert store: fine-tuned routed
+    /// experts are left on disk (only the permanent parts are read), so they never take memory.
+    pub fn load_for_store(dir: &Path, file: &ModelFile) -> Result<Self> {
+        Self::load_parts(dir, file, false)
+    }
+
+    fn load_parts(dir: &Path, file: &ModelFile, routed: bool) -> Result<Self> {
         let bad = |what: String| Error::Data(format!("{}: {what}", dir.display()));
         let config = MoeConfig::read(dir)?;
         let c = &file.config;
@@ -168,7 +178,10 @@ impl MoeModel {
             }
         };
         let experts = match dir.join("experts.safetensors") {
-            p if p.exists() => Some(read_experts(&p, &config.split, c.hidden_size, &here)?),
+            p if p.exists() => {
+                let split = if routed { config.split.clone() } else { permanent_only(&config.split) };
+                Some(read_experts(&p, &split, c.hidden_size, &here)?)
+            }
             _ => None,
         };
         Ok(Self { config, router, gates, experts })
@@ -178,12 +191,76 @@ impl MoeModel {
     /// weights to the model's device and float type). Make caches after this: the router adds
     /// a cache layer.
     pub fn apply(self, model: &mut Model) -> Result<()> {
+        let moes = self.ffns(model)?;
+        self.install(model, moes)
+    }
+
+    /// As [`Self::apply`], with the routed experts read on demand from `store` (made by
+    /// [`crate::store::write`] for this MoE) rather than kept in memory. Only a pre-gated MoE
+    /// knows its routes before the blocks run, which is what the store's prefetch and
+    /// look-ahead need.
+    pub fn apply_stored(self, model: &mut Model, store: std::sync::Arc<crate::store::ExpertStore>) -> Result<()> {
+        self.check_storable()?;
+        // The store must hold this split's experts as the model runs them: gate and up of
+        // channels x hidden (on the packed kernels the channels padded to a block of 32), down
+        // transposed.
+        let (split, hidden, packed) = (&self.config.split, model.config.hidden_size, on_packed(model));
+        if store.layers() != split.layers() || store.experts() != split.names.len() {
+            return Err(Error::Config(format!(
+                "the expert store holds {} layers x {} experts, this MoE {} x {}: made from another MoE",
+                store.layers(),
+                store.experts(),
+                split.layers(),
+                split.names.len()
+            )));
+        }
+        if store.packed() != packed {
+            let (has, runs) = if packed { ("f32", "packed") } else { ("packed", "f32") };
+            return Err(Error::Config(format!(
+                "the expert store holds {has} experts and this model runs {runs} (write the store as the model runs)"
+            )));
+        }
+        for (l, layer) in split.experts.iter().enumerate() {
+            for (e, chans) in layer.iter().enumerate() {
+                let k =
+                    if packed { chans.len().next_multiple_of(recompose_llm::kernels::quant::QK) } else { chans.len() };
+                let want = (k > 0).then_some([(k, hidden), (k, hidden), (hidden, k)]);
+                if store.shapes(l, e) != want {
+                    return Err(Error::Config(format!(
+                        "layer {l} expert {e}: the expert store has {:?}, this MoE {want:?}: made from another MoE",
+                        store.shapes(l, e)
+                    )));
+                }
+            }
+        }
+        let moes = self.ffns_of(model, &permanent_only(split))?;
+        let moes = moes.into_iter().map(|m| m.into_stored(store.clone())).collect();
+        self.install(model, moes)
+    }
+
+    /// Refuses a MoE that cannot run from an expert store: one without a pre-gate.
+    pub fn check_storable(&self) -> Result<()> {
+        if self.router.is_none() {
+            let what = if self.config.layerwise { "routes layer by layer" } else { "routes nothing" };
+            return Err(Error::Config(format!(
+                "an expert store needs a pre-gated MoE (routes known before the blocks); this one {what}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The MoE's FFNs for `model`, one per layer, not yet installed: slices of its dense FFNs
+    /// or the fine-tuned experts.
+    pub fn ffns(&self, model: &Model) -> Result<Vec<MoeFfn>> {
+        self.ffns_of(model, &self.config.split)
+    }
+
+    /// [`Self::ffns`] of `split` (this MoE's, or it with the routed experts emptied).
+    fn ffns_of(&self, model: &Model, split: &ExpertSplit) -> Result<Vec<MoeFfn>> {
         let (dtype, device) = (model.dtype(), model.device().clone());
-        // A model on the packed kernels runs its experts and router there too.
-        let dense = model.layers.first().and_then(|b| b.ffn.as_dense());
-        let packed = dense.is_some_and(|d| d.gate.dense_weight().is_none());
+        let packed = on_packed(model);
         let moes = match &self.experts {
-            None => crate::ffn::cut(model, &self.config.split)?,
+            None => crate::ffn::cut(model, split)?,
             Some(w) => {
                 let act = model.config.activation;
                 let by_name: std::collections::HashMap<&str, &Tensor> =
@@ -200,7 +277,6 @@ impl MoeModel {
                     let [g, u, d] = PROJ.map(|p| part_name(l, which, p));
                     Ok(Some(PartWeights { gate: get(g)?, up: get(u)?, down: get(d)? }))
                 };
-                let split = &self.config.split;
                 (0..split.layers())
                     .map(|l| {
                         let experts = split.experts[l]
@@ -213,6 +289,12 @@ impl MoeModel {
                     .collect::<Result<Vec<_>>>()?
             }
         };
+        Ok(moes)
+    }
+
+    /// Installs `moes` (from [`Self::ffns`]) in `model` with the router in front or the gates.
+    fn install(self, model: &mut Model, moes: Vec<MoeFfn>) -> Result<()> {
+        let (dtype, device, packed) = (model.dtype(), model.device().clone(), on_packed(model));
         let router = match &self.router {
             None => None,
             Some(r) => {
@@ -227,6 +309,19 @@ impl MoeModel {
         };
         crate::ffn::install(model, moes, routing)
     }
+}
+
+/// `split` with every routed expert's channels dropped: what stays resident beside a store.
+fn permanent_only(split: &ExpertSplit) -> ExpertSplit {
+    let mut s = split.clone();
+    s.experts.iter_mut().flatten().for_each(Vec::clear);
+    s
+}
+
+/// Whether `model` (its dense FFNs still in) runs on the packed kernels: then its experts and
+/// router run there too.
+fn on_packed(model: &Model) -> bool {
+    model.layers.first().and_then(|b| b.ffn.as_dense()).is_some_and(|d| d.gate.dense_weight().is_none())
 }
 
 /// Opens a safetensors file of a MoE folder, refusing `what` made for a base other than `base`.

@@ -27,6 +27,8 @@
 //! - [`trace`]: a request trace replayed through a model of the server's scheduler in steps
 //!   (decode-first, prefill-first, expert-aware batching): the experts each step needs, and
 //!   what a cache of each capacity makes of them.
+//! - [`store`]: the routed experts in a file, read on demand into a pool under a budget (with
+//!   a cache policy, direct reads and prefetch on a worker thread); permanent parts stay resident.
 //! - [`quality`]: held-out NLL of a model as its FFNs stand, with every token routed to one
 //!   expert.
 
@@ -43,6 +45,7 @@ pub mod oracle;
 pub mod quality;
 pub mod router;
 pub mod stats;
+pub mod store;
 pub mod testing;
 pub mod trace;
 

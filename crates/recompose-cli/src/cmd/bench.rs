@@ -40,9 +40,12 @@ pub fn run(a: Args, _quiet: bool) -> Result<()> {
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     // With --moe the dense model it came from is measured too, their runs interleaved.
     let (_, dense, tok) = a.model.load_base()?;
-    let moe = match &a.model.moe {
-        Some(_) => Some(a.model.load()?.1),
-        None => None,
+    let (moe, store) = match &a.model.moe {
+        Some(_) => {
+            let (_, m, _, s) = a.model.load_with_store()?;
+            (Some(m), s)
+        }
+        None => (None, None),
     };
     let source = tok.encode(&text, true)?;
     let threads = if a.bench_threads.is_empty() { vec![rayon::current_num_threads()] } else { a.bench_threads.clone() };
@@ -95,9 +98,14 @@ pub fn run(a: Args, _quiet: bool) -> Result<()> {
             }
         }
     }
+    let store = store.map(|s| s.stats());
+    if let Some(s) = &store {
+        println!("{s}");
+    }
     if let Some(p) = &a.json {
-        let v =
-            serde_json::json!({ "model": a.model.model, "f32": a.model.f32, "moe": a.model.moe, "results": results });
+        let v = serde_json::json!({
+            "model": a.model.model, "f32": a.model.f32, "moe": a.model.moe, "results": results, "expert_store": store
+        });
         recompose_core::atomic::write_bytes(p, serde_json::to_string_pretty(&v)?.as_bytes())?;
     }
     Ok(())

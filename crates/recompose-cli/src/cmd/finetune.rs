@@ -216,7 +216,17 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
         stop_after: a.stop_after,
     };
     cfg.validate()?;
-    let file = ModelArgs { model: a.model.clone(), f32: true, lora: None, device: a.device, moe: None }.open()?;
+    let file = ModelArgs {
+        model: a.model.clone(),
+        f32: true,
+        lora: None,
+        device: a.device,
+        moe: None,
+        expert_budget: None,
+        expert_cache: None,
+        prefetch: false,
+    }
+    .open()?;
     let tok = file.tokenizer()?;
     let train = recompose_train::data::load(&data_paths(&a.data)?, &tok, a.ctx)?;
     let (train, held) = match &a.eval_data {

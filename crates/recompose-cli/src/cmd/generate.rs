@@ -88,7 +88,7 @@ pub fn run(a: Args) -> Result<()> {
     };
     let opts = a.gen.options();
     opts.validate().map_err(anyhow::Error::msg)?;
-    let (_file, model, tok) = a.model.load()?;
+    let (_file, model, tok, store) = a.model.load_with_store()?;
     let text = if a.chat {
         let template = tok.chat_template.as_deref().context("this model has no chat template")?;
         let mut msgs = vec![];
@@ -130,5 +130,8 @@ pub fn run(a: Args) -> Result<()> {
         a.kv,
         g.kv_bytes as f64 / 1048576.0
     );
+    if let Some(s) = store {
+        eprintln!("{}; RSS {:.0} MiB", s.stats(), recompose_eval::bench::rss_bytes() as f64 / 1048576.0);
+    }
     Ok(())
 }

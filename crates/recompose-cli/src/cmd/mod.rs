@@ -8,6 +8,7 @@ pub mod generate;
 pub mod inspect;
 pub mod lora;
 pub mod merge;
+pub mod moe_store;
 pub mod moe_trace;
 pub mod moefy;
 pub mod serve;

@@ -278,6 +278,36 @@ impl PackedWeight {
         Self::from_ggml(candle_core::quantized::GgmlDType::Q8_0, &bytes, rows, cols)
     }
 
+    /// The packed arrays as they lie in memory: quant bytes, then scale bytes (what the expert
+    /// store writes to disk and reads back with [`Self::from_raw`]).
+    pub fn raw(&self) -> (&[u8], &[u8]) {
+        (self.qs_bytes(), self.sc_bytes())
+    }
+
+    /// The byte lengths of [`Self::raw`]'s arrays for a `kind` weight of `rows x cols`; None for
+    /// a shape that does not pack (or whose size overflows).
+    pub fn raw_sizes(kind: Kind, rows: usize, cols: usize) -> Option<(usize, usize)> {
+        if rows == 0 || cols == 0 || !cols.is_multiple_of(QK) {
+            return None;
+        }
+        let w = PackedWeight { kind, rows, cols, tiles: rows.div_ceil(TR), blocks: cols / QK, qs: vec![], sc: vec![] };
+        let tb = w.tiles.checked_mul(w.blocks)?;
+        Some((tb.checked_mul(w.qbytes())?.div_ceil(64) * 64, tb.checked_mul(w.sbytes())?.div_ceil(64) * 64))
+    }
+
+    /// A weight from the arrays [`Self::raw`] gave, their lengths checked against the shape.
+    pub fn from_raw(kind: Kind, rows: usize, cols: usize, qs: &[u8], sc: &[u8]) -> Option<Self> {
+        if Self::raw_sizes(kind, rows, cols)? != (qs.len(), sc.len()) {
+            return None;
+        }
+        let fill = |src: &[u8]| {
+            let mut v = lines(src.len());
+            as_bytes_mut(&mut v).copy_from_slice(src);
+            v
+        };
+        Some(Self { kind, rows, cols, tiles: rows.div_ceil(TR), blocks: cols / QK, qs: fill(qs), sc: fill(sc) })
+    }
+
     /// Dequantises one row (embedding lookups) into `out[..cols]`; a row past the end gives zeros.
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         for (b, o) in out.chunks_mut(QK).take(self.blocks).enumerate() {

@@ -324,3 +324,21 @@ fn q8_0_from_f32_rounds_each_value_within_half_a_step() {
     assert!(PackedWeight::q8_0_from_f32(&v, rows, cols - 1).is_none());
     assert!(PackedWeight::q8_0_from_f32(&v[1..], rows, cols).is_none());
 }
+
+#[test]
+fn raw_arrays_read_back_bit_for_bit_and_wrong_lengths_are_refused() {
+    let mut rng = StdRng::seed_from_u64(9);
+    let (rows, cols) = (37, 96);
+    for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+        let w = PackedWeight::from_ggml(dtype, &random_ggml(dtype, rows, cols, &mut rng), rows, cols).unwrap();
+        let (qs, sc) = w.raw();
+        assert_eq!(PackedWeight::raw_sizes(w.kind(), rows, cols), Some((qs.len(), sc.len())));
+        let back = PackedWeight::from_raw(w.kind(), rows, cols, qs, sc).unwrap();
+        assert_eq!(back.raw(), w.raw(), "{dtype:?}");
+        let x: Vec<f32> = (0..2 * cols).map(|_| rng.random_range(-1.0..1.0)).collect();
+        check(&back, &x, 2, &format!("{dtype:?} from raw"));
+        assert!(PackedWeight::from_raw(w.kind(), rows + 16, cols, qs, sc).is_none());
+        assert!(PackedWeight::from_raw(w.kind(), rows, cols, &qs[64..], sc).is_none());
+        assert!(PackedWeight::raw_sizes(w.kind(), rows, cols + 1).is_none());
+    }
+}
