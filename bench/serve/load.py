@@ -25,6 +25,13 @@ the same trace. Per rate it reports throughput (generated tokens/s over the rate
 time), completed requests/s, p50/p95 TTFT, p50/p95 ITL (pooled over all gaps) and the
 error count, as a markdown table and optionally JSON.
 --kv SPEC adds the extension field "kv": SPEC to every request.
+
+--domains D,... draws request i's prompt from domain i mod len(D) instead: the held-out last
+tenth of a calibration domain's text (shakespeare, austen, code, docs, fortunes, bigbench: the
+asset's texts/*.txt in name order, as `recompose moefy` reads them) or, for mmlu, test-split
+questions with their choices ("Answer:" last). Prompt lengths and max_tokens are drawn as
+above. --metrics also records, per rate, how the server's recompose_expert_* counters moved
+(an expert store's hits, loads, load and wait seconds) and its hit rate over the rate.
 """
 import argparse
 import asyncio
@@ -57,6 +64,27 @@ def load_words():
     return (FALLBACK * 40).split()
 
 
+def domain_words(name):
+    """The words of a calibration domain's held-out last tenth (mmlu: test questions)."""
+    if name == "mmlu":
+        import csv
+        import glob
+        words = []
+        for path in sorted(glob.glob(f"{HOME}/mmlu/test/*.csv")):
+            with open(path, encoding="utf-8", errors="replace") as f:
+                for row in csv.reader(f):
+                    if len(row) == 6:
+                        q = f"{row[0]}\nA. {row[1]}\nB. {row[2]}\nC. {row[3]}\nD. {row[4]}\nAnswer: {row[5]}\n\n"
+                        words.extend(q.split(" "))
+        return words[len(words) * 9 // 10:]
+    import glob
+    text = "\n\n".join(open(p, encoding="utf-8", errors="replace").read()
+                       for p in sorted(glob.glob(f"{HOME}/{name}/texts/*.txt")))
+    if not text:
+        raise SystemExit(f"domain {name}: no texts under {HOME}/{name}/texts (recompose fetch {name})")
+    return text[len(text) * 9 // 10:].split(" ")
+
+
 def shared_prefix(words, tokens):
     """The same ~`tokens`-token text for every prompt (0: none): English prose runs ~0.75
     words per token with these tokenizers (24 words ~ 32 tokens)."""
@@ -67,16 +95,18 @@ def shared_prefix(words, tokens):
     return text + "\n\n"
 
 
-def make_requests(n, seed, prefix_tokens=0):
+def make_requests(n, seed, prefix_tokens=0, domains=None):
     """The fixed request list: (prompt, max_tokens) and standard-exponential gaps."""
     rng = np.random.default_rng(seed)
     words = load_words()
+    sources = [domain_words(d) for d in domains] if domains else [words]
     prefix = shared_prefix(words, prefix_tokens)
     reqs = []
-    for _ in range(n):
+    for i in range(n):
+        src = sources[i % len(sources)]
         nw = int(rng.choice(PROMPT_WORDS, p=PROMPT_MIX))
-        start = int(rng.integers(0, len(words) - nw))
-        reqs.append((prefix + " ".join(words[start:start + nw]), int(rng.choice(MAX_TOKENS))))
+        start = int(rng.integers(0, max(1, len(src) - nw)))
+        reqs.append((prefix + " ".join(src[start:start + nw]), int(rng.choice(MAX_TOKENS))))
     gaps = rng.exponential(1.0, size=n)
     return reqs, gaps
 
@@ -159,6 +189,17 @@ async def run_rate(url, model, reqs, gaps, rate, kv, timeout):
     }
 
 
+def expert_counters(root):
+    """The server's recompose_expert_*_total counters, by short name (hits, loads, ...)."""
+    text = httpx.get(root.rstrip("/").removesuffix("/v1") + "/metrics", timeout=30).text
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("recompose_expert_") and "_total " in line:
+            name, value = line.split(" ")
+            out[name.removeprefix("recompose_expert_").removesuffix("_total")] = float(value)
+    return out
+
+
 def ms(x):
     return "-" if x is None else f"{x * 1000:.0f}"
 
@@ -178,19 +219,30 @@ def main():
     ap.add_argument("--shared-prefix-tokens", type=int, default=0, metavar="N",
                     help="prepend the same ~N-token text to every prompt (prefix-cache tests)")
     ap.add_argument("--timeout", type=float, default=900.0, help="per-request timeout, seconds")
+    ap.add_argument("--domains", help="comma-separated calibration domains the prompts come from "
+                    "(their held-out tenth; mmlu: test questions)")
+    ap.add_argument("--metrics", action="store_true",
+                    help="record the server's recompose_expert_* counters per rate")
     a = ap.parse_args()
     if a.prompt_words:
         global PROMPT_WORDS, PROMPT_MIX
         PROMPT_WORDS = [int(w) for w in a.prompt_words.split(",")]
         PROMPT_MIX = [1.0 / len(PROMPT_WORDS)] * len(PROMPT_WORDS)
     url = a.url.rstrip("/").removesuffix("/v1") + "/v1/completions"
-    reqs, gaps = make_requests(a.requests, a.seed, a.shared_prefix_tokens)
+    domains = a.domains.split(",") if a.domains else None
+    reqs, gaps = make_requests(a.requests, a.seed, a.shared_prefix_tokens, domains)
 
     # warm-up, not measured
     asyncio.run(run_rate(url, a.model, reqs[:1], gaps[:1], 1.0, a.kv, a.timeout))
     results = []
     for rate in [float(r) for r in a.rates.split(",")]:
+        before = expert_counters(a.url) if a.metrics else None
         res = asyncio.run(run_rate(url, a.model, reqs, gaps, rate, a.kv, a.timeout))
+        if before is not None:
+            after = expert_counters(a.url)
+            res["experts"] = {k: after.get(k, 0.0) - v for k, v in before.items()}
+            uses = res["experts"].get("hits", 0) + res["experts"].get("loads", 0)
+            res["experts"]["hit_rate"] = res["experts"].get("hits", 0) / uses if uses else None
         results.append(res)
         print(f"[{a.label or a.url}] rate {rate}: {res['ok']}/{res['requests']} ok in {res['wall_s']:.1f} s",
               flush=True)
@@ -209,7 +261,7 @@ def main():
             json.dump({"label": a.label, "url": a.url, "model": a.model, "requests": a.requests,
                        "seed": a.seed, "kv": a.kv, "shared_prefix_tokens": a.shared_prefix_tokens,
                        "prompt_words": PROMPT_WORDS, "prompt_mix": PROMPT_MIX,
-                       "max_tokens": MAX_TOKENS, "results": results}, f, indent=2)
+                       "max_tokens": MAX_TOKENS, "domains": domains, "results": results}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -61,6 +61,8 @@ pub struct EngineConfig {
     /// Called on the scheduler thread each time the batch empties (the binary hands freed memory
     /// back to the OS there).
     pub on_idle: Option<fn()>,
+    /// Metrics of the model's side (an expert store's), rendered with the engine's.
+    pub external_metrics: Vec<crate::metrics::External>,
 }
 
 /// Handle the HTTP side holds.
@@ -82,7 +84,8 @@ impl Engine {
     ) -> std::io::Result<(Self, std::thread::JoinHandle<()>)> {
         // The channel is the queue: its bound is --max-queue; a full queue is a 429.
         let (tx, rx) = mpsc::sync_channel::<Job>(cfg.max_queue);
-        let metrics = Arc::new(Metrics::default());
+        let mut cfg = cfg;
+        let metrics = Arc::new(Metrics::default().with_external(std::mem::take(&mut cfg.external_metrics)));
         let draining = Arc::new(AtomicBool::new(false));
         let context = model.config.max_position;
         let queued = Arc::new(AtomicUsize::new(0));

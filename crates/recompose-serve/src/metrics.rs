@@ -20,8 +20,19 @@ struct Status {
     status: u16,
 }
 
+/// A metric the engine does not own, read when /metrics is rendered (the expert store's
+/// counters, from the model's side).
+pub struct External {
+    /// Without the `_total` suffix for counters (added on render).
+    pub name: &'static str,
+    pub help: &'static str,
+    pub counter: bool,
+    pub read: Box<dyn Fn() -> f64 + Send + Sync>,
+}
+
 pub struct Metrics {
     registry: Registry,
+    external: Vec<External>,
     requests: Family<Status, Counter>,
     prompt_tokens: Counter,
     generated_tokens: Counter,
@@ -82,6 +93,7 @@ impl Default for Metrics {
         );
         Self {
             registry,
+            external: vec![],
             requests,
             prompt_tokens,
             generated_tokens,
@@ -136,10 +148,27 @@ impl Metrics {
         self.step_tokens.observe(tokens as f64)
     }
 
+    /// With `external` rendered after the engine's own metrics.
+    pub fn with_external(mut self, external: Vec<External>) -> Self {
+        self.external = external;
+        self
+    }
+
     pub fn render(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        if self.external.is_empty() {
+            return out;
+        }
+        // OpenMetrics ends at `# EOF`: the external families go before it.
+        let mut out = out.strip_suffix("# EOF\n").unwrap_or(&out).to_string();
+        for m in &self.external {
+            let (kind, sample) =
+                if m.counter { ("counter", format!("{}_total", m.name)) } else { ("gauge", m.name.into()) };
+            out.push_str(&format!("# HELP {} {}\n# TYPE {} {kind}\n{sample} {}\n", m.name, m.help, m.name, (m.read)()));
+        }
+        out.push_str("# EOF\n");
         out
     }
 }
@@ -166,6 +195,23 @@ mod tests {
         assert!(t.contains("recompose_time_to_first_token_seconds_count 2"));
         assert!(t.contains("recompose_kv_bytes 1024"));
         assert!(t.contains("recompose_cached_prompt_tokens_total 4"));
+        assert!(t.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn external_metrics_render_before_the_end_as_read_then() {
+        let n = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(3));
+        let r = n.clone();
+        let read = Box::new(move || r.load(std::sync::atomic::Ordering::SeqCst) as f64);
+        let m = Metrics::default().with_external(vec![
+            External { name: "recompose_expert_loads", help: "Loads", counter: true, read },
+            External { name: "recompose_expert_hit_rate", help: "Hits", counter: false, read: Box::new(|| 0.5) },
+        ]);
+        n.store(7, std::sync::atomic::Ordering::SeqCst);
+        let t = m.render();
+        assert!(t.contains("# TYPE recompose_expert_loads counter\nrecompose_expert_loads_total 7\n"), "{t}");
+        assert!(t.contains("# TYPE recompose_expert_hit_rate gauge\nrecompose_expert_hit_rate 0.5\n"), "{t}");
+        assert_eq!(t.matches("# EOF").count(), 1);
         assert!(t.ends_with("# EOF\n"));
     }
 }

@@ -39,6 +39,7 @@ fn batched_moe_requests_match_each_alone_with_a_cached_prefix() {
         budget: TokenBudget { busy: 8, idle: 16 },
         prefix_cache: Some(64 << 20),
         on_idle: None,
+        external_metrics: vec![],
     };
     let (engine, _thread) = Engine::start(model, tok.clone(), cfg).unwrap();
     let opts = GenerateOptions { max_tokens: 10, ..Default::default() };

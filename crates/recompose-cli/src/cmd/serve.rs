@@ -3,6 +3,7 @@
 use crate::common::{parse_kv, ModelArgs, KV_HELP};
 use anyhow::{Context, Result};
 use recompose_llm::generate::TokenBudget;
+use recompose_serve::metrics::External;
 use recompose_serve::{router, serve, AppState, Engine, EngineConfig, Limits};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -105,6 +106,27 @@ fn prefix_cache_bytes(mib: usize) -> Result<usize> {
     Ok(bytes)
 }
 
+/// The expert store's counters for /metrics.
+fn store_metrics(s: Arc<recompose_moe::store::ExpertStore>) -> Vec<External> {
+    type Read = fn(&recompose_moe::store::StoreStats) -> f64;
+    let fields: [(&'static str, &'static str, bool, Read); 7] = [
+        ("recompose_expert_hits", "Expert uses found resident (per layer)", true, |s| s.hits as f64),
+        ("recompose_expert_loads", "Expert parts read from the store (per layer)", true, |s| s.loads as f64),
+        ("recompose_expert_load_bytes", "Bytes read from the expert store", true, |s| s.bytes_read as f64),
+        ("recompose_expert_load_seconds", "Seconds spent reading and unpacking experts", true, |s| s.load_seconds),
+        ("recompose_expert_wait_seconds", "Seconds the blocks waited for experts", true, |s| s.wait_seconds),
+        ("recompose_expert_hit_rate", "Hits over all expert uses since start", false, |s| s.hit_rate()),
+        ("recompose_expert_resident_bytes", "Bytes of experts resident", false, |s| s.resident_bytes as f64),
+    ];
+    fields
+        .into_iter()
+        .map(|(name, help, counter, f)| {
+            let s = s.clone();
+            External { name, help, counter, read: Box::new(move || f(&s.stats())) }
+        })
+        .collect()
+}
+
 pub fn run(a: Args) -> Result<()> {
     if [a.max_batch, a.max_queue, a.max_connections, a.read_timeout as usize, a.step_tokens, a.prefill_chunk]
         .contains(&0)
@@ -119,7 +141,7 @@ pub fn run(a: Args) -> Result<()> {
         read_timeout: Duration::from_secs(a.read_timeout),
         ..Limits::default()
     };
-    let (_file, model, tok) = a.model.load()?;
+    let (_file, model, tok, store) = a.model.load_with_store()?;
     let tok = Arc::new(tok);
     let (engine, scheduler) = Engine::start(
         model,
@@ -130,6 +152,7 @@ pub fn run(a: Args) -> Result<()> {
             budget: TokenBudget { busy: a.step_tokens, idle: a.prefill_chunk },
             prefix_cache,
             on_idle: Some(return_freed_memory),
+            external_metrics: store.map(store_metrics).unwrap_or_default(),
         },
     )
     .context("starting the scheduler")?;
