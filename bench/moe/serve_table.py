@@ -8,7 +8,8 @@ import os
 import sys
 
 ORDER = ["dense", "moe", "store-7-lru", "store-4-lru", "store-4-lru-prefetch", "store-4-belady-prefetch",
-         "store-2-lru", "store-2-lru-prefetch"]
+         "store-2-lru", "store-2-lru-prefetch"] + [
+    f"batch-{b}{s}" for b in ("decode-first", "prefill-first", "expert") for s in ("", "-store-4")]
 
 
 def ms(x):
@@ -17,9 +18,9 @@ def ms(x):
 
 def main():
     d = sys.argv[1]
-    print("| config | rate | tok/s | TTFT p50 / p95 ms | ITL p50 / p95 ms | hit rate | loads | load s | waited s "
-          "| hidden | RSS MiB | peak MiB |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| config | rate | tok/s | TTFT mean / p95 ms | ITL mean / p95 ms | experts / step | hit rate | loads "
+          "| load s | waited s | hidden | RSS MiB | peak MiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for label in ORDER:
         p = os.path.join(d, f"{label}.json")
         if not os.path.exists(p):
@@ -31,7 +32,9 @@ def main():
             load, wait = e.get("load_seconds", 0.0), e.get("wait_seconds", 0.0)
             cells = [
                 label, f"{x['rate']:g}", f"{x['throughput_tok_s']:.1f}",
-                f"{ms(x['ttft_p50_s'])} / {ms(x['ttft_p95_s'])}", f"{ms(x['itl_p50_s'])} / {ms(x['itl_p95_s'])}",
+                f"{ms(x.get('ttft_mean_s'))} / {ms(x['ttft_p95_s'])}",
+                f"{ms(x.get('itl_mean_s'))} / {ms(x['itl_p95_s'])}",
+                f"{e['step_experts']:.2f}" if e.get("step_experts") else "-",
                 f"{100 * e['hit_rate']:.1f}%" if store else "-",
                 f"{e['loads']:.0f}" if store else "-",
                 f"{load:.2f}" if store else "-",

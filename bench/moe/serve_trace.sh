@@ -9,9 +9,10 @@
 #
 #   bench/moe/serve_trace.sh [MOE_DIR] [OUT_DIR]
 #
-# MOE_DIR defaults to out/readme-study (bench/moe/study.sh makes it); its experts.store is
+# Then the three batching policies with 32 requests admitted and 8 per step, resident and from
+# the store. MOE_DIR defaults to out/readme-study (bench/moe/study.sh makes it); its experts.store is
 # written first if missing. REQUESTS (default 32) and RATES (default 1,4) set the trace.
-# Needs the serve venv (bench/serve/setup_serve_peers.sh). Takes about 12 minutes on 2 cores.
+# Needs the serve venv (bench/serve/setup_serve_peers.sh). Takes about 25 minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -28,9 +29,10 @@ mkdir -p "$OUT"
 [[ -x "$BIN" ]] || cargo build --release -p recompose-cli
 [[ -f "$MOE/experts.store" ]] || "$BIN" moe-store write --moe "$MOE"
 
+# run LABEL [serve flags]: MAXB (default 8) requests run at once.
 run() {
     local label="$1"; shift
-    "$BIN" serve --port "$PORT" --max-batch 8 "$@" >"$OUT/$label.log" 2>&1 &
+    "$BIN" serve --port "$PORT" --max-batch "${MAXB:-8}" "$@" >"$OUT/$label.log" 2>&1 &
     local pid=$!
     for _ in $(seq 1 120); do
         curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && break
@@ -61,4 +63,10 @@ run store-4-lru-prefetch --moe "$MOE" --expert-budget 4 --prefetch
 run store-4-belady-prefetch --moe "$MOE" --expert-budget 4 --expert-cache belady --prefetch
 run store-2-lru --moe "$MOE" --expert-budget 2
 run store-2-lru-prefetch --moe "$MOE" --expert-budget 2 --prefetch
+# Batching: 32 requests admitted, 8 per step, chosen by each policy (the router runs ahead
+# under all three, so they differ only in the choice).
+for b in decode-first prefill-first expert; do
+    MAXB=32 run "batch-$b" --moe "$MOE" --step-rows 8 --batching "$b"
+    MAXB=32 run "batch-$b-store-4" --moe "$MOE" --step-rows 8 --batching "$b" --expert-budget 4 --prefetch
+done
 "$PY" bench/moe/serve_table.py "$OUT"

@@ -183,6 +183,7 @@ async def run_rate(url, model, reqs, gaps, rate, kv, timeout):
         "wall_s": wall, "tokens": tokens, "throughput_tok_s": tokens / wall, "req_s": len(ok) / wall,
         "ttft_p50_s": pct(ttft, 50), "ttft_p95_s": pct(ttft, 95),
         "itl_p50_s": pct(itl, 50), "itl_p95_s": pct(itl, 95), "e2e_p50_s": pct(e2e, 50),
+        "ttft_mean_s": float(np.mean(ttft)) if ttft else None, "itl_mean_s": float(np.mean(itl)) if itl else None,
         "usage_reported": sum(r["usage"] for r in ok),
         "prompt_tokens_mean": float(np.mean(ptoks)) if ptoks else None,
         "prompt_tokens_max": max(ptoks) if ptoks else None,
@@ -190,13 +191,17 @@ async def run_rate(url, model, reqs, gaps, rate, kv, timeout):
 
 
 def expert_counters(root):
-    """The server's recompose_expert_*_total counters, by short name (hits, loads, ...)."""
+    """The server's recompose_expert_*_total counters, by short name (hits, loads, ...), and
+    the sum and count of its distinct-experts-per-step histogram."""
     text = httpx.get(root.rstrip("/").removesuffix("/v1") + "/metrics", timeout=30).text
     out = {}
     for line in text.splitlines():
         if line.startswith("recompose_expert_") and "_total " in line:
             name, value = line.split(" ")
             out[name.removeprefix("recompose_expert_").removesuffix("_total")] = float(value)
+        for part in ("sum", "count"):
+            if line.startswith(f"recompose_step_experts_{part} "):
+                out[f"step_experts_{part}"] = float(line.split(" ")[1])
     return out
 
 
@@ -243,6 +248,8 @@ def main():
             res["experts"] = {k: after.get(k, 0.0) - v for k, v in before.items()}
             uses = res["experts"].get("hits", 0) + res["experts"].get("loads", 0)
             res["experts"]["hit_rate"] = res["experts"].get("hits", 0) / uses if uses else None
+            steps = res["experts"].get("step_experts_count", 0)
+            res["experts"]["step_experts"] = res["experts"].get("step_experts_sum", 0) / steps if steps else None
         results.append(res)
         print(f"[{a.label or a.url}] rate {rate}: {res['ok']}/{res['requests']} ok in {res['wall_s']:.1f} s",
               flush=True)

@@ -851,3 +851,18 @@ fn serve_refuses_a_prefix_cache_of_zero_or_beyond_memory_and_an_empty_step_budge
     let e = fails(d.path(), &["serve", "--model", m, "--port", "0", "--step-tokens", "0"]);
     assert!(e.contains("--step-tokens"), "{e}");
 }
+
+#[test]
+fn serve_refuses_expert_batching_or_an_expert_budget_without_a_pre_gated_moe() {
+    let d = tempfile::tempdir().unwrap();
+    let m = tiny(d.path(), TinySpec::default());
+    let m = m.to_str().unwrap();
+    let e = fails(d.path(), &["serve", "--model", m, "--port", "0", "--batching", "expert"]);
+    assert!(e.contains("--batching expert needs a pre-gated MoE"), "{e}");
+    let e = fails(d.path(), &["serve", "--model", m, "--port", "0", "--batching", "fifo"]);
+    assert!(e.contains("expected expert, decode-first or prefill-first"), "{e}");
+    let e = fails(d.path(), &["serve", "--model", m, "--port", "0", "--step-rows", "0"]);
+    assert!(e.contains("--step-rows must be at least 1"), "{e}");
+    let e = fails(d.path(), &["serve", "--model", m, "--port", "0", "--expert-budget", "2"]);
+    assert!(e.contains("need a MoE (--moe DIR)"), "{e}");
+}

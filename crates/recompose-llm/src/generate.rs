@@ -4,7 +4,7 @@
 //! budget. `recompose generate`, the evaluations and the server all run this loop.
 
 use crate::error::{Error, Result};
-use crate::kv::KvCache;
+use crate::kv::{FullCache, KvCache};
 use crate::model::{Logits, Model};
 use crate::prefix::PrefixCache;
 use crate::sample::{Sampler, SamplingParams};
@@ -299,6 +299,33 @@ struct Row {
     id: SeqId,
     seq: Sequence,
     cache: Box<dyn KvCache>,
+    /// Steps it was ready and not taken (expert-aware batching bounds it).
+    waited: usize,
+    /// Under expert-aware batching: the router run ahead of the backbone.
+    ahead: Option<Ahead>,
+}
+
+/// A sequence's router, run ahead: its own cache (the router's layer only) and the experts of
+/// the tokens it routed that the backbone has not run yet.
+struct Ahead {
+    cache: FullCache,
+    routes: std::collections::VecDeque<u32>,
+}
+
+/// How a step chooses its sequences when it may take fewer than are ready.
+#[derive(Debug, Clone, Copy)]
+pub struct StepPolicy {
+    pub batching: crate::batching::Batching,
+    /// Sequences per step (the rest wait; usize::MAX: every ready one).
+    pub max_rows: usize,
+    /// Steps a sequence may be passed over by expert-aware batching before it must run.
+    pub max_wait: usize,
+}
+
+impl Default for StepPolicy {
+    fn default() -> Self {
+        Self { batching: crate::batching::Batching::DecodeFirst, max_rows: usize::MAX, max_wait: 16 }
+    }
 }
 
 /// What one step did to one sequence.
@@ -317,13 +344,24 @@ pub struct Batcher {
     rows: Vec<Row>,
     next_id: SeqId,
     pub budget: TokenBudget,
+    pub policy: StepPolicy,
     last_tokens: usize,
+    last_experts: usize,
     prefix: Option<PrefixCache>,
 }
 
 impl Batcher {
     pub fn new(budget: TokenBudget) -> Self {
-        Self { rows: vec![], next_id: 0, budget, last_tokens: 0, prefix: None }
+        Self { budget, ..Self::default() }
+    }
+
+    /// Chooses each step's sequences by `policy` (every ready one, decode first, by default).
+    /// With a pre-gated MoE and a step smaller than the running batch (or expert-aware
+    /// batching, which needs the router), every sequence is routed ahead of the backbone, so a
+    /// step knows the expert of each candidate's next token.
+    pub fn with_policy(mut self, policy: StepPolicy) -> Self {
+        self.policy = policy;
+        self
     }
 
     /// Shares prompt prefixes between sequences through `cache` (see [`PrefixCache`]).
@@ -357,7 +395,7 @@ impl Batcher {
         }
         let id = self.next_id;
         self.next_id += 1;
-        self.rows.push(Row { id, seq, cache });
+        self.rows.push(Row { id, seq, cache, waited: 0, ahead: None });
         Ok(id)
     }
 
@@ -408,6 +446,33 @@ impl Batcher {
         self.last_tokens
     }
 
+    /// Distinct experts the last step's tokens were routed to (0 unless routed ahead).
+    pub fn last_step_experts(&self) -> usize {
+        self.last_experts
+    }
+
+    /// Routes every live sequence's tokens the backbone has not run, through its own router
+    /// cache (made at its first step: the router reads the whole prompt, a prefix cached for
+    /// the backbone included).
+    fn route_ahead(&mut self, model: &Model) -> Result<()> {
+        for r in self.rows.iter_mut().filter(|r| r.seq.finish().is_none()) {
+            let a = r.ahead.get_or_insert_with(|| Ahead {
+                cache: FullCache::new(model.cache_layers(), 1, model.config.max_position).on(model.device()),
+                routes: Default::default(),
+            });
+            let routed = a.cache.seq_len(0);
+            let (prompt, generated) = (r.seq.prompt(), r.seq.generated());
+            let all: Vec<u32> = prompt.iter().chain(generated).copied().collect();
+            if routed < all.len() {
+                let new = model.route_ahead(&all[routed..], &mut a.cache)?;
+                // Keep the routes from the backbone's position on.
+                let skip = r.seq.position().saturating_sub(routed);
+                a.routes.extend(new.into_iter().skip(skip));
+            }
+        }
+        Ok(())
+    }
+
     /// Bytes of KV storage the sequences hold.
     pub fn resident_bytes(&self) -> usize {
         self.rows.iter().map(|r| r.cache.resident_bytes()).sum()
@@ -417,33 +482,68 @@ impl Batcher {
     /// take no part in later steps. On an error no sequence has advanced... except in its
     /// cache: callers fail the sequences of a failed step.
     pub fn step(&mut self, model: &Model, tok: &Tokenizer) -> Result<Vec<Stepped>> {
-        let live = |r: &Row| r.seq.finish().is_none();
-        let decoding = self.rows.iter().filter(|r| live(r) && !r.seq.prefilling()).count();
-        let mut left = if decoding > 0 { self.budget.busy.max(decoding) } else { self.budget.idle };
-        // Which rows take part and how many tokens each brings.
-        let mut take: Vec<(usize, usize)> = vec![];
-        for (i, r) in self.rows.iter().enumerate() {
-            if live(r) && !r.seq.prefilling() {
-                take.push((i, 1));
-                left -= 1;
-            }
+        let expert = self.policy.batching == crate::batching::Batching::ExpertAware;
+        if expert && model.pregate().is_none() {
+            return Err(Error::InvalidInput("expert-aware batching needs a pre-gated MoE (a router)".into()));
         }
-        for (i, r) in self.rows.iter().enumerate() {
-            if left == 0 {
+        // A MoE whose steps choose among the running sequences routes them ahead under every
+        // batching policy, so the policies compare on equal terms (and report their experts).
+        let ahead = model.pregate().is_some() && (expert || self.policy.max_rows != usize::MAX);
+        if ahead {
+            self.route_ahead(model)?;
+        }
+        let live = |r: &Row| r.seq.finish().is_none();
+        let ready: Vec<usize> = (0..self.rows.len()).filter(|&i| live(&self.rows[i])).collect();
+        let candidates: Vec<crate::batching::Candidate> = ready
+            .iter()
+            .map(|&i| {
+                let r = &self.rows[i];
+                let expert = r.ahead.as_ref().and_then(|a| a.routes.front().copied()).unwrap_or(0);
+                crate::batching::Candidate { decoding: !r.seq.prefilling(), waited: r.waited, expert }
+            })
+            .collect();
+        let order = crate::batching::rank(&candidates, self.policy.batching, self.policy.max_wait);
+        let max_rows = self.policy.max_rows.max(1);
+        let decoding = candidates.iter().filter(|c| c.decoding).count().min(max_rows);
+        let mut left = if decoding > 0 { self.budget.busy.max(decoding) } else { self.budget.idle };
+        // Which rows take part and how many tokens each brings: in rank order, up to the
+        // step's rows and tokens (a decoding row always fits: the budget covers them).
+        let mut take: Vec<(usize, usize)> = vec![];
+        for &k in &order {
+            if take.len() == max_rows || left == 0 {
                 break;
             }
-            if live(r) && r.seq.prefilling() {
+            let r = &self.rows[ready[k]];
+            let n = if r.seq.prefilling() {
                 let most = r.cache.prefill_chunk().unwrap_or(usize::MAX).min(left);
-                let n = r.seq.pending().len().min(most);
-                take.push((i, n));
-                left -= n;
-            }
+                r.seq.pending().len().min(most)
+            } else {
+                1
+            };
+            take.push((ready[k], n));
+            left -= n;
         }
         self.last_tokens = take.iter().map(|t| t.1).sum();
         if take.is_empty() {
             return Ok(vec![]);
         }
         take.sort_unstable();
+        for &i in &ready {
+            let r = &mut self.rows[i];
+            r.waited = if take.iter().any(|t| t.0 == i) { 0 } else { r.waited + 1 };
+        }
+        let routes: Option<Vec<u32>> = ahead.then(|| {
+            take.iter()
+                .flat_map(|&(i, n)| self.rows[i].ahead.as_ref().map(|a| a.routes.iter().take(n).copied()))
+                .flatten()
+                .collect()
+        });
+        self.last_experts = routes.as_ref().map_or(0, |r| {
+            let mut distinct = r.clone();
+            distinct.sort_unstable();
+            distinct.dedup();
+            distinct.len()
+        });
         let mut tokens = Vec::with_capacity(take.iter().map(|t| t.1).sum());
         let (mut start, mut lens, mut prompt) = (vec![], vec![], vec![]);
         for &(i, n) in &take {
@@ -463,7 +563,7 @@ impl Batcher {
                 .filter(|(_, &t)| t)
                 .map(|(r, _)| -> &mut dyn KvCache { r.cache.as_mut() })
                 .collect();
-            model.forward_packed(&tokens, &start, &lens, &prompt, &mut caches, Logits::Last)?
+            model.forward_packed_routed(&tokens, &start, &lens, &prompt, &mut caches, Logits::Last, routes)?
         };
         let logits: Vec<Vec<f32>> = logits.to_vec2()?;
         let mut out = vec![];
@@ -471,6 +571,9 @@ impl Batcher {
             let r = &mut self.rows[i];
             let was_prefilling = r.seq.prefilling();
             r.seq.fed(n);
+            if let Some(a) = r.ahead.as_mut() {
+                a.routes.drain(..n.min(a.routes.len()));
+            }
             if was_prefilling && !r.seq.prefilling() {
                 r.cache.end_prefill()?;
                 if let Some(pc) = self.prefix.as_mut() {

@@ -4,6 +4,7 @@
 //! sampling and batched generation.
 
 pub mod attention;
+pub mod batching;
 pub mod error;
 pub mod ffn;
 pub mod generate;

@@ -440,6 +440,24 @@ impl Model {
         caches: &mut [&mut dyn KvCache],
         logits: Logits,
     ) -> Result<Tensor> {
+        self.forward_packed_routed(tokens, start, lens, prompt, caches, logits, None)
+    }
+
+    /// [`Self::forward_packed`] with every token's expert given (`routes`, one per token, in
+    /// the packed order) rather than picked by the router in the step: a server that routed
+    /// its sequences ahead ([`Self::route_ahead`]) to choose the step by expert. The router's
+    /// cache layer then stays empty in `caches`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_packed_routed(
+        &self,
+        tokens: &[u32],
+        start: &[usize],
+        lens: &[usize],
+        prompt: &[bool],
+        caches: &mut [&mut dyn KvCache],
+        logits: Logits,
+        routes: Option<Vec<u32>>,
+    ) -> Result<Tensor> {
         let n: usize = lens.iter().sum();
         let rows_agree = start.len() == lens.len() && prompt.len() == lens.len() && caches.len() == lens.len();
         if !rows_agree || caches.iter().any(|c| c.batch_size() != 1) {
@@ -460,7 +478,8 @@ impl Model {
         let rows = Step { start: start.to_vec(), lens: lens.to_vec(), t: lens.iter().copied().max().unwrap_or(0) };
         let whole = Step { start: vec![0], lens: vec![n], t: n };
         let shape = StepShape::Packed { rows: &rows, whole: &whole, prompt };
-        Ok(self.run(tokens, shape, caches, logits, &Plan::default())?.logits)
+        let plan = Plan { routes: routes.map(|r| vec![r]), ..Plan::default() };
+        Ok(self.run(tokens, shape, caches, logits, &plan)?.logits)
     }
 
     /// The general step: `caches` holds one cache for every row, or one per row; `plan` sets
@@ -497,8 +516,8 @@ impl Model {
             return Err(Error::ContextOverflow { tokens: end, context: c.max_position });
         }
         plan.check(c, b, t)?;
-        if matches!(shape, StepShape::Packed { .. }) && (plan.routes.is_some() || plan.ffn_widths.is_some()) {
-            return Err(Error::InvalidInput("a packed step takes no routes or FFN widths".into()));
+        if matches!(shape, StepShape::Packed { .. }) && plan.ffn_widths.is_some() {
+            return Err(Error::InvalidInput("a packed step takes no FFN widths".into()));
         }
         let mut x = self.embed(tokens)?.reshape((b, t, c.hidden_size))?;
         for_each_cache(caches, shape, |cache, s| cache.begin_step(s))?;

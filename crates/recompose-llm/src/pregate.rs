@@ -277,6 +277,25 @@ impl crate::Model {
         Ok(logits)
     }
 
+    /// The router's picks for `tokens`, the next tokens of one sequence whose router keys and
+    /// values `cache` (batch 1, of [`crate::Model::cache_layers`] layers, only the router's
+    /// used) holds so far: a server routes a sequence ahead of the backbone with this, and
+    /// runs the backbone later with the routes given.
+    pub fn route_ahead(&self, tokens: &[u32], cache: &mut dyn crate::KvCache) -> Result<Vec<u32>> {
+        let g = self.pregate.as_ref().ok_or_else(|| Error::InvalidInput("the model has no router".into()))?;
+        if tokens.is_empty() {
+            return Ok(vec![]);
+        }
+        let n = tokens.len();
+        let step = crate::Step { start: vec![cache.seq_len(0)], lens: vec![n], t: n };
+        let x = self.embed(tokens)?.reshape((1, n, self.config.hidden_size))?;
+        let caches: &mut [&mut dyn crate::KvCache] = &mut [cache];
+        caches[0].begin_step(&step)?;
+        let routes = self.pregate_routes(g, &x, crate::model::StepShape::Padded(&step), caches)?;
+        caches[0].end_step()?;
+        Ok(routes)
+    }
+
     /// The router's pick for every token of one row (as the runtime makes it, in one step).
     pub fn routes(&self, tokens: &[u32]) -> Result<Vec<u32>> {
         let batch = crate::Batch::from_rows(&[(tokens.to_vec(), tokens.to_vec())], 0)?;

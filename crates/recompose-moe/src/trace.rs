@@ -12,7 +12,7 @@
 
 use crate::cache::ExpertCache;
 use crate::{Error, Result};
-use std::cmp::Reverse;
+use recompose_llm::batching::Candidate;
 use std::collections::VecDeque;
 
 /// One request: its arrival step and its tokens' experts.
@@ -35,30 +35,7 @@ impl Request {
     }
 }
 
-/// How a step chooses among the sequences ready to run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Batching {
-    /// Decoding sequences first (longest waiting first), then prompt chunks.
-    DecodeFirst,
-    /// Prompt chunks first, then decoding sequences.
-    PrefillFirst,
-    /// Read-ME's Algorithm 1 on top of decode-first: sequences passed over for `max_wait`
-    /// steps first, then decoding sequences grouped by the expert of their next token, the
-    /// expert with the longest queue first, then prompt chunks grouped the same way.
-    ExpertAware,
-}
-
-impl Batching {
-    pub const ALL: [Batching; 3] = [Batching::DecodeFirst, Batching::PrefillFirst, Batching::ExpertAware];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Batching::DecodeFirst => "decode-first",
-            Batching::PrefillFirst => "prefill-first",
-            Batching::ExpertAware => "expert",
-        }
-    }
-}
+pub use recompose_llm::batching::Batching;
 
 /// The scheduler's limits.
 #[derive(Debug, Clone)]
@@ -163,31 +140,11 @@ pub fn schedule(requests: &[Request], experts: usize, limits: &Limits, batching:
         }
         // Who runs: an order over the pool, then filled up to the step's limits.
         let decoding = |l: &Live| l.done >= requests[l.req].prompt.len();
-        let mut rank: Vec<usize> = (0..pool.len()).collect();
-        match batching {
-            Batching::DecodeFirst => rank.sort_by_key(|&i| (!decoding(&pool[i]), Reverse(pool[i].waited))),
-            Batching::PrefillFirst => rank.sort_by_key(|&i| (decoding(&pool[i]), Reverse(pool[i].waited))),
-            Batching::ExpertAware => {
-                let next = |l: &Live| requests[l.req].route(l.done);
-                // Per expert, its queue and its longest wait (which breaks ties, so that equal
-                // queues take turns).
-                let (mut queue_len, mut oldest) = (vec![0usize; experts], vec![0usize; experts]);
-                for l in &pool {
-                    let e = next(l) as usize;
-                    queue_len[e] += 1;
-                    oldest[e] = oldest[e].max(l.waited);
-                }
-                rank.sort_by_key(|&i| {
-                    let l = &pool[i];
-                    let starved = l.waited >= limits.max_wait;
-                    let e = next(l) as usize;
-                    // The starved by how long they waited; the rest by their expert's queue.
-                    let wait = Reverse(if starved { l.waited } else { 0 });
-                    let key = (Reverse(queue_len[e]), Reverse(oldest[e]), e, Reverse(l.waited));
-                    (!starved, wait, !decoding(l), key)
-                });
-            }
-        }
+        let candidates: Vec<Candidate> = pool
+            .iter()
+            .map(|l| Candidate { decoding: decoding(l), waited: l.waited, expert: requests[l.req].route(l.done) })
+            .collect();
+        let rank = recompose_llm::batching::rank(&candidates, batching, limits.max_wait);
         let mut step: Vec<Need> = Vec::new();
         let mut need = |expert: u32, known_from: usize| match step.iter_mut().find(|n| n.expert == expert) {
             Some(n) => n.known_from = n.known_from.min(known_from),

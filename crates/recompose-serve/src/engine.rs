@@ -63,6 +63,8 @@ pub struct EngineConfig {
     pub on_idle: Option<fn()>,
     /// Metrics of the model's side (an expert store's), rendered with the engine's.
     pub external_metrics: Vec<crate::metrics::External>,
+    /// Which running requests a step takes (all of them, decode first, by default).
+    pub policy: recompose_llm::generate::StepPolicy,
 }
 
 /// Handle the HTTP side holds.
@@ -148,7 +150,7 @@ impl Scheduler {
         prefix: Option<PrefixCache>,
     ) -> Self {
         let layout = model.cache_layout();
-        let mut batch = Batcher::new(cfg.budget);
+        let mut batch = Batcher::new(cfg.budget).with_policy(cfg.policy);
         if let Some(pc) = prefix {
             batch = batch.with_prefix_cache(pc);
         }
@@ -257,7 +259,7 @@ impl Scheduler {
     /// One batched step; sends each request its new text, and ends the finished ones.
     fn step(&mut self) -> recompose_llm::Result<()> {
         let stepped = self.batch.step(&self.model, &self.tok)?;
-        self.metrics.step(self.batch.last_step_tokens());
+        self.metrics.step(self.batch.last_step_tokens(), self.batch.last_step_experts());
         for s in stepped {
             let Some(live) = self.live.get_mut(&s.id) else { continue };
             let now = Instant::now();

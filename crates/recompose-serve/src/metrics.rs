@@ -45,6 +45,7 @@ pub struct Metrics {
     ttft: Histogram,
     itl: Histogram,
     step_tokens: Histogram,
+    step_experts: Histogram,
 }
 
 impl Default for Metrics {
@@ -58,6 +59,7 @@ impl Default for Metrics {
         let latency = || Histogram::new(LATENCY_BUCKETS.iter().copied());
         let (ttft, itl) = (latency(), latency());
         let step_tokens = Histogram::new(STEP_TOKEN_BUCKETS.iter().copied());
+        let step_experts = Histogram::new((1..=16).map(f64::from));
         // Counters get their `_total` suffix from the registry.
         registry.register("recompose_requests", "HTTP requests by status code", requests.clone());
         registry.register("recompose_prompt_tokens", "Prompt tokens of finished requests", prompt_tokens.clone());
@@ -91,6 +93,11 @@ impl Default for Metrics {
             "Tokens in each batched step (decode plus prefill)",
             step_tokens.clone(),
         );
+        registry.register(
+            "recompose_step_experts",
+            "Distinct experts of each step's tokens (MoE with expert-aware batching)",
+            step_experts.clone(),
+        );
         Self {
             registry,
             external: vec![],
@@ -106,6 +113,7 @@ impl Default for Metrics {
             ttft,
             itl,
             step_tokens,
+            step_experts,
         }
     }
 }
@@ -144,8 +152,13 @@ impl Metrics {
         self.itl.observe(secs)
     }
 
-    pub fn step(&self, tokens: usize) {
-        self.step_tokens.observe(tokens as f64)
+    /// A step's tokens, and its distinct experts when the batcher knows them (0: not routed
+    /// ahead, not observed).
+    pub fn step(&self, tokens: usize, experts: usize) {
+        self.step_tokens.observe(tokens as f64);
+        if experts > 0 {
+            self.step_experts.observe(experts as f64);
+        }
     }
 
     /// With `external` rendered after the engine's own metrics.

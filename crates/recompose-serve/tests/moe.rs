@@ -6,7 +6,8 @@
 use recompose_core::testing::{write_tiny_gguf, TinySpec};
 use recompose_core::weights::ModelFile;
 use recompose_kv::KvSpec;
-use recompose_llm::generate::{generate, GenerateOptions, TokenBudget};
+use recompose_llm::batching::Batching;
+use recompose_llm::generate::{generate, Batcher, GenerateOptions, Sequence, StepPolicy, TokenBudget};
 use recompose_llm::{Model, WeightMode};
 use recompose_serve::engine::{Engine, EngineConfig, Event, Job};
 use std::sync::Arc;
@@ -40,6 +41,7 @@ fn batched_moe_requests_match_each_alone_with_a_cached_prefix() {
         prefix_cache: Some(64 << 20),
         on_idle: None,
         external_metrics: vec![],
+        policy: Default::default(),
     };
     let (engine, _thread) = Engine::start(model, tok.clone(), cfg).unwrap();
     let opts = GenerateOptions { max_tokens: 10, ..Default::default() };
@@ -76,4 +78,48 @@ fn batched_moe_requests_match_each_alone_with_a_cached_prefix() {
         assert_eq!((text, finish, n), (g[0].text.clone(), g[0].finish, g[0].tokens.len()), "request {i}");
     }
     assert!(cached_any, "no request took the shared prefix from the cache");
+}
+
+/// Each batching policy with a step of 3 of 8 running requests, the router run ahead of the
+/// backbone: every request gives its text alone, and expert-aware batching's steps need fewer
+/// distinct experts than decode-first's on the same requests.
+#[test]
+fn a_step_of_fewer_rows_than_running_gives_each_text_alone_and_expert_batching_fewer_experts() {
+    let (_d, model, tok) = tiny_moe();
+    let layout = model.cache_layout();
+    let opts = GenerateOptions { max_tokens: 12, ..Default::default() };
+    let prompts: Vec<Vec<u32>> = (0..8).map(|i| prompt(3 + 4 * i, i as u32 + 1)).collect();
+    let spec = KvSpec::default();
+    let alone: Vec<String> = prompts
+        .iter()
+        .map(|p| {
+            generate(&model, &tok, &[p.clone()], &opts, |n| spec.build(&layout, &[n]), |_, _| {}).unwrap().0[0]
+                .text
+                .clone()
+        })
+        .collect();
+    let mut experts = vec![];
+    for batching in Batching::ALL {
+        let policy = StepPolicy { batching, max_rows: 3, max_wait: 6 };
+        let mut b = Batcher::new(TokenBudget { busy: 8, idle: 16 }).with_policy(policy);
+        let ids: Vec<_> = prompts
+            .iter()
+            .map(|p| {
+                let seq = Sequence::new(p.clone(), opts.clone(), model.config.max_position).unwrap();
+                b.add(seq, spec.build(&layout, &[p.len()])).unwrap()
+            })
+            .collect();
+        let (mut sum, mut steps) = (0, 0);
+        while ids.iter().any(|&id| b.get(id).unwrap().finish().is_none()) {
+            b.step(&model, &tok).unwrap();
+            assert!(b.last_step_experts() >= 1 && b.last_step_tokens() >= 1);
+            sum += b.last_step_experts();
+            steps += 1;
+        }
+        for (i, &id) in ids.iter().enumerate() {
+            assert_eq!(b.get(id).unwrap().text(), alone[i], "{} request {i}", batching.name());
+        }
+        experts.push(sum as f64 / steps as f64);
+    }
+    assert!(experts[2] < experts[0], "experts per step: expert-aware {} vs decode-first {}", experts[2], experts[0]);
 }

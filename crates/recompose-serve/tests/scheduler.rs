@@ -34,7 +34,15 @@ fn start_with(
 ) -> (tempfile::TempDir, Engine, Arc<Tokenizer>) {
     let (d, model, tok) = tiny();
     let tok = Arc::new(tok);
-    let cfg = EngineConfig { max_batch, max_queue, budget, prefix_cache, on_idle: None, external_metrics: vec![] };
+    let cfg = EngineConfig {
+        max_batch,
+        max_queue,
+        budget,
+        prefix_cache,
+        on_idle: None,
+        external_metrics: vec![],
+        policy: Default::default(),
+    };
     let (engine, _thread) = Engine::start(model, tok.clone(), cfg).unwrap();
     (d, engine, tok)
 }

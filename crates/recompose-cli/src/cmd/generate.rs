@@ -131,7 +131,10 @@ pub fn run(a: Args) -> Result<()> {
         g.kv_bytes as f64 / 1048576.0
     );
     if let Some(s) = store {
-        eprintln!("{}; RSS {:.0} MiB", s.stats(), recompose_eval::bench::rss_bytes() as f64 / 1048576.0);
+        eprintln!("{}", s.stats());
     }
+    let mib = |b: u64| b as f64 / 1048576.0;
+    let (rss, peak) = (recompose_eval::bench::rss_bytes(), recompose_eval::bench::peak_rss_bytes());
+    tracing::info!("memory: {:.0} MiB resident now, {:.0} MiB at the peak", mib(rss), mib(peak));
     Ok(())
 }

@@ -2,7 +2,7 @@
 
 use crate::common::{parse_kv, ModelArgs, KV_HELP};
 use anyhow::{Context, Result};
-use recompose_llm::generate::TokenBudget;
+use recompose_llm::generate::{StepPolicy, TokenBudget};
 use recompose_serve::metrics::External;
 use recompose_serve::{router, serve, AppState, Engine, EngineConfig, Limits};
 use std::sync::atomic::Ordering;
@@ -43,6 +43,18 @@ pub struct Args {
     /// Turn the prefix cache off.
     #[arg(long, conflicts_with = "prefix_cache")]
     no_prefix_cache: bool,
+    /// Which running requests a step takes when --step-rows is below them: decode-first
+    /// (default), prefill-first, or expert (Read-ME's expert-aware batching: the requests whose
+    /// next token goes to the expert with the longest queue; needs a pre-gated --moe, whose
+    /// router then runs ahead of the backbone).
+    #[arg(long, default_value = "decode-first")]
+    batching: recompose_llm::batching::Batching,
+    /// Most requests one step takes (default: every running one).
+    #[arg(long, value_name = "N")]
+    step_rows: Option<usize>,
+    /// Steps expert-aware batching may pass a request over before it must run.
+    #[arg(long, default_value_t = 16)]
+    max_wait: usize,
     /// Most requests waiting for a place in the batch; beyond it requests get 429.
     #[arg(long, default_value_t = 64)]
     max_queue: usize,
@@ -141,7 +153,13 @@ pub fn run(a: Args) -> Result<()> {
         read_timeout: Duration::from_secs(a.read_timeout),
         ..Limits::default()
     };
+    anyhow::ensure!(a.step_rows != Some(0), "--step-rows must be at least 1");
     let (_file, model, tok, store) = a.model.load_with_store()?;
+    if a.batching == recompose_llm::batching::Batching::ExpertAware && model.pregate().is_none() {
+        anyhow::bail!(
+            "--batching expert needs a pre-gated MoE (--moe DIR with a router): routes known before the blocks"
+        );
+    }
     let tok = Arc::new(tok);
     let (engine, scheduler) = Engine::start(
         model,
@@ -153,6 +171,11 @@ pub fn run(a: Args) -> Result<()> {
             prefix_cache,
             on_idle: Some(return_freed_memory),
             external_metrics: store.map(store_metrics).unwrap_or_default(),
+            policy: StepPolicy {
+                batching: a.batching,
+                max_rows: a.step_rows.unwrap_or(usize::MAX),
+                max_wait: a.max_wait,
+            },
         },
     )
     .context("starting the scheduler")?;
