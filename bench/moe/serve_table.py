@@ -9,7 +9,8 @@ import sys
 
 ORDER = ["dense", "moe", "store-7-lru", "store-4-lru", "store-4-lru-prefetch", "store-4-belady-prefetch",
          "store-2-lru", "store-2-lru-prefetch"] + [
-    f"batch-{b}{s}" for b in ("decode-first", "prefill-first", "expert") for s in ("", "-store-4")]
+    f"batch-{b}{s}" for b in ("decode-first", "prefill-first", "expert")
+    for s in ("", "-store-4", "-store-4-belady")]
 
 
 def ms(x):

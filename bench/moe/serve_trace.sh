@@ -12,7 +12,8 @@
 # Then the three batching policies with 32 requests admitted and 8 per step, resident and from
 # the store. MOE_DIR defaults to out/readme-study (bench/moe/study.sh makes it); its experts.store is
 # written first if missing. REQUESTS (default 32) and RATES (default 1,4) set the trace.
-# Needs the serve venv (bench/serve/setup_serve_peers.sh). Takes about 25 minutes on 2 cores.
+# Needs the serve venv (bench/serve/setup_serve_peers.sh). With REQUESTS=24 RATES=2 (the recorded
+# run) it takes about 25 minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -32,6 +33,8 @@ mkdir -p "$OUT"
 # run LABEL [serve flags]: MAXB (default 8) requests run at once.
 run() {
     local label="$1"; shift
+    # ONLY="label ..." runs just those configurations.
+    [[ -z "${ONLY:-}" || " $ONLY " == *" $label "* ]] || return 0
     "$BIN" serve --port "$PORT" --max-batch "${MAXB:-8}" "$@" >"$OUT/$label.log" 2>&1 &
     local pid=$!
     for _ in $(seq 1 120); do
@@ -65,8 +68,11 @@ run store-2-lru --moe "$MOE" --expert-budget 2
 run store-2-lru-prefetch --moe "$MOE" --expert-budget 2 --prefetch
 # Batching: 32 requests admitted, 8 per step, chosen by each policy (the router runs ahead
 # under all three, so they differ only in the choice).
+# Routed ahead, the live Belady also sees the experts of the requests each step passes over.
 for b in decode-first prefill-first expert; do
     MAXB=32 run "batch-$b" --moe "$MOE" --step-rows 8 --batching "$b"
     MAXB=32 run "batch-$b-store-4" --moe "$MOE" --step-rows 8 --batching "$b" --expert-budget 4 --prefetch
+    MAXB=32 run "batch-$b-store-4-belady" --moe "$MOE" --step-rows 8 --batching "$b" --expert-budget 4 \
+        --expert-cache belady --prefetch
 done
 "$PY" bench/moe/serve_table.py "$OUT"

@@ -71,6 +71,11 @@ pub trait Ffn: Send + Sync {
     fn routing_seconds(&self) -> f64 {
         0.0
     }
+
+    /// The experts the steps after the next one will need, nearest first, as far as the
+    /// scheduler knows them (sequences routed ahead): an FFN that loads its experts on demand
+    /// may keep those. Ignored by default.
+    fn upcoming(&self, _steps: &[Vec<u32>]) {}
 }
 
 /// The gated MLP of Llama and Gemma: `down(act(gate(x)) * up(x))`. With a per-sequence width it

@@ -473,6 +473,38 @@ impl Batcher {
         Ok(())
     }
 
+    /// The experts of the steps after this one, as far as the routes run ahead tell: this
+    /// step's prompt rows' next chunks in the next step, then the sequences passed over, in rank
+    /// order, `max_rows` to a step. (A decoding row's next token is not sampled yet.)
+    fn upcoming(&self, ready: &[usize], order: &[usize], take: &[(usize, usize)]) -> Vec<Vec<u32>> {
+        let rows = self.policy.max_rows.max(1);
+        let chunk = self.budget.busy.max(1);
+        let next = |i: usize, skip: usize| -> Vec<u32> {
+            let r = &self.rows[i];
+            let n = if r.seq.prefilling() { chunk } else { 1 };
+            r.ahead.as_ref().map_or(vec![], |a| a.routes.iter().skip(skip).take(n).copied().collect())
+        };
+        let mut steps: Vec<Vec<u32>> = vec![vec![]];
+        for &(i, n) in take {
+            if self.rows[i].seq.prefilling() {
+                steps[0].extend(next(i, n));
+            }
+        }
+        let passed: Vec<usize> = order.iter().map(|&k| ready[k]).filter(|i| !take.iter().any(|t| t.0 == *i)).collect();
+        for (p, &i) in passed.iter().enumerate() {
+            let s = p / rows;
+            if steps.len() <= s {
+                steps.push(vec![]);
+            }
+            steps[s].extend(next(i, 0));
+        }
+        for s in &mut steps {
+            s.sort_unstable();
+            s.dedup();
+        }
+        steps
+    }
+
     /// Bytes of KV storage the sequences hold.
     pub fn resident_bytes(&self) -> usize {
         self.rows.iter().map(|r| r.cache.resident_bytes()).sum()
@@ -538,6 +570,9 @@ impl Batcher {
                 .flatten()
                 .collect()
         });
+        if ahead {
+            model.upcoming(&self.upcoming(&ready, &order, &take));
+        }
         self.last_experts = routes.as_ref().map_or(0, |r| {
             let mut distinct = r.clone();
             distinct.sort_unstable();

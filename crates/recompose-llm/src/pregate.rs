@@ -296,6 +296,13 @@ impl crate::Model {
         Ok(routes)
     }
 
+    /// Tells every FFN the experts of the steps after the next one (see [`crate::ffn::Ffn::upcoming`]).
+    pub fn upcoming(&self, steps: &[Vec<u32>]) {
+        for b in &self.layers {
+            b.ffn.upcoming(steps);
+        }
+    }
+
     /// The router's pick for every token of one row (as the runtime makes it, in one step).
     pub fn routes(&self, tokens: &[u32]) -> Result<Vec<u32>> {
         let batch = crate::Batch::from_rows(&[(tokens.to_vec(), tokens.to_vec())], 0)?;

@@ -269,6 +269,13 @@ fn run(part: &DenseFfn, x: &Tensor) -> recompose_llm::Result<Tensor> {
 }
 
 impl Ffn for MoeFfn {
+    fn upcoming(&self, steps: &[Vec<u32>]) {
+        // One store serves every layer: the first tells it.
+        if let (Experts::Stored(store), 0) = (&self.experts, self.layer) {
+            store.set_lookahead(steps.to_vec());
+        }
+    }
+
     fn forward(&self, x: &Tensor, ctx: &FfnContext) -> recompose_llm::Result<FfnOutput> {
         let bad = |m: String| recompose_llm::Error::InvalidInput(m);
         let (n, hidden) = x.dims2()?;

@@ -230,3 +230,23 @@ fn budgets_parse_as_counts_or_sizes() {
         assert!(bad.parse::<Budget>().is_err(), "{bad}");
     }
 }
+
+#[test]
+fn belady_in_the_store_keeps_the_expert_the_look_ahead_names_where_lru_would_not() {
+    let fx = fixture();
+    let act = recompose_core::config::Activation::Silu;
+    for (policy, kept) in [("belady", true), ("lru", false)] {
+        let s = ExpertStore::open(&fx.path, &fx.base, act, &opts(Budget::Experts(2), policy, false)).unwrap();
+        let layer =
+            (0..s.layers()).find(|&l| (0..3).all(|e| s.shapes(l, e).is_some())).expect("a layer with 3 experts");
+        for e in [0, 1] {
+            s.parts(layer, &[e]).unwrap();
+        }
+        // Full at {0, 1}: loading 2 evicts the least recent (0) unless 0 is known to come next.
+        s.set_lookahead(vec![vec![0]]);
+        s.parts(layer, &[2]).unwrap();
+        let before = s.stats().hits;
+        s.parts(layer, &[0]).unwrap();
+        assert_eq!(s.stats().hits - before == 1, kept, "{policy}");
+    }
+}

@@ -91,17 +91,6 @@ async fn shutdown_signal(draining: Arc<std::sync::atomic::AtomicBool>) {
     draining.store(true, Ordering::SeqCst);
 }
 
-/// glibc keeps the pages of freed KV caches in its arenas (one per thread that allocated): after
-/// 32 streams the server sat 27% above its idle RSS for good. Trimming when the batch empties
-/// gives them back.
-fn return_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only releases free memory; it is thread-safe.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
 /// The prefix cache's budget in bytes: at least 1 MiB and no more than the machine's memory.
 fn prefix_cache_bytes(mib: usize) -> Result<usize> {
     if mib == 0 {
@@ -169,7 +158,7 @@ pub fn run(a: Args) -> Result<()> {
             max_queue: a.max_queue,
             budget: TokenBudget { busy: a.step_tokens, idle: a.prefill_chunk },
             prefix_cache,
-            on_idle: Some(return_freed_memory),
+            on_idle: Some(crate::common::return_freed_memory),
             external_metrics: store.map(store_metrics).unwrap_or_default(),
             policy: StepPolicy {
                 batching: a.batching,
