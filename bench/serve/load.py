@@ -35,6 +35,8 @@ above. --metrics also records, per rate, how the server's recompose_expert_* cou
 """
 import argparse
 import asyncio
+import csv
+import glob
 import json
 import os
 import time
@@ -67,8 +69,6 @@ def load_words():
 def domain_words(name):
     """The words of a calibration domain's held-out last tenth (mmlu: test questions)."""
     if name == "mmlu":
-        import csv
-        import glob
         words = []
         for path in sorted(glob.glob(f"{HOME}/mmlu/test/*.csv")):
             with open(path, encoding="utf-8", errors="replace") as f:
@@ -77,7 +77,6 @@ def domain_words(name):
                         q = f"{row[0]}\nA. {row[1]}\nB. {row[2]}\nC. {row[3]}\nD. {row[4]}\nAnswer: {row[5]}\n\n"
                         words.extend(q.split(" "))
         return words[len(words) * 9 // 10:]
-    import glob
     text = "\n\n".join(open(p, encoding="utf-8", errors="replace").read()
                        for p in sorted(glob.glob(f"{HOME}/{name}/texts/*.txt")))
     if not text:

@@ -72,7 +72,7 @@ pub trait Ffn: Send + Sync {
         0.0
     }
 
-    /// The experts the steps after the next one will need, nearest first, as far as the
+    /// The experts the steps after the current one will need, nearest first, as far as the
     /// scheduler knows them (sequences routed ahead): an FFN that loads its experts on demand
     /// may keep those. Ignored by default.
     fn upcoming(&self, _steps: &[Vec<u32>]) {}

@@ -172,6 +172,11 @@ impl Sequence {
         &self.tokens[..self.prompt_len]
     }
 
+    /// The prompt, then every sampled token (the last one pending until it is fed).
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
     pub fn prompt_tokens(&self) -> usize {
         self.prompt_len
     }
@@ -301,7 +306,7 @@ struct Row {
     cache: Box<dyn KvCache>,
     /// Steps it was ready and not taken (expert-aware batching bounds it).
     waited: usize,
-    /// Under expert-aware batching: the router run ahead of the backbone.
+    /// The router run ahead of the backbone (see [`Batcher::with_policy`]).
     ahead: Option<Ahead>,
 }
 
@@ -461,8 +466,7 @@ impl Batcher {
                 routes: Default::default(),
             });
             let routed = a.cache.seq_len(0);
-            let (prompt, generated) = (r.seq.prompt(), r.seq.generated());
-            let all: Vec<u32> = prompt.iter().chain(generated).copied().collect();
+            let all = r.seq.tokens();
             if routed < all.len() {
                 let new = model.route_ahead(&all[routed..], &mut a.cache)?;
                 // Keep the routes from the backbone's position on.

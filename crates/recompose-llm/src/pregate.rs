@@ -296,7 +296,8 @@ impl crate::Model {
         Ok(routes)
     }
 
-    /// Tells every FFN the experts of the steps after the next one (see [`crate::ffn::Ffn::upcoming`]).
+    /// Tells every FFN the experts of the steps after the current one (see
+    /// [`crate::ffn::Ffn::upcoming`]).
     pub fn upcoming(&self, steps: &[Vec<u32>]) {
         for b in &self.layers {
             b.ffn.upcoming(steps);

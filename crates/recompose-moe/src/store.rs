@@ -358,7 +358,9 @@ struct Inner {
     step: AtomicU64,
     /// The experts of the steps after the current one, as far as they are known.
     lookahead: Mutex<Vec<Vec<u32>>>,
-    current: Mutex<Vec<u32>>,
+    /// The one read buffer, grown to the largest part read so far (a load reuses it rather
+    /// than allocating and zeroing megabytes).
+    scratch: Mutex<Vec<Page>>,
     counters: Counters,
 }
 
@@ -371,6 +373,11 @@ pub struct ExpertStore {
 #[derive(Clone, Copy)]
 #[repr(C, align(4096))]
 struct Page([u8; ALIGN]);
+
+fn page_bytes(pages: &mut [Page]) -> &mut [u8] {
+    // SAFETY: `Page` is plain bytes with no padding; the slice covers exactly the pages.
+    unsafe { std::slice::from_raw_parts_mut(pages.as_mut_ptr() as *mut u8, std::mem::size_of_val(pages)) }
+}
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic elsewhere while holding the lock leaves the data as consistent as any step.
@@ -449,7 +456,7 @@ impl ExpertStore {
             layers,
             step: AtomicU64::new(0),
             lookahead: Mutex::new(vec![]),
-            current: Mutex::new(vec![]),
+            scratch: Mutex::new(vec![]),
             counters: Counters::default(),
         });
         let prefetch = match opts.prefetch {
@@ -508,7 +515,6 @@ impl ExpertStore {
     /// hold for every layer); with prefetch, the worker starts loading every layer's parts.
     pub fn begin_step(&self, experts: &[u32]) {
         let step = self.inner.step.fetch_add(1, Ordering::SeqCst) + 1;
-        *lock(&self.inner.current) = experts.to_vec();
         if let Some((tx, _)) = &self.prefetch {
             // A worker that died answers through `staged` never arriving: parts() falls back.
             let _ = tx.send((step, experts.to_vec()));
@@ -598,7 +604,7 @@ impl Inner {
                     let part = g.resident.get(&e).cloned();
                     let part = match part {
                         Some(p) => p,
-                        // Resident by the cache's count but not held: read it again.
+                        // Counted resident, but its read failed last time: read it again.
                         None => self.read(i)?,
                     };
                     g.resident.insert(e, part.clone());
@@ -641,9 +647,11 @@ impl Inner {
             Error::Data(format!("{} layer {} expert {}: {what}", self.path.display(), p.layer, p.expert))
         };
         let len = p.len().ok_or_else(|| bad("a weight that does not pack".into()))?;
-        let mut pages = vec![Page([0; ALIGN]); padded(len) / ALIGN];
-        // SAFETY: `Page` is plain bytes with no padding; the slice covers exactly the pages.
-        let buf = unsafe { std::slice::from_raw_parts_mut(pages.as_mut_ptr() as *mut u8, pages.len() * ALIGN) };
+        let mut pages = lock(&self.scratch);
+        if pages.len() < padded(len) / ALIGN {
+            pages.resize(padded(len) / ALIGN, Page([0; ALIGN]));
+        }
+        let buf = &mut page_bytes(&mut pages)[..padded(len)];
         self.file.read_exact_at(buf, p.offset).map_err(|e| bad(format!("read: {e}")))?;
         if !self.direct {
             drop_pages(&self.file, p.offset, buf.len());
@@ -693,10 +701,8 @@ fn open_direct(path: &Path) -> std::io::Result<(File, bool)> {
         use std::os::unix::fs::OpenOptionsExt;
         if let Ok(f) = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path) {
             // Some file systems accept the flag and refuse the first read.
-            let mut probe = vec![Page([0; ALIGN]); 1];
-            // SAFETY: as in `Inner::read`.
-            let buf = unsafe { std::slice::from_raw_parts_mut(probe.as_mut_ptr() as *mut u8, ALIGN) };
-            if f.read_at(buf, 0).is_ok() {
+            let mut probe = [Page([0; ALIGN])];
+            if f.read_at(page_bytes(&mut probe), 0).is_ok() {
                 return Ok((f, true));
             }
         }

@@ -82,11 +82,10 @@ impl Engine {
     pub fn start(
         model: Model,
         tok: Arc<Tokenizer>,
-        cfg: EngineConfig,
+        mut cfg: EngineConfig,
     ) -> std::io::Result<(Self, std::thread::JoinHandle<()>)> {
         // The channel is the queue: its bound is --max-queue; a full queue is a 429.
         let (tx, rx) = mpsc::sync_channel::<Job>(cfg.max_queue);
-        let mut cfg = cfg;
         let metrics = Arc::new(Metrics::default().with_external(std::mem::take(&mut cfg.external_metrics)));
         let draining = Arc::new(AtomicBool::new(false));
         let context = model.config.max_position;

@@ -21,18 +21,55 @@ struct Status {
 }
 
 /// A metric the engine does not own, read when /metrics is rendered (the expert store's
-/// counters, from the model's side).
+/// counters, from the model's side): a collector of the registry, encoded as its own metrics.
 pub struct External {
-    /// Without the `_total` suffix for counters (added on render).
+    /// Without the `_total` suffix for counters (the encoder adds it).
     pub name: &'static str,
     pub help: &'static str,
     pub counter: bool,
-    pub read: Box<dyn Fn() -> f64 + Send + Sync>,
+    pub read: Box<dyn Fn() -> Reading + Send + Sync>,
+}
+
+/// An external metric's value: counts print as integers, the rest as floats.
+pub enum Reading {
+    Count(u64),
+    Value(f64),
+}
+
+/// The external metrics, read at each scrape.
+struct Externals(Vec<External>);
+
+impl std::fmt::Debug for Externals {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.0.iter().map(|m| m.name)).finish()
+    }
+}
+
+impl prometheus_client::collector::Collector for Externals {
+    fn encode(&self, mut enc: prometheus_client::encoding::DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::{counter::ConstCounter, gauge::ConstGauge};
+        fn put(
+            enc: &mut prometheus_client::encoding::DescriptorEncoder,
+            m: &External,
+            metric: impl EncodeMetric,
+        ) -> Result<(), std::fmt::Error> {
+            metric.encode(enc.encode_descriptor(m.name, m.help, None, metric.metric_type())?)
+        }
+        for m in &self.0 {
+            match ((m.read)(), m.counter) {
+                (Reading::Count(v), true) => put(&mut enc, m, ConstCounter::new(v))?,
+                (Reading::Value(v), true) => put(&mut enc, m, ConstCounter::new(v))?,
+                (Reading::Count(v), false) => put(&mut enc, m, ConstGauge::new(v))?,
+                (Reading::Value(v), false) => put(&mut enc, m, ConstGauge::new(v))?,
+            }
+        }
+        Ok(())
+    }
 }
 
 pub struct Metrics {
     registry: Registry,
-    external: Vec<External>,
     requests: Family<Status, Counter>,
     prompt_tokens: Counter,
     generated_tokens: Counter,
@@ -95,12 +132,11 @@ impl Default for Metrics {
         );
         registry.register(
             "recompose_step_experts",
-            "Distinct experts of each step's tokens (MoE with expert-aware batching)",
+            "Distinct experts of each step's tokens (a MoE routed ahead of the backbone)",
             step_experts.clone(),
         );
         Self {
             registry,
-            external: vec![],
             requests,
             prompt_tokens,
             generated_tokens,
@@ -163,7 +199,9 @@ impl Metrics {
 
     /// With `external` rendered after the engine's own metrics.
     pub fn with_external(mut self, external: Vec<External>) -> Self {
-        self.external = external;
+        if !external.is_empty() {
+            self.registry.register_collector(Box::new(Externals(external)));
+        }
         self
     }
 
@@ -171,17 +209,6 @@ impl Metrics {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        if self.external.is_empty() {
-            return out;
-        }
-        // OpenMetrics ends at `# EOF`: the external families go before it.
-        let mut out = out.strip_suffix("# EOF\n").unwrap_or(&out).to_string();
-        for m in &self.external {
-            let (kind, sample) =
-                if m.counter { ("counter", format!("{}_total", m.name)) } else { ("gauge", m.name.into()) };
-            out.push_str(&format!("# HELP {} {}\n# TYPE {} {kind}\n{sample} {}\n", m.name, m.help, m.name, (m.read)()));
-        }
-        out.push_str("# EOF\n");
         out
     }
 }
@@ -215,10 +242,11 @@ mod tests {
     fn external_metrics_render_before_the_end_as_read_then() {
         let n = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(3));
         let r = n.clone();
-        let read = Box::new(move || r.load(std::sync::atomic::Ordering::SeqCst) as f64);
+        let read = Box::new(move || Reading::Count(r.load(std::sync::atomic::Ordering::SeqCst)));
+        let hits = Box::new(|| Reading::Value(0.5));
         let m = Metrics::default().with_external(vec![
             External { name: "recompose_expert_loads", help: "Loads", counter: true, read },
-            External { name: "recompose_expert_hit_rate", help: "Hits", counter: false, read: Box::new(|| 0.5) },
+            External { name: "recompose_expert_hit_rate", help: "Hits", counter: false, read: hits },
         ]);
         n.store(7, std::sync::atomic::Ordering::SeqCst);
         let t = m.render();

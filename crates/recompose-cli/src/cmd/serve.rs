@@ -3,7 +3,7 @@
 use crate::common::{parse_kv, ModelArgs, KV_HELP};
 use anyhow::{Context, Result};
 use recompose_llm::generate::{StepPolicy, TokenBudget};
-use recompose_serve::metrics::External;
+use recompose_serve::metrics::{External, Reading};
 use recompose_serve::{router, serve, AppState, Engine, EngineConfig, Limits};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -109,15 +109,18 @@ fn prefix_cache_bytes(mib: usize) -> Result<usize> {
 
 /// The expert store's counters for /metrics.
 fn store_metrics(s: Arc<recompose_moe::store::ExpertStore>) -> Vec<External> {
-    type Read = fn(&recompose_moe::store::StoreStats) -> f64;
+    use recompose_serve::metrics::Reading::{Count, Value};
+    type Read = fn(&recompose_moe::store::StoreStats) -> Reading;
     let fields: [(&'static str, &'static str, bool, Read); 7] = [
-        ("recompose_expert_hits", "Expert uses found resident (per layer)", true, |s| s.hits as f64),
-        ("recompose_expert_loads", "Expert parts read from the store (per layer)", true, |s| s.loads as f64),
-        ("recompose_expert_load_bytes", "Bytes read from the expert store", true, |s| s.bytes_read as f64),
-        ("recompose_expert_load_seconds", "Seconds spent reading and unpacking experts", true, |s| s.load_seconds),
-        ("recompose_expert_wait_seconds", "Seconds the blocks waited for experts", true, |s| s.wait_seconds),
-        ("recompose_expert_hit_rate", "Hits over all expert uses since start", false, |s| s.hit_rate()),
-        ("recompose_expert_resident_bytes", "Bytes of experts resident", false, |s| s.resident_bytes as f64),
+        ("recompose_expert_hits", "Expert uses found resident (per layer)", true, |s| Count(s.hits)),
+        ("recompose_expert_loads", "Expert parts read from the store (per layer)", true, |s| Count(s.loads)),
+        ("recompose_expert_load_bytes", "Bytes read from the expert store", true, |s| Count(s.bytes_read)),
+        ("recompose_expert_load_seconds", "Seconds spent reading and unpacking experts", true, |s| {
+            Value(s.load_seconds)
+        }),
+        ("recompose_expert_wait_seconds", "Seconds the blocks waited for experts", true, |s| Value(s.wait_seconds)),
+        ("recompose_expert_hit_rate", "Hits over all expert uses since start", false, |s| Value(s.hit_rate())),
+        ("recompose_expert_resident_bytes", "Bytes of experts resident", false, |s| Count(s.resident_bytes)),
     ];
     fields
         .into_iter()
